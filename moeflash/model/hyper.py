@@ -1,0 +1,62 @@
+"""mHC (manifold-constrained hyper-connections): n residual streams mixed around every sub-layer.
+
+Each site computes, from the flattened streams, three things (V4-SPEC §2.2): `pre` weights that
+collapse the streams into the sub-layer input, `post` weights that spread the sub-layer output back
+over the streams, and a doubly-stochastic `comb` (Sinkhorn) that mixes the residual streams.
+The residual mix is applied *transposed*: X'_k = post_k * y + sum_j comb[j, k] * X_j.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """x [..., n, d] -> fn @ rmsnorm(flatten(x)) in fp32, shape [..., fn.shape[0]]."""
+    flat = x.flatten(-2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(flat, fn.float())
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Row-softmax, then alternate column / row normalisation (column first); [..., n, n]."""
+    c = torch.softmax(logits, dim=-1) + eps
+    c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(dim=-1, keepdim=True) + eps)
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    return c
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+               iters: int, hc_eps: float, norm_eps: float):
+    """pre [..., n], post [..., n], comb [..., n, n] (all fp32) for streams x [..., n, d]."""
+    n = x.shape[-2]
+    mix = hc_mix_logits(x, fn, norm_eps)
+    m_pre, m_post, m_comb = mix.split([n, n, n * n], dim=-1)
+    b_pre, b_post, b_comb = base.float().split([n, n, n * n])
+    s = scale.float()
+    pre = torch.sigmoid(m_pre * s[0] + b_pre) + hc_eps
+    post = 2 * torch.sigmoid(m_post * s[1] + b_post)
+    comb = sinkhorn((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
+    return pre, post, comb
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d]."""
+    return (pre.unsqueeze(-1) * x).sum(dim=-2).to(x.dtype)
+
+
+def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k * y + sum_j comb[j, k] X_j; x [..., n, d], y [..., d]."""
+    dt = x.dtype
+    return post.to(dt).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+
+
+def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+            hc_eps: float, norm_eps: float) -> torch.Tensor:
+    """Final collapse of the streams before the output norm: [..., n, d] -> [..., d]."""
+    mix = hc_mix_logits(x, fn, norm_eps)
+    pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
+    return hc_collapse(x, pre)

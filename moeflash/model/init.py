@@ -1,0 +1,43 @@
+"""Deterministic random weights for models built in code (the `tiny` preset, tests, benchmarks).
+
+Plain N(0, 0.02) leaves V4 degenerate (V4-SPEC §6.2): zero sinks and position biases, all hash
+rows pointing at expert 0, mHC weights that ignore the input. This init randomises those too, so
+every component influences the output and a wrong implementation shows up in the logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(shape, s=1.0):
+        return torch.randn(shape, generator=g) * s
+
+    for name, p in model.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        if leaf.endswith("_fn"):
+            v = rand(p.shape, 0.05)
+        elif leaf.endswith("_base"):
+            v = rand(p.shape)
+        elif leaf.endswith("_scale"):
+            v = torch.rand(p.shape, generator=g) * 2 + 0.5
+        elif leaf in ("attn_sink", "ape"):
+            v = rand(p.shape)
+        elif ".norm" in name or "norm." in name or name.startswith("norm"):
+            v = 1 + rand(p.shape, 0.2)
+        else:
+            v = rand(p.shape, std)
+        p.copy_(v.to(p.dtype))
+    for name, b in model.named_buffers():
+        if name.endswith("tid2eid"):
+            n_exp = model.config.n_routed_experts if hasattr(model, "config") else int(b.max()) + 1
+            rows = [torch.randperm(n_exp, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]
+            b.copy_(torch.stack(rows))
+        elif name.endswith("gate.bias"):
+            b.copy_(rand(b.shape, 0.1).to(b.dtype))
+    return model

@@ -1,0 +1,102 @@
+"""Building blocks shared by every model: RMSNorm, rotary embedding (plain + YaRN), clamped SwiGLU.
+
+Norms and rotations run in fp32 and cast back to the activation dtype, as DeepSeek's and
+transformers' implementations do, so bf16 storage does not change which tokens win.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm; statistics and the weight multiply in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * xf).to(x.dtype)
+
+
+def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMS normalisation without a weight (V4's per-head query norm)."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
+    """Inverse frequencies [rope_dim/2] for interleaved RoPE; YaRN blends in 1/factor slowly.
+
+    YaRN (V4-SPEC §2.3): pairs below `lo` keep their frequency, pairs above `hi` are divided by
+    `factor`, a linear ramp in between; cos/sin keep magnitude 1 (no attention factor).
+    """
+    idx = torch.arange(0, rope_dim, 2, dtype=torch.float32)
+    freq = 1.0 / (base ** (idx / rope_dim))
+    if not yarn:
+        return freq
+    factor = float(yarn["factor"])
+    orig = float(yarn["original_max_position_embeddings"])
+    beta_fast = float(yarn.get("beta_fast") or 32)
+    beta_slow = float(yarn.get("beta_slow") or 1)
+
+    def dim_for(rotations: float) -> float:
+        return rope_dim * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    lo = max(math.floor(dim_for(beta_fast)), 0)
+    hi = min(math.ceil(dim_for(beta_slow)), rope_dim - 1)
+    if lo == hi:
+        hi += 0.001
+    ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+    keep = 1 - ramp  # share of the original (extrapolated) frequency
+    return (freq / factor) * (1 - keep) + freq * keep
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [*positions.shape, rope_dim/2] in fp32."""
+    ang = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the trailing rope dims of x.
+
+    x: [..., D]; cos/sin: broadcastable to [..., R/2]. `inverse` applies the conjugate rotation
+    (V4 undoes the query-position rotation on the attention output).
+    """
+    half = cos.shape[-1]
+    rope = x[..., -2 * half:].float().unflatten(-1, (half, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    if inverse:
+        sin = -sin
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
+    return torch.cat((x[..., : x.shape[-1] - 2 * half], rotated), dim=-1)
+
+
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU(min(gate, limit)) * clamp(up, -limit, limit); limit <= 0 disables the clamp."""
+    if limit and limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up
+
+
+class SwiGLU(nn.Module):
+    """One expert (routed or shared): w2(SwiGLU(w1 x, w3 x)); names follow the official checkpoint."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))

@@ -1,0 +1,91 @@
+"""Mixture of experts (V4-SPEC §2.10-2.11): routers (sqrt-softplus with a selection-only bias, or
+hash routing through `tid2eid`), routed experts, the shared expert, and the token dispatch.
+
+The routed experts are reached through an *expert provider* (DESIGN.md): anything with
+`expert(layer_experts, e) -> module` semantics; the default is the in-memory ModuleList, and the
+engine's expert store can stand in for it without the model knowing where weights live.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import HASH_MOE, ModelConfig
+from .layers import SwiGLU
+
+
+def score(logits: torch.Tensor, func: str) -> torch.Tensor:
+    if func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if func == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+class Gate(nn.Module):
+    """Router: `weight` [E, dim]; `bias` [E] (score layers, selection only) or `tid2eid` [V, k]."""
+
+    def __init__(self, config: ModelConfig, is_hash: bool):
+        super().__init__()
+        self.is_hash = is_hash
+        self.top_k = config.num_experts_per_tok
+        self.func = config.scoring_func
+        self.scale = config.routed_scaling_factor
+        self.normalize = config.norm_topk_prob
+        self.weight = nn.Parameter(torch.zeros(config.n_routed_experts, config.hidden_size))
+        if is_hash:
+            self.register_buffer("tid2eid", torch.zeros(config.vocab_size, self.top_k, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(config.n_routed_experts))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim], ids [N] -> (weights [N, k], expert indices [N, k])."""
+        scores = score(F.linear(x, self.weight.to(x.dtype)), self.func)
+        if self.is_hash:
+            idx = self.tid2eid[ids]
+        else:
+            idx = torch.topk(scores + self.bias.to(scores.dtype), self.top_k, dim=-1, sorted=False).indices
+        w = scores.gather(1, idx)
+        if self.normalize:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.scale, idx
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int | None):
+        super().__init__()
+        is_hash = layer_idx is not None and config.mlp_layer_types[layer_idx] == HASH_MOE
+        self.gate = Gate(config, is_hash)
+        self.experts = nn.ModuleList(
+            SwiGLU(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
+            for _ in range(config.n_routed_experts))
+        self.shared_experts = (SwiGLU(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
+                               if config.n_shared_experts else None)
+        self.provider = None  # optional callable (experts, e) -> module; see module docstring
+        self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """x [B, S, dim], ids [B, S] (token ids, for hash routing) -> [B, S, dim]."""
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat, ids.reshape(-1))
+        out = torch.zeros_like(flat)
+        # group (token, slot) pairs by expert: one sort, then one matmul chain per *used* expert
+        flat_idx = idx.reshape(-1)
+        order = torch.argsort(flat_idx, stable=True)
+        used, counts = torch.unique_consecutive(flat_idx[order], return_counts=True)
+        self.last_experts = used
+        tokens = order // idx.shape[1]
+        wsorted = weights.reshape(-1)[order]
+        start = 0
+        for e, n in zip(used.tolist(), counts.tolist()):
+            sel = tokens[start:start + n]
+            expert = self.provider(self.experts, e) if self.provider else self.experts[e]
+            y = expert(flat[sel]) * wsorted[start:start + n, None].to(flat.dtype)
+            out.index_add_(0, sel, y)
+            start += n
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)

@@ -1,0 +1,168 @@
+"""DeepSeek-V4 assembled from ModelConfig: Block (mHC around attention and MoE), Transformer
+(embedding -> n streams -> blocks -> hyper head -> norm -> logits) and the MTP module.
+
+Module and parameter names equal the official checkpoint names (V4-SPEC §5.2), so a state dict
+loads without renaming. Every forward call consumes new tokens and advances a `ModelState`; a full
+forward, a chunked prefill and token-by-token decode produce the same logits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import SLIDING, ModelConfig
+from .attention import Attention
+from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
+from .layers import RMSNorm, rope_cos_sin, rope_inv_freq
+from .moe import MoE
+from .state import LayerState, ModelState, new_state
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer_type: str, layer_idx: int | None):
+        super().__init__()
+        c = config
+        self.layer_type = layer_type
+        self.attn = Attention(c, layer_type)
+        self.ffn = MoE(c, layer_idx)
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        mix = (2 + c.hc_mult) * c.hc_mult
+        for site in ("attn", "ffn"):
+            self.register_parameter(f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, c.hc_mult * c.hidden_size)))
+            self.register_parameter(f"hc_{site}_base", nn.Parameter(torch.zeros(mix)))
+            self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
+        self.hc = (c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, st: LayerState, start_pos: int,
+                positions: torch.Tensor, rope: tuple) -> torch.Tensor:
+        """x [B, S, n, dim] streams -> same shape."""
+        pre, post, comb = hc_weights(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *self.hc)
+        y = self.attn(self.attn_norm(hc_collapse(x, pre)), st, start_pos, positions, *rope)
+        x = hc_expand(x, y, post, comb)
+        pre, post, comb = hc_weights(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *self.hc)
+        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), ids)
+        return hc_expand(x, y, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: combines the next token's embedding with the main model's final
+    streams, runs one more block and predicts the token after it (shares embed and head)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__(config, config.mtp_layer_type, None)
+        d = config.hidden_size
+        self.e_proj = nn.Linear(d, d, bias=False)
+        self.h_proj = nn.Linear(d, d, bias=False)
+        self.enorm = RMSNorm(d, config.rms_norm_eps)
+        self.hnorm = RMSNorm(d, config.rms_norm_eps)
+        self.norm = RMSNorm(d, config.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.zeros(config.hc_mult, config.hc_mult * d))
+        self.hc_head_base = nn.Parameter(torch.zeros(config.hc_mult))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+
+
+class Transformer(nn.Module):
+    """The whole model. `forward(ids, state)` -> logits for the new tokens."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        self.embed = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, t, i) for i, t in enumerate(c.layer_types))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.zeros(c.hc_mult, c.hc_mult * c.hidden_size))
+        self.hc_head_base = nn.Parameter(torch.zeros(c.hc_mult))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.mtp = nn.ModuleList(MTPBlock(c) for _ in range(c.num_nextn_predict_layers))
+        rope_dim = c.qk_rope_head_dim
+        self.register_buffer("inv_freq_main", rope_inv_freq(rope_dim, c.rope_theta), persistent=False)
+        self.register_buffer("inv_freq_compress", rope_inv_freq(rope_dim, c.compress_rope_theta, c.yarn),
+                             persistent=False)
+
+    # ------------------------------------------------------------------------------------------
+    def new_state(self, batch: int = 1, max_len: int = 0, dtype=None, mtp: bool = False) -> ModelState:
+        dtype = dtype or self.embed.weight.dtype
+        return new_state(self.config, batch, dtype, self.embed.weight.device, max_len, mtp)
+
+    def _ropes(self, positions: torch.Tensor) -> dict[str, tuple]:
+        out = {}
+        for name, inv in (("main", self.inv_freq_main), ("compress", self.inv_freq_compress)):
+            cos, sin = rope_cos_sin(inv, positions)
+            out[name] = (cos, sin, inv)
+        return out
+
+    def forward_streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """Run the blocks over new tokens ids [B, S]; returns the final streams [B, S, n, dim]."""
+        b, s = ids.shape
+        if state.batch_size != b:
+            raise ValueError(f"state holds {state.batch_size} sequences but ids has batch size {b}")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
+                             f"{int(ids.min())}..{int(ids.max())}")
+        start = state.pos
+        positions = torch.arange(start, start + s, device=ids.device)
+        ropes = self._ropes(positions)
+        e = self.embed(ids)
+        x = e.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        for layer, st in zip(self.layers, state.layers):
+            rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
+            x = layer(x, ids, st, start, positions, rope)
+        state.pos = start + s
+        return x
+
+    def logits(self, x: torch.Tensor, fn=None, base=None, scale=None, norm=None) -> torch.Tensor:
+        c = self.config
+        z = hc_head(x, self.hc_head_fn if fn is None else fn, self.hc_head_base if base is None else base,
+                    self.hc_head_scale if scale is None else scale, c.hc_eps, c.rms_norm_eps)
+        return self.head((norm or self.norm)(z))
+
+    def forward(self, ids: torch.Tensor, state: ModelState | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """ids [B, S] -> logits [B, S, V] (or [B, 1, V] with last_only). A fresh state is made when
+        none is given (a stateless full forward)."""
+        if state is None:
+            state = self.new_state(ids.shape[0])
+        x = self.forward_streams(ids, state)
+        if last_only:
+            x = x[:, -1:]
+        return self.logits(x)
+
+    def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
+        """Draft logits for position t+2 from the main streams at t and token t+1 (ids [B, S]).
+
+        Uses `state.mtp[0]` (made with `new_state(..., mtp=True)`) at positions state.pos - S.."""
+        if not self.mtp or not state.mtp:
+            raise ValueError("this model/state has no MTP module; build the state with mtp=True")
+        blk: MTPBlock = self.mtp[0]
+        s = next_ids.shape[1]
+        start = state.pos - s
+        positions = torch.arange(start, start + s, device=next_ids.device)
+        rope = self._ropes(positions)["main" if blk.layer_type == SLIDING else "compress"]
+        e = blk.enorm(self.embed(next_ids))
+        x = blk.e_proj(e).unsqueeze(2) + blk.h_proj(blk.hnorm(streams))
+        x = blk(x, next_ids, state.mtp[0], start, positions, rope)
+        return self.logits(x, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)
+
+
+def count_parameters(config: ModelConfig) -> dict[str, int]:
+    """Total and per-token activated parameters (V4-SPEC §3), counted on the meta device.
+
+    `total` excludes MTP and buffers (router bias, tid2eid), as DeepSeek's 284B does; `activated`
+    counts everything a token touches: dense weights, embedding and head, top-k routed experts."""
+    with torch.device("meta"):
+        model = Transformer(config)
+    total = mtp = routed = 0
+    for name, p in model.named_parameters():
+        if name.startswith("mtp."):
+            mtp += p.numel()
+            continue
+        total += p.numel()
+        if ".ffn.experts." in name:
+            routed += p.numel()
+    per_expert = routed // (config.num_hidden_layers * config.n_routed_experts)
+    activated = total - routed + config.num_hidden_layers * config.num_experts_per_tok * per_expert
+    return {"total": total, "activated": activated, "mtp": mtp, "routed": routed,
+            "expert": per_expert}

@@ -1,0 +1,75 @@
+"""Incremental state: exact byte accounting, growth, MTP wiring, and input checks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeflash.config import ModelConfig
+from moeflash.model.init import randomize_
+from moeflash.model.state import state_bytes, state_bytes_per_token
+from moeflash.model.v4 import Transformer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize_(Transformer(ModelConfig.preset("tiny")).eval(), seed=3)
+
+
+def test_flash_state_growth_matches_spec():
+    cfg = ModelConfig.preset("v4-flash")
+    assert state_bytes_per_token(cfg, 2) == 6880  # 21 CSA x 320 + 20 HCA x 8 (V4-SPEC §4)
+    n = 2 ** 20
+    entries = sum(
+        (n // cfg.compress_ratio(t)) * (cfg.head_dim + (cfg.index_head_dim if t == "compressed_sparse_attention" else 0)) * 2
+        for t in cfg.layer_types if t != "sliding_attention")
+    windows = 43 * 128 * 512 * 2
+    assert entries + windows == 7_219_838_976  # 6.72 GiB at 2^20 tokens
+    # state_bytes adds only the CSA overlap halves (fixed size) on top at a window boundary
+    overlap = 21 * 4 * (512 + 128) * 2 * 2
+    assert state_bytes(cfg, n, 2) == entries + windows + overlap
+
+
+@torch.no_grad()
+def test_used_bytes_equal_formula_at_every_step(tiny):
+    cfg = tiny.config
+    state = tiny.new_state(1)
+    ids = torch.randint(0, cfg.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    for i in range(40):
+        tiny(ids[:, i:i + 1], state)
+        assert state.used_bytes() == state_bytes(cfg, i + 1, 4), i
+    assert state.allocated_bytes() >= state.used_bytes()
+
+
+@torch.no_grad()
+def test_batch_rows_are_independent(tiny):
+    ids = torch.randint(0, 262, (3, 30), generator=torch.Generator().manual_seed(1))
+    together = tiny(ids)
+    alone = torch.cat([tiny(ids[i:i + 1]) for i in range(3)])
+    assert (together - alone).abs().max() < 1e-5
+
+
+@torch.no_grad()
+def test_mtp_runs_on_main_streams(tiny):
+    ids = torch.randint(0, 262, (1, 12), generator=torch.Generator().manual_seed(2))
+    state = tiny.new_state(1, mtp=True)
+    streams = tiny.forward_streams(ids[:, :-1], state)
+    draft = tiny.mtp_forward(streams, ids[:, 1:], state)
+    assert draft.shape == (1, 11, 262) and torch.isfinite(draft).all()
+    # incremental MTP equals one-shot MTP
+    state2 = tiny.new_state(1, mtp=True)
+    parts = []
+    for i in range(11):
+        s = tiny.forward_streams(ids[:, i:i + 1], state2)
+        parts.append(tiny.mtp_forward(s, ids[:, i + 1:i + 2], state2))
+    assert (torch.cat(parts, 1) - draft).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="mtp=True"):
+        tiny.mtp_forward(streams, ids[:, 1:], tiny.new_state(1))
+
+
+@torch.no_grad()
+def test_bad_token_ids_are_rejected(tiny):
+    with pytest.raises(ValueError, match="token ids must lie in"):
+        tiny(torch.tensor([[5, 262]]))
+    with pytest.raises(ValueError, match="batch size"):
+        tiny(torch.tensor([[5, 6]]), tiny.new_state(2))
