@@ -1,0 +1,88 @@
+"""Build a ready-to-run model from a name: the in-code `tiny` preset, or a checkpoint directory.
+
+This is where a checkpoint's names, formats and shapes meet the model: the model is created on the
+meta device (no memory), the checkpoint is checked against the model's expected tensors, and the
+weights are materialised once, in the requested dtype.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import PRESETS, ModelConfig
+from ..model.init import randomize_
+from ..model.layers import rope_inv_freq
+from ..model.v4 import Transformer, count_parameters
+from ..tokenizer import ByteTokenizer, load_tokenizer
+
+TINY_SEED = 0
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+    """`auto` = float32 when the fp32 weights fit in 40% of free RAM (on CPUs without native bf16
+    matmul, fp32 runs fastest, DESIGN.md), else bfloat16 (half the bytes)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    total = count_parameters(config)["total"] if config.num_hidden_layers > 8 else 0
+    return torch.float32 if total * 4 <= 0.4 * _available_ram() else torch.bfloat16
+
+
+def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Transformer:
+    cfg = ModelConfig.preset("tiny")
+    model = randomize_(Transformer(cfg), seed=seed).eval()
+    return model.to(resolve_dtype(dtype, cfg))
+
+
+def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -> Transformer:
+    """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer."""
+    from .loader import Checkpoint, load_state_dict
+
+    path = Path(path)
+    cfg = ModelConfig.from_json(path)
+    ckpt = Checkpoint.open(path)
+    if cfg.num_nextn_predict_layers and not any(n.startswith("mtp.") for n in ckpt.names()):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # HF checkpoints carry no MTP weights
+    torch_dtype = resolve_dtype(dtype, cfg)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    expected = model.state_dict()  # names and shapes only (meta tensors)
+    state = load_state_dict(ckpt, expected, torch_dtype)
+    model.load_state_dict(state, strict=False, assign=True)
+    # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
+    model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
+    model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
+    return model.eval()
+
+
+def load_model(spec: str | Path, dtype: str | torch.dtype = "auto"):
+    """(model, tokenizer or None) for `tiny` or a checkpoint directory."""
+    name = str(spec)
+    if name == "tiny":
+        return build_tiny(dtype), ByteTokenizer()
+    if name in PRESETS:
+        raise ValueError(f"preset {name!r} has no weights in moeflash; point --model at a checkpoint "
+                         "directory (config.json + *.safetensors), or use --model tiny")
+    path = Path(name)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--model {name!r} is neither a preset (tiny) nor a checkpoint directory")
+    model = load_checkpoint_model(path, dtype)
+    return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)

@@ -1,0 +1,189 @@
+"""Official DeepSeek-format checkpoints (FP8 e4m3 linears, FP4 e2m1 experts, UE8M0 scales, sharded)
+load into moeflash and give the logits transformers gives on the dequantized weights; broken
+checkpoints fail with messages that name the tensor, the file and the expected shape."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moeflash.config import CSA, HASH_MOE, HCA, MOE, SLIDING, ModelConfig
+from moeflash.model.init import randomize_
+from moeflash.model.v4 import Transformer
+from moeflash.weights.build import load_model
+from moeflash.weights.names import internal_to_hf
+from moeflash.weights.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
+
+transformers = pytest.importorskip("transformers", reason="transformers==5.23.0 is the oracle")
+
+# hidden 160 and q_lora 96 make FP8 blocks partial (160 = 128 + 32), as transformers cannot decode
+# itself; here it receives the already dequantized weights.
+CFG = ModelConfig.preset("tiny").replace(
+    hidden_size=160, moe_intermediate_size=64, q_lora_rank=96, num_hidden_layers=4,
+    layer_types=[SLIDING, CSA, HCA, CSA], mlp_layer_types=[HASH_MOE, MOE, MOE, MOE],
+    compress_rates={CSA: 4, HCA: 8}, index_n_heads=16, index_topk=4, num_nextn_predict_layers=1,
+    expert_dtype="fp4")
+
+FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|e_proj|h_proj)\.weight$")
+FP4 = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
+F32 = re.compile(r"(hc_\w+|attn_sink|ape|gate\.bias)$")
+
+
+def official_state(model: Transformer) -> tuple[dict, dict]:
+    """(tensors to write under official names, the float32 values they decode to)."""
+    stored, truth = {}, {}
+    for name, t in model.state_dict().items():
+        base = name[: -len(".weight")] if name.endswith(".weight") else name
+        if FP8.search(name):
+            q, s = quant_fp8(t.float())
+            stored[name], stored[base + ".scale"] = q, s
+            truth[name] = dequant_fp8(q, s)
+        elif FP4.search(name):
+            q, s = quant_fp4(t.float())
+            stored[name], stored[base + ".scale"] = q, s
+            truth[name] = dequant_fp4(q, s)
+        elif not t.dtype.is_floating_point or F32.search(name):
+            stored[name] = truth[name] = t.clone()
+        else:  # BF16 in the real checkpoint: embed, head, norms, compressor / indexer projections, gate
+            stored[name] = t.to(torch.bfloat16)
+            truth[name] = stored[name].float()
+    return stored, truth
+
+
+def write_sharded(stored: dict, path, n_shards: int = 3) -> None:
+    names = sorted(stored)
+    weight_map = {}
+    for i in range(n_shards):
+        part = names[i::n_shards]
+        fname = f"model-{i + 1:05d}-of-{n_shards:05d}.safetensors"
+        save_file({k: stored[k].contiguous() for k in part}, str(path / fname))
+        weight_map.update({k: fname for k in part})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(CFG.to_dict()))
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory):
+    path = tmp_path_factory.mktemp("official")
+    src = randomize_(Transformer(CFG), seed=11)
+    stored, truth = official_state(src)
+    write_sharded(stored, path)
+    return path, stored, truth
+
+
+def test_official_fp8_fp4_checkpoint_matches_transformers(official):
+    path, stored, truth = official
+    assert stored["layers.1.ffn.experts.0.w1.weight"].dtype == torch.int8
+    assert stored["layers.1.attn.wq_a.weight"].dtype == torch.float8_e4m3fn
+    assert stored["layers.1.attn.wq_a.scale"].shape == (1, 2)  # partial 128-blocks
+    model, tok = load_model(path, dtype="float32")
+    assert tok is None and model.config.num_nextn_predict_layers == 1
+    for name, t in model.state_dict().items():  # MTP included
+        assert torch.equal(t, truth[name].to(t.dtype)), name
+
+    hcfg = transformers.DeepseekV4Config(**CFG.to_hf_kwargs())
+    hf = transformers.DeepseekV4ForCausalLM(hcfg).eval().float()
+    hf_sd = internal_to_hf({k: v for k, v in truth.items() if not k.startswith("mtp.")})
+    missing, unexpected = hf.load_state_dict(hf_sd, strict=False)
+    assert not missing and not unexpected
+    ids = torch.randint(0, CFG.vocab_size, (1, 48), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = hf(ids, use_cache=False).logits
+        full = model(ids)
+        state = model.new_state(1)
+        chunked = torch.cat([model(ids[:, a:b], state) for a, b in ((0, 21), (21, 22), (22, 48))], 1)
+    diff = max((full - ref).abs().max().item(), (chunked - ref).abs().max().item())
+    print(f"[official] max|dlogit| vs transformers on dequantized weights = {diff:.3e}")
+    assert diff <= 1e-4
+
+
+def test_cli_generate_from_official_checkpoint(official, capsys):
+    from moeflash.cli import main
+    path, _, _ = official
+    assert main(["generate", "--model", str(path), "--prompt-ids", "1,2,3", "--max-new-tokens", "5",
+                 "--json", "--dtype", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["text"] is None and len(out["token_ids"]) <= 5
+    assert main(["generate", "--model", str(path), "--prompt", "hi"]) == 2
+    assert "--prompt-ids" in capsys.readouterr().err
+
+
+def _copy(official, tmp_path):
+    path, stored, _ = official
+    for f in path.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    return tmp_path, stored
+
+
+def _shard_of(path, name):
+    return json.loads((path / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def _rewrite(path, name, new_tensor=None):
+    from safetensors.torch import load_file
+    shard = _shard_of(path, name)
+    tensors = load_file(str(path / shard))
+    if new_tensor is None:
+        del tensors[name]
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        del index["weight_map"][name]
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        tensors[name] = new_tensor
+    save_file(tensors, str(path / shard))
+    return shard
+
+
+def test_missing_tensor_is_named(official, tmp_path):
+    path, _ = _copy(official, tmp_path)
+    _rewrite(path, "layers.2.attn.compressor.ape")
+    with pytest.raises(ValueError) as e:
+        load_model(path, dtype="float32")
+    msg = str(e.value)
+    assert "layers.2.attn.compressor.ape" in msg and "[8, 32]" in msg and "model-00001-of-00003" in msg
+
+
+def test_misshaped_tensor_is_named(official, tmp_path):
+    path, _ = _copy(official, tmp_path)
+    shard = _rewrite(path, "layers.0.attn.attn_sink", torch.zeros(5))
+    with pytest.raises(ValueError) as e:
+        load_model(path, dtype="float32")
+    msg = str(e.value)
+    assert "layers.0.attn.attn_sink" in msg and shard in msg and "4" in msg
+
+
+def test_extra_tensor_is_named(official, tmp_path):
+    path, _ = _copy(official, tmp_path)
+    shard = _shard_of(path, "norm.weight")
+    from safetensors.torch import load_file
+    tensors = load_file(str(path / shard))
+    tensors["layers.9.attn.wq_a.weight"] = torch.zeros(2, 2)
+    save_file(tensors, str(path / shard))
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["layers.9.attn.wq_a.weight"] = shard
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=r"layers\.9\.attn\.wq_a\.weight"):
+        load_model(path, dtype="float32")
+
+
+def test_truncated_shard_is_detected(official, tmp_path):
+    path, _ = _copy(official, tmp_path)
+    shard = path / _shard_of(path, "embed.weight")
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100])
+    with pytest.raises(ValueError) as e:
+        load_model(path, dtype="float32")
+    assert shard.name in str(e.value) and "truncat" in str(e.value).lower()
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither a preset"):
+        load_model(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    with pytest.raises(ValueError, match="has no weights"):
+        load_model("v4-flash")
