@@ -58,38 +58,36 @@ def pair(request):
     return request.param, cfg, hf, ours, ids, ref
 
 
-def _report(name, what, diff):
+def _check(name, what, out, ref):
+    diff = (out - ref).abs().max().item()
     print(f"[parity] {name:8s} {what:8s} max|dlogit| = {diff:.3e}")
+    assert diff <= TOL
+
+
+def _incremental(ours, ids, cuts):
+    """Logits of ids fed as consecutive chunks ids[:, cuts[i]:cuts[i+1]] through one state."""
+    state = ours.new_state(ids.shape[0])
+    out = torch.cat([ours(ids[:, a:b], state) for a, b in zip(cuts, cuts[1:])], dim=1)
+    assert state.pos == ids.shape[1]
+    return out
 
 
 @torch.no_grad()
 def test_full_forward(pair):
     name, cfg, hf, ours, ids, ref = pair
-    diff = (ours(ids) - ref).abs().max().item()
-    _report(name, "full", diff)
-    assert diff <= TOL
+    _check(name, "full", ours(ids), ref)
 
 
 @torch.no_grad()
 def test_chunked_prefill(pair):
     name, cfg, hf, ours, ids, ref = pair
-    state = ours.new_state(2)
-    cuts = [0, 13, 14, 43, 50, SEQ]
-    out = torch.cat([ours(ids[:, a:b], state) for a, b in zip(cuts, cuts[1:])], dim=1)
-    assert state.pos == SEQ
-    diff = (out - ref).abs().max().item()
-    _report(name, "chunked", diff)
-    assert diff <= TOL
+    _check(name, "chunked", _incremental(ours, ids, [0, 13, 14, 43, 50, SEQ]), ref)
 
 
 @torch.no_grad()
 def test_decode_token_by_token(pair):
     name, cfg, hf, ours, ids, ref = pair
-    state = ours.new_state(2)
-    out = torch.cat([ours(ids[:, i:i + 1], state) for i in range(SEQ)], dim=1)
-    diff = (out - ref).abs().max().item()
-    _report(name, "decode", diff)
-    assert diff <= TOL
+    _check(name, "decode", _incremental(ours, ids, list(range(SEQ + 1))), ref)
 
 
 @torch.no_grad()
