@@ -1,9 +1,15 @@
 """V4 attention (V4-SPEC §2.3-2.9): low-rank queries with a per-head norm, one shared K=V head,
 partial interleaved RoPE, a sliding window plus compressed entries (all of them for HCA, the
 indexer's top-k for CSA), a learned per-head sink, inverse RoPE on the output, and a grouped
-low-rank output projection."""
+low-rank output projection.
+
+Tokens of many sequences arrive flattened ([N, dim]) with one `Segment` per sequence; projections
+run once over all N rows, the attention core runs per sequence on its own window and entries.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,6 +18,19 @@ from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
 from .layers import RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
+
+# Upper bound on the elements of one attention-score block (fp32): long prefill chunks are split
+# into query blocks so memory stays bounded whatever the chunk and context length.
+SCORE_BUDGET = 1 << 24
+
+
+@dataclass
+class Segment:
+    """Rows offset..offset+length of the flat batch belong to one sequence starting at `start`."""
+
+    offset: int
+    length: int
+    start: int
 
 
 class Attention(nn.Module):
@@ -44,48 +63,85 @@ class Attention(nn.Module):
             self.indexer = Indexer(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim,
                                    c.index_topk, self.ratio, c.rms_norm_eps)
 
-    def forward(self, h: torch.Tensor, st: LayerState, start_pos: int, positions: torch.Tensor,
-                cos: torch.Tensor, sin: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-        """h [B, S, dim] at positions start_pos..start_pos+S-1 -> [B, S, dim]; updates `st`."""
-        b, s, _ = h.shape
+    def forward(self, h: torch.Tensor, segs: list[Segment], states: list[LayerState],
+                positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                inv_freq: torch.Tensor) -> torch.Tensor:
+        """h [N, dim] (rows of all segments) -> [N, dim]; advances each segment's LayerState."""
+        n = h.shape[0]
         qr = self.q_norm(self.wq_a(h))
-        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+        q = self.wq_b(qr).view(n, self.n_heads, self.head_dim)
         q = apply_rope(rms_unweighted(q, self.eps), cos[:, None, :], sin[:, None, :])
-        kv = apply_rope(self.kv_norm(self.wkv(h)), cos, sin)  # [B, S, D]
+        kv = apply_rope(self.kv_norm(self.wkv(h)), cos, sin)  # [N, D]
+        rows = {"q": q, "kv": kv, "pos": positions}
+        if self.compressor is not None:
+            rows["ckv"], rows["cgate"] = self.compressor.project(h)
+        if self.indexer is not None:
+            rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin)
+        out = torch.empty_like(q)
+        for seg, st in zip(segs, states):
+            step = self._block_size(seg)
+            for a in range(0, seg.length, step):
+                b = min(a + step, seg.length)
+                sl = slice(seg.offset + a, seg.offset + b)
+                out[sl] = self._attend({k: v[sl] for k, v in rows.items()}, st, seg.start + a, inv_freq)
+        out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
+        wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
+        low = torch.einsum("sgi,gri->sgr", out.reshape(n, self.o_groups, -1), wo_a.to(out.dtype))
+        return self.wo_b(low.flatten(1))
 
-        # sliding window: ring slots (positions before this chunk) + the new rows
+    def _block_size(self, seg: Segment) -> int:
+        """Query rows per block so that scores and gathered keys stay within SCORE_BUDGET."""
+        entries = 0
+        if self.indexer is not None:
+            entries = self.indexer.topk + self.indexer.topk * self.head_dim // max(self.n_heads, 1)
+        elif self.compressor is not None:
+            entries = (seg.start + seg.length) // self.ratio
+        per_row = self.n_heads * (self.window + entries + 512)
+        return max(16, min(512, SCORE_BUDGET // per_row))
+
+    def _attend(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """Attention for one sequence's consecutive query rows; returns [S, H, D]."""
+        q, kv, pos = r["q"], r["kv"], r["pos"]
         w = self.window
-        slot = torch.arange(w, device=h.device)
-        ring_pos = start_pos - 1 - ((start_pos - 1 - slot) % w)  # newest position stored in each slot
+        slot = torch.arange(w, device=q.device)
+        ring_pos = start - 1 - ((start - 1 - slot) % w)  # newest position held by each ring slot
         ring_pos = torch.where(ring_pos >= 0, ring_pos, torch.full_like(ring_pos, -(1 << 40)))
-        keys = torch.cat((st.window.to(kv.dtype), kv), dim=1)
-        key_pos = torch.cat((ring_pos, positions))
-        visible = (key_pos[None, :] <= positions[:, None]) & (key_pos[None, :] > positions[:, None] - w)
-        visible = visible.expand(b, s, -1)
-        keep = min(s, w)
-        st.window[:, (positions[-keep:] % w)] = kv[:, -keep:].to(st.window.dtype)
+        keys = torch.cat((st.window.to(kv.dtype), kv))
+        key_pos = torch.cat((ring_pos, pos))
+        visible = (key_pos[None, :] <= pos[:, None]) & (key_pos[None, :] > pos[:, None] - w)
+        keep = min(kv.shape[0], w)
+        st.window[pos[-keep:] % w] = kv[-keep:].to(st.window.dtype)
+        logits = [torch.einsum("shd,kd->hsk", q, keys).masked_fill(~visible[None], float("-inf"))]
+        values = [(keys, "dense")]
 
         if self.compressor is not None:
-            st.compressor.append(self.compressor(h, st.compressor, start_pos, inv_freq))
-            entries = st.compressor.view().to(kv.dtype)  # [B, T, D]
-            t = entries.shape[1]
+            st.compressor.append(self.compressor.consume(r["ckv"], r["cgate"], st.compressor, start, inv_freq))
+            entries = st.compressor.view().to(kv.dtype)  # [T, D]
+            t = entries.shape[0]
+            limit = (pos + 1) // self.ratio
             if self.indexer is not None:
-                chosen = self.indexer(h, qr, st.indexer, start_pos, positions, cos, sin, inv_freq)
-            else:
-                chosen = (torch.arange(t, device=h.device)[None, :]
-                          < ((positions + 1) // self.ratio)[:, None]).expand(b, s, t)
-            keys = torch.cat((keys, entries), dim=1)
-            visible = torch.cat((visible, chosen), dim=2)
+                ist = st.indexer
+                ist.append(self.indexer.compressor.consume(r["ikv"], r["igate"], ist, start, inv_freq))
+            if self.indexer is not None and t > self.indexer.topk:
+                idx, valid = self.indexer.select(r["iq"], r["iw"], ist.view(), pos)
+                chosen = entries[idx]  # [S, k, D]: only the selected entries are read
+                logits.append(torch.einsum("shd,skd->hsk", q, chosen).masked_fill(~valid[None], float("-inf")))
+                values.append((chosen, "gathered"))
+            elif t:
+                avail = torch.arange(t, device=q.device)[None, :] < limit[:, None]
+                logits.append(torch.einsum("shd,kd->hsk", q, entries).masked_fill(~avail[None], float("-inf")))
+                values.append((entries, "dense"))
 
-        logits = torch.einsum("bshd,bkd->bhsk", q, keys) * self.scale
-        logits = logits.masked_fill(~visible[:, None], float("-inf"))
-        sink = self.attn_sink.to(logits.dtype).view(1, -1, 1, 1).expand(b, -1, s, 1)
-        full = torch.cat((logits, sink), dim=-1).float()
-        probs = torch.softmax(full - full.amax(dim=-1, keepdim=True), dim=-1)[..., :-1].to(keys.dtype)
-        out = torch.einsum("bhsk,bkd->bshd", probs, keys)
-        out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
-
-        grouped = out.reshape(b, s, self.o_groups, -1)
-        wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        low = torch.einsum("bsgi,gri->bsgr", grouped, wo_a.to(grouped.dtype))
-        return self.wo_b(low.flatten(2))
+        h, s = q.shape[1], q.shape[0]
+        sink = self.attn_sink.view(h, 1, 1).expand(h, s, 1).to(logits[0].dtype)
+        full = torch.cat([x * self.scale for x in logits] + [sink], dim=-1).float()
+        probs = torch.softmax(full - full.amax(dim=-1, keepdim=True), dim=-1).to(q.dtype)
+        out = None
+        start_col = 0
+        for (vals, kind), lg in zip(values, logits):
+            p = probs[..., start_col: start_col + lg.shape[-1]]
+            start_col += lg.shape[-1]
+            part = (torch.einsum("hsk,kd->shd", p, vals) if kind == "dense"
+                    else torch.einsum("hsk,skd->shd", p, vals))
+            out = part if out is None else out + part
+        return out

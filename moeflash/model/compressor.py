@@ -5,6 +5,9 @@ logits (plus a learned position bias) weights the projected rows; the pooled row
 rotated at the window's first position. CSA windows overlap: entry w pools the previous window's
 "A" halves and its own "B" halves (8 slots for m = 4). The indexer owns a narrow CSA compressor of
 its own and scores every available entry against the query to keep only the top-k.
+
+Projections run once over all tokens of a batch (`project`); the per-sequence state machine
+(`consume`, `select`) then runs on each sequence's rows.
 """
 
 from __future__ import annotations
@@ -30,45 +33,47 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, c))
         self.norm = RMSNorm(width, eps)
 
-    def forward(self, h: torch.Tensor, st: CompressorState, start_pos: int,
+    def project(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.wkv(h), self.wgate(h)
+
+    def consume(self, kv: torch.Tensor, gate: torch.Tensor, st: CompressorState, start_pos: int,
                 inv_freq: torch.Tensor) -> torch.Tensor:
-        """Consume h [B, S, dim] at positions start_pos.., update `st`, return new entries [B, k, width]."""
+        """Feed one sequence's projected rows kv/gate [S, C] at positions start_pos..; update `st`
+        and return the entries closed now [k, width] (already normalised and rotated)."""
         m, w = self.ratio, self.width
-        kv, gate = self.wkv(h), self.wgate(h)
         r = start_pos % m
         if r:
-            kv = torch.cat((st.pending_kv[:, :r].to(kv.dtype), kv), dim=1)
-            gate = torch.cat((st.pending_gate[:, :r].to(gate.dtype), gate), dim=1)
-        b, total = kv.shape[0], kv.shape[1]
+            kv = torch.cat((st.pending_kv[:r].to(kv.dtype), kv))
+            gate = torch.cat((st.pending_gate[:r].to(gate.dtype), gate))
+        total = kv.shape[0]
         nw = total // m
         used = nw * m
-        rest = total - used
-        if rest:
-            st.pending_kv[:, :rest] = kv[:, used:]
-            st.pending_gate[:, :rest] = gate[:, used:]
+        if total > used:
+            st.pending_kv[: total - used] = kv[used:]
+            st.pending_gate[: total - used] = gate[used:]
         if nw == 0:
-            return kv.new_zeros((b, 0, w))
+            return kv.new_zeros((0, w))
         first = start_pos // m  # index of the first window closed now
-        ckv = kv[:, :used].view(b, nw, m, -1)
-        cgate = gate[:, :used].view(b, nw, m, -1) + self.ape.to(gate.dtype)
+        ckv = kv[:used].view(nw, m, -1)
+        cgate = gate[:used].view(nw, m, -1) + self.ape.to(gate.dtype)
         if self.overlap:
-            slots_kv = ckv.new_zeros((b, nw, 2 * m, w))
-            slots_gate = cgate.new_full((b, nw, 2 * m, w), float("-inf"))
-            slots_kv[:, :, m:] = ckv[..., w:]
-            slots_gate[:, :, m:] = cgate[..., w:]
+            slots_kv = ckv.new_zeros((nw, 2 * m, w))
+            slots_gate = cgate.new_full((nw, 2 * m, w), float("-inf"))
+            slots_kv[:, m:] = ckv[..., w:]
+            slots_gate[:, m:] = cgate[..., w:]
             if nw > 1:
-                slots_kv[:, 1:, :m] = ckv[:, :-1, :, :w]
-                slots_gate[:, 1:, :m] = cgate[:, :-1, :, :w]
+                slots_kv[1:, :m] = ckv[:-1, :, :w]
+                slots_gate[1:, :m] = cgate[:-1, :, :w]
             if first > 0:
-                slots_kv[:, 0, :m] = st.prev_kv.to(ckv.dtype)
-                slots_gate[:, 0, :m] = st.prev_gate.to(cgate.dtype)
-            st.prev_kv.copy_(ckv[:, -1, :, :w])
-            st.prev_gate.copy_(cgate[:, -1, :, :w])
+                slots_kv[0, :m] = st.prev_kv.to(ckv.dtype)
+                slots_gate[0, :m] = st.prev_gate.to(cgate.dtype)
+            st.prev_kv.copy_(ckv[-1, :, :w])
+            st.prev_gate.copy_(cgate[-1, :, :w])
         else:
             slots_kv, slots_gate = ckv, cgate
-        weights = torch.softmax(slots_gate, dim=2, dtype=torch.float32).to(slots_kv.dtype)
-        pooled = self.norm((slots_kv * weights).sum(dim=2))
-        positions = (torch.arange(nw, device=h.device) + first) * m
+        weights = torch.softmax(slots_gate, dim=1, dtype=torch.float32).to(slots_kv.dtype)
+        pooled = self.norm((slots_kv * weights).sum(dim=1))
+        positions = (torch.arange(nw, device=kv.device) + first) * m
         cos, sin = rope_cos_sin(inv_freq, positions)
         return apply_rope(pooled, cos, sin)
 
@@ -84,26 +89,23 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
         self.compressor = Compressor(dim, head_dim, ratio, overlap=True, eps=eps)
 
-    def forward(self, h: torch.Tensor, qr: torch.Tensor, st: CompressorState, start_pos: int,
-                positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                inv_freq: torch.Tensor) -> torch.Tensor:
-        """Update the indexer keys and return a bool mask [B, S, T] of the entries each query keeps."""
-        st.append(self.compressor(h, st, start_pos, inv_freq))
-        keys = st.view()  # [B, T, Di]
-        b, s = h.shape[:2]
-        t = keys.shape[1]
-        available = torch.arange(t, device=h.device)[None, :] < ((positions + 1) // self.ratio)[:, None]
-        if t == 0:
-            return available.expand(b, s, t)
-        if self.topk >= t:  # every available entry is kept; no scoring needed
-            return available.expand(b, s, t)
-        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+    def project(self, h: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """(queries [N, Hi, Di] rotated, head weights [N, Hi] fp32, key rows kv/gate [N, 2 Di])."""
+        q = self.wq_b(qr).view(qr.shape[0], self.n_heads, self.head_dim)
         q = apply_rope(q, cos[:, None, :], sin[:, None, :])
-        scores = torch.einsum("bshd,btd->bsht", q.float(), keys.float())
         weights = self.weights_proj(h).float() * self.n_heads ** -0.5
-        scores = (F.relu(scores) * self.head_dim ** -0.5 * weights.unsqueeze(-1)).sum(dim=2)
-        scores = scores.masked_fill(~available, float("-inf"))
-        idx = scores.topk(self.topk, dim=-1).indices
-        keep = torch.zeros(b, s, t, dtype=torch.bool, device=h.device)
-        keep.scatter_(-1, idx, True)
-        return keep & available
+        return (q, weights, *self.compressor.project(h))
+
+    def select(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one sequence's queries q [S, Hi, Di] and its keys [T, Di]: (indices [S, k] of the
+        entries each query keeps, valid [S, k] bool). Entries a query cannot see yet are never valid."""
+        t = keys.shape[0]
+        limit = (positions + 1) // self.ratio  # entries visible to each query
+        k = min(self.topk, t)
+        scores = torch.einsum("shd,td->sht", q.float(), keys.float())
+        scores = (F.relu(scores) * self.head_dim ** -0.5 * weights.unsqueeze(-1)).sum(dim=1)
+        ent = torch.arange(t, device=q.device)
+        scores = scores.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
+        idx = scores.topk(k, dim=-1).indices
+        return idx, idx < limit[:, None]

@@ -1,9 +1,9 @@
 """Per-sequence, per-layer state that makes incremental inference exact (V4-SPEC §2.14).
 
-Plain tensors in dataclasses, outside the nn.Modules: the engine owns, batches and frees them.
-All sequences of one `ModelState` are at the same position `pos` (tokens already consumed), so the
-fill level of every buffer follows from `pos`: the window ring holds positions pos-W..pos-1 at slot
-p % W, a compressor has `pos % m` pending rows and `pos // m` emitted entries.
+Plain tensors in dataclasses, outside the nn.Modules: the engine owns them, one `SeqState` per
+sequence, and frees a sequence's state by dropping it. The fill level of every buffer follows from
+the sequence position `pos` (tokens consumed): the window ring holds positions pos-W..pos-1 at slot
+p % W; a compressor has `pos % m` pending rows and `pos // m` emitted entries.
 """
 
 from __future__ import annotations
@@ -18,42 +18,40 @@ from ..config import CSA, HCA, SLIDING, ModelConfig
 @dataclass
 class CompressorState:
     """One compressor's memory: the open window's raw rows, the previous window's overlap halves
-    (CSA only) and the compressed entries emitted so far (a growing buffer, doubled when full)."""
+    (CSA only) and the compressed entries emitted so far (a buffer grown geometrically)."""
 
     ratio: int
-    pending_kv: torch.Tensor      # [B, m, C] projected rows of the open window (first pos % m valid)
-    pending_gate: torch.Tensor    # [B, m, C] their gate logits (position bias not yet added)
-    prev_kv: torch.Tensor | None  # [B, m, Dc] A-halves of the last complete window (overlap only)
-    prev_gate: torch.Tensor | None  # [B, m, Dc] with position bias added
-    entries: torch.Tensor         # [B, capacity, Dc]
+    pending_kv: torch.Tensor      # [m, C] projected rows of the open window (first pos % m valid)
+    pending_gate: torch.Tensor    # [m, C] their gate logits (position bias not yet added)
+    prev_kv: torch.Tensor | None  # [m, Dc] A-halves of the last complete window (overlap only)
+    prev_gate: torch.Tensor | None  # [m, Dc] with the position bias added
+    entries: torch.Tensor         # [capacity, Dc]
     count: int = 0                # entries emitted
 
     def append(self, new: torch.Tensor) -> None:
-        """Append [B, k, Dc] entries, growing the buffer geometrically (amortised O(1))."""
-        k = new.shape[1]
+        """Append [k, Dc] entries; the buffer doubles when full, so appends are amortised O(1)."""
+        k = new.shape[0]
         if k == 0:
             return
         need = self.count + k
-        cap = self.entries.shape[1]
+        cap = self.entries.shape[0]
         if need > cap:
-            grown = self.entries.new_zeros((self.entries.shape[0], max(need, 2 * cap, 16),
-                                            self.entries.shape[2]))
-            grown[:, : self.count] = self.entries[:, : self.count]
+            grown = self.entries.new_zeros((max(need, 2 * cap, 16), self.entries.shape[1]))
+            grown[: self.count] = self.entries[: self.count]
             self.entries = grown
-        self.entries[:, self.count: need] = new.to(self.entries.dtype)
+        self.entries[self.count: need] = new.to(self.entries.dtype)
         self.count = need
 
     def view(self) -> torch.Tensor:
-        return self.entries[:, : self.count]
+        return self.entries[: self.count]
 
     def used_bytes(self, pos: int) -> int:
-        """Bytes that hold live data at position `pos` (entries + open window + overlap halves)."""
-        e = self.entries
-        per = e.shape[0] * e.element_size()
-        n = self.count * e.shape[2] * per
-        n += (pos % self.ratio) * self.pending_kv.shape[2] * 2 * per
+        """Bytes holding live data at position `pos`: entries, the open window, overlap halves."""
+        size = self.entries.element_size()
+        n = self.count * self.entries.shape[1] * size
+        n += (pos % self.ratio) * self.pending_kv.shape[1] * 2 * size
         if self.prev_kv is not None and self.count:
-            n += self.prev_kv[0].numel() * 2 * per
+            n += self.prev_kv.numel() * 2 * size
         return n
 
     def allocated_bytes(self) -> int:
@@ -65,7 +63,7 @@ class CompressorState:
 class LayerState:
     """Sliding-window ring of the shared K=V head, plus the layer's compressors."""
 
-    window: torch.Tensor                   # [B, W, D]; slot p % W holds position p
+    window: torch.Tensor                   # [W, D]; slot p % W holds position p
     compressor: CompressorState | None = None
     indexer: CompressorState | None = None
 
@@ -74,23 +72,19 @@ class LayerState:
 
 
 @dataclass
-class ModelState:
-    """Everything a batch of sequences needs to continue from position `pos`."""
+class SeqState:
+    """Everything one sequence needs to continue from position `pos`."""
 
     pos: int
     layers: list[LayerState]
     mtp: list[LayerState] = field(default_factory=list)
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].window.shape[0]
 
     def used_bytes(self) -> int:
         """Exact bytes of live state: filled window slots, pending rows, overlap halves, entries."""
         total = 0
         for layer in self.layers + self.mtp:
             w = layer.window
-            total += min(self.pos, w.shape[1]) * w.shape[0] * w.shape[2] * w.element_size()
+            total += min(self.pos, w.shape[0]) * w.shape[1] * w.element_size()
             total += sum(c.used_bytes(self.pos) for c in layer.parts())
         return total
 
@@ -102,41 +96,69 @@ class ModelState:
         return total
 
 
-def _compressor_state(batch: int, ratio: int, width: int, overlap: bool, dtype, device,
-                      capacity: int) -> CompressorState:
+@dataclass
+class ModelState:
+    """A batch of sequences advanced together (same length each call): the simple API used by
+    `Transformer.forward(ids[B, S], state)`. The engine works with `SeqState`s directly."""
+
+    seqs: list[SeqState]
+
+    @property
+    def pos(self) -> int:
+        return self.seqs[0].pos
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def mtp(self) -> list[LayerState]:
+        return self.seqs[0].mtp
+
+    def used_bytes(self) -> int:
+        return sum(s.used_bytes() for s in self.seqs)
+
+    def allocated_bytes(self) -> int:
+        return sum(s.allocated_bytes() for s in self.seqs)
+
+
+def _compressor_state(ratio: int, width: int, overlap: bool, dtype, device, capacity: int) -> CompressorState:
     c = 2 * width if overlap else width
     z = dict(dtype=dtype, device=device)
     return CompressorState(
         ratio=ratio,
-        pending_kv=torch.zeros(batch, ratio, c, **z),
-        pending_gate=torch.zeros(batch, ratio, c, **z),
-        prev_kv=torch.zeros(batch, ratio, width, **z) if overlap else None,
-        prev_gate=torch.zeros(batch, ratio, width, **z) if overlap else None,
-        entries=torch.zeros(batch, capacity, width, **z),
+        pending_kv=torch.zeros(ratio, c, **z),
+        pending_gate=torch.zeros(ratio, c, **z),
+        prev_kv=torch.zeros(ratio, width, **z) if overlap else None,
+        prev_gate=torch.zeros(ratio, width, **z) if overlap else None,
+        entries=torch.zeros(capacity, width, **z),
     )
 
 
-def layer_state(config: ModelConfig, layer_type: str, batch: int, dtype, device,
-                max_len: int = 0) -> LayerState:
-    window = torch.zeros(batch, config.sliding_window, config.head_dim, dtype=dtype, device=device)
-    st = LayerState(window=window)
+def layer_state(config: ModelConfig, layer_type: str, dtype, device, max_len: int = 0) -> LayerState:
+    st = LayerState(window=torch.zeros(config.sliding_window, config.head_dim, dtype=dtype, device=device))
     if layer_type == SLIDING:
         return st
     m = config.compress_ratio(layer_type)
     cap = max(max_len // m, 0)
-    st.compressor = _compressor_state(batch, m, config.head_dim, layer_type == CSA, dtype, device, cap)
+    st.compressor = _compressor_state(m, config.head_dim, layer_type == CSA, dtype, device, cap)
     if layer_type == CSA:
-        st.indexer = _compressor_state(batch, m, config.index_head_dim, True, dtype, device, cap)
+        st.indexer = _compressor_state(m, config.index_head_dim, True, dtype, device, cap)
     return st
+
+
+def new_seq_state(config: ModelConfig, dtype=torch.float32, device="cpu", max_len: int = 0,
+                  mtp: bool = False) -> SeqState:
+    """Fresh state at position 0. `max_len` pre-sizes the entry buffers (they grow otherwise)."""
+    layers = [layer_state(config, t, dtype, device, max_len) for t in config.layer_types]
+    mtp_layers = ([layer_state(config, config.mtp_layer_type, dtype, device, max_len)]
+                  if mtp and config.num_nextn_predict_layers else [])
+    return SeqState(pos=0, layers=layers, mtp=mtp_layers)
 
 
 def new_state(config: ModelConfig, batch: int = 1, dtype=torch.float32, device="cpu",
               max_len: int = 0, mtp: bool = False) -> ModelState:
-    """Fresh state at position 0. `max_len` pre-sizes the entry buffers (they grow otherwise)."""
-    layers = [layer_state(config, t, batch, dtype, device, max_len) for t in config.layer_types]
-    mtp_layers = ([layer_state(config, config.mtp_layer_type, batch, dtype, device, max_len)]
-                  if mtp and config.num_nextn_predict_layers else [])
-    return ModelState(pos=0, layers=layers, mtp=mtp_layers)
+    return ModelState([new_seq_state(config, dtype, device, max_len, mtp) for _ in range(batch)])
 
 
 def state_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> float:
@@ -153,22 +175,21 @@ def state_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> float:
 
 
 def state_bytes(config: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
-    """Exact live bytes for one sequence after `tokens` tokens (matches ModelState.used_bytes)."""
+    """Exact live bytes for one sequence after `tokens` tokens (equals SeqState.used_bytes)."""
     total = 0
     for t in config.layer_types:
         total += min(tokens, config.sliding_window) * config.head_dim * dtype_bytes
         if t == SLIDING:
             continue
         m = config.compress_ratio(t)
-        widths = [config.head_dim] + ([config.index_head_dim] if t == CSA else [])
-        for w in widths:
+        overlap = t == CSA
+        for w in [config.head_dim] + ([config.index_head_dim] if overlap else []):
             total += (tokens // m) * w * dtype_bytes
-            overlap = t == CSA
             total += (tokens % m) * (2 * w if overlap else w) * 2 * dtype_bytes
             if overlap and tokens >= m:
                 total += m * w * 2 * dtype_bytes
     return total
 
 
-__all__ = ["CompressorState", "LayerState", "ModelState", "new_state", "layer_state",
-           "state_bytes", "state_bytes_per_token", "HCA", "CSA", "SLIDING"]
+__all__ = ["CompressorState", "LayerState", "SeqState", "ModelState", "new_state", "new_seq_state",
+           "layer_state", "state_bytes", "state_bytes_per_token", "HCA", "CSA", "SLIDING"]

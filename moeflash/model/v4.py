@@ -2,8 +2,10 @@
 (embedding -> n streams -> blocks -> hyper head -> norm -> logits) and the MTP module.
 
 Module and parameter names equal the official checkpoint names (V4-SPEC §5.2), so a state dict
-loads without renaming. Every forward call consumes new tokens and advances a `ModelState`; a full
-forward, a chunked prefill and token-by-token decode produce the same logits.
+loads without renaming. Every forward call consumes new tokens and advances the sequences' states;
+a full forward, a chunked prefill and token-by-token decode produce the same logits. Tokens of many
+sequences (each at its own position, any number of new tokens each) run through one call as a flat
+batch: `forward_tokens(tokens, seqs, lengths)`; this is what continuous batching uses.
 """
 
 from __future__ import annotations
@@ -12,11 +14,11 @@ import torch
 from torch import nn
 
 from ..config import SLIDING, ModelConfig
-from .attention import Attention
+from .attention import Attention, Segment
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
-from .state import LayerState, ModelState, new_state
+from .state import LayerState, ModelState, SeqState, new_seq_state, new_state
 
 
 class Block(nn.Module):
@@ -35,11 +37,11 @@ class Block(nn.Module):
             self.register_parameter(f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
         self.hc = (c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, st: LayerState, start_pos: int,
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, segs: list[Segment], states: list[LayerState],
                 positions: torch.Tensor, rope: tuple) -> torch.Tensor:
-        """x [B, S, n, dim] streams -> same shape."""
+        """x [N, n, dim] streams of the flat batch -> same shape."""
         pre, post, comb = hc_weights(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *self.hc)
-        y = self.attn(self.attn_norm(hc_collapse(x, pre)), st, start_pos, positions, *rope)
+        y = self.attn(self.attn_norm(hc_collapse(x, pre)), segs, states, positions, *rope)
         x = hc_expand(x, y, post, comb)
         pre, post, comb = hc_weights(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *self.hc)
         y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), ids)
@@ -87,6 +89,10 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return new_state(self.config, batch, dtype, self.embed.weight.device, max_len, mtp)
 
+    def new_seq_state(self, max_len: int = 0, dtype=None, mtp: bool = False) -> SeqState:
+        dtype = dtype or self.embed.weight.dtype
+        return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp)
+
     def _ropes(self, positions: torch.Tensor) -> dict[str, tuple]:
         out = {}
         for name, inv in (("main", self.inv_freq_main), ("compress", self.inv_freq_compress)):
@@ -94,24 +100,43 @@ class Transformer(nn.Module):
             out[name] = (cos, sin, inv)
         return out
 
+    def _layout(self, seqs: list[SeqState], lengths: list[int], device) -> tuple[list[Segment], torch.Tensor]:
+        if len(seqs) != len(lengths):
+            raise ValueError(f"{len(seqs)} sequence states but {len(lengths)} lengths")
+        segs, pos, off = [], [], 0
+        for seq, n in zip(seqs, lengths):
+            if n < 1:
+                raise ValueError(f"every sequence needs at least one new token, got length {n}")
+            segs.append(Segment(off, n, seq.pos))
+            pos.append(torch.arange(seq.pos, seq.pos + n))
+            off += n
+        return segs, torch.cat(pos).to(device)
+
+    def forward_tokens(self, tokens: torch.Tensor, seqs: list[SeqState], lengths: list[int]) -> torch.Tensor:
+        """Run new tokens of several sequences: tokens [N] = the sequences' new tokens back to back,
+        lengths[i] of them for seqs[i]. Returns the final streams [N, n, dim]; advances each seq."""
+        if tokens.dim() != 1 or tokens.shape[0] != sum(lengths):
+            raise ValueError(f"tokens must be a flat [sum(lengths)={sum(lengths)}] tensor, got {tuple(tokens.shape)}")
+        vocab = self.config.vocab_size
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}); got {int(tokens.min())}..{int(tokens.max())}")
+        segs, positions = self._layout(seqs, lengths, tokens.device)
+        ropes = self._ropes(positions)
+        x = self.embed(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
+            x = layer(x, tokens, segs, [s.layers[i] for s in seqs], positions, rope)
+        for seq, n in zip(seqs, lengths):
+            seq.pos += n
+        return x
+
     def forward_streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
-        """Run the blocks over new tokens ids [B, S]; returns the final streams [B, S, n, dim]."""
+        """ids [B, S] for a ModelState of B sequences at one position -> streams [B, S, n, dim]."""
         b, s = ids.shape
         if state.batch_size != b:
             raise ValueError(f"state holds {state.batch_size} sequences but ids has batch size {b}")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got "
-                             f"{int(ids.min())}..{int(ids.max())}")
-        start = state.pos
-        positions = torch.arange(start, start + s, device=ids.device)
-        ropes = self._ropes(positions)
-        e = self.embed(ids)
-        x = e.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()
-        for layer, st in zip(self.layers, state.layers):
-            rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
-            x = layer(x, ids, st, start, positions, rope)
-        state.pos = start + s
-        return x
+        x = self.forward_tokens(ids.reshape(-1), state.seqs, [s] * b)
+        return x.view(b, s, *x.shape[1:])
 
     def logits(self, x: torch.Tensor, fn=None, base=None, scale=None, norm=None) -> torch.Tensor:
         c = self.config
@@ -133,17 +158,20 @@ class Transformer(nn.Module):
     def mtp_forward(self, streams: torch.Tensor, next_ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """Draft logits for position t+2 from the main streams at t and token t+1 (ids [B, S]).
 
-        Uses `state.mtp[0]` (made with `new_state(..., mtp=True)`) at positions state.pos - S.."""
+        Uses each sequence's `mtp[0]` state (made with `new_state(..., mtp=True)`) at the positions
+        of the main tokens just consumed (state.pos - S ..)."""
         if not self.mtp or not state.mtp:
             raise ValueError("this model/state has no MTP module; build the state with mtp=True")
         blk: MTPBlock = self.mtp[0]
-        s = next_ids.shape[1]
-        start = state.pos - s
-        positions = torch.arange(start, start + s, device=next_ids.device)
+        b, s = next_ids.shape
+        mtp_seqs = [SeqState(pos=q.pos - s, layers=q.mtp) for q in state.seqs]
+        segs, positions = self._layout(mtp_seqs, [s] * b, next_ids.device)
         rope = self._ropes(positions)["main" if blk.layer_type == SLIDING else "compress"]
-        e = blk.enorm(self.embed(next_ids))
-        x = blk.e_proj(e).unsqueeze(2) + blk.h_proj(blk.hnorm(streams))
-        x = blk(x, next_ids, state.mtp[0], start, positions, rope)
+        flat = next_ids.reshape(-1)
+        e = blk.enorm(self.embed(flat))
+        x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(streams.reshape(b * s, *streams.shape[2:])))
+        x = blk(x, flat, segs, [q.layers[0] for q in mtp_seqs], positions, rope)
+        x = x.view(b, s, *x.shape[1:])
         return self.logits(x, blk.hc_head_fn, blk.hc_head_base, blk.hc_head_scale, blk.norm)
 
 
