@@ -1,4 +1,4 @@
-"""`moeflash` command line: generate (more subcommands arrive with the engine and server)."""
+"""`moeflash` command line: generate, convert (more arrive with the server and planner)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import ModelConfig
+    from .model.init import randomize_
+    from .model.v4 import Transformer, count_parameters
+    from .weights.save import save_checkpoint
+
+    try:
+        cfg = ModelConfig.preset(args.preset)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = count_parameters(cfg)
+    if counts["total"] > 20e9:
+        print(f"error: preset {args.preset} has {counts['total'] / 1e9:.0f}B parameters; random weights "
+              "for it do not fit this machine", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    model = randomize_(Transformer(cfg), seed=args.seed)
+    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+    out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)))
+    print(json.dumps({"out": str(out), "preset": args.preset, "seed": args.seed, "dtype": args.dtype,
+                      "total_params": counts["total"], "activated_params": counts["activated"],
+                      "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflash", description="DeepSeek-V4-class MoE inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -81,6 +109,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
     g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("convert", help="write a preset with seeded random weights as a checkpoint")
+    c.add_argument("--preset", required=True, help="mini, flash-shaped, mini-overhead or tiny")
+    c.add_argument("--out", required=True, help="output directory")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="storage dtype (mHC, sinks, position biases and router biases stay float32)")
+    c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB")
+    c.set_defaults(func=cmd_convert)
     return p
 
 

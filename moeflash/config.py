@@ -385,4 +385,34 @@ def _tiny() -> ModelConfig:
         max_position_embeddings=1024, bos_token_id=256, eos_token_id=257)
 
 
-PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny}
+def _bench(n: int, d: int, inter: int, experts: int, top_k: int, vocab: int, heads: int, head_dim: int,
+           rope: int, q_rank: int, groups: int, o_rank: int, index_heads: int, index_dim: int,
+           index_topk: int) -> ModelConfig:
+    """V4-Flash's layout (2 sliding-window layers, then CSA / HCA alternating, rates 4 / 128,
+    window 128, YaRN) at a benchmarkable size; one hash-routed layer; no MTP."""
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=d, moe_intermediate_size=inter, num_hidden_layers=n,
+        num_attention_heads=heads, head_dim=head_dim, qk_rope_head_dim=rope, q_lora_rank=q_rank,
+        o_groups=groups, o_lora_rank=o_rank, layer_types=flash_layer_types(n),
+        mlp_layer_types=hash_layer_types(n, 1), n_routed_experts=experts, num_experts_per_tok=top_k,
+        index_n_heads=index_heads, index_head_dim=index_dim, index_topk=index_topk,
+        num_nextn_predict_layers=0)
+
+
+def _mini() -> ModelConfig:
+    """~986M total / ~155M activated parameters (16% active): the engine benchmark model."""
+    return _bench(8, 768, 512, 96, 8, 32768, 8, 128, 32, 384, 4, 256, 16, 64, 128)
+
+
+def _flash_shaped() -> ModelConfig:
+    """256 routed experts, top-6, ~4.9% activated like V4-Flash (4.85%); ~827M parameters."""
+    return _bench(8, 512, 256, 256, 6, 4096, 8, 128, 32, 256, 4, 256, 16, 64, 128)
+
+
+def _mini_overhead() -> ModelConfig:
+    """`mini`'s depth, experts and routing at near-zero width: its step time is Python overhead."""
+    return _bench(8, 16, 8, 96, 8, 262, 2, 16, 8, 8, 2, 8, 2, 16, 128)
+
+
+PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "mini": _mini,
+           "flash-shaped": _flash_shaped, "mini-overhead": _mini_overhead}

@@ -1,0 +1,79 @@
+"""One request's life in the engine: its tokens, sampling parameters, model state and output."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.state import SeqState
+from .sampler import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"      # queued, holds no state
+    RUNNING = "running"      # has a state; prefilling or decoding
+    FINISHED = "finished"    # state freed
+
+
+@dataclass
+class Logprob:
+    """Log-probability of a generated token and the top alternatives at that step."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class RequestOutput:
+    """What one `step` produced for one request. `new_*` hold the delta; `token_ids` / `text` hold
+    everything generated so far (prompt excluded)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    token_ids: list[int]
+    text: str
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    prompt_tokens: int
+    new_logprobs: list[Logprob] | None = None
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+
+
+@dataclass
+class Sequence:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    generator: torch.Generator | None
+    detok: object | None = None
+    status: Status = Status.WAITING
+    output: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)
+    state: SeqState | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    text: str = ""
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+
+    @property
+    def consumed(self) -> int:
+        """Tokens the model has already seen (the state's position)."""
+        return self.state.pos if self.state is not None else 0
+
+    @property
+    def all_tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def prefilling(self) -> bool:
+        return self.consumed < len(self.prompt)
+
+    def pending_tokens(self) -> int:
+        """Tokens known but not yet fed to the model (prompt rest, or the last sampled token)."""
+        return len(self.prompt) + len(self.output) - self.consumed

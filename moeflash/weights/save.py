@@ -1,0 +1,48 @@
+"""Write a model as a normal checkpoint: safetensors shards under the official names, an index, and
+config.json, so any loader (moeflash, or transformers via its official-name conversion) reads it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ..model.v4 import Transformer
+
+# Tensors the official checkpoint keeps in fp32 whatever the storage dtype (V4-SPEC §5.2).
+FP32_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
+
+
+def save_checkpoint(model: Transformer, out: str | Path, dtype: torch.dtype = torch.bfloat16,
+                    shard_bytes: int = 2 << 30) -> Path:
+    """Save `model` to directory `out` (created); returns the path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if t.dtype.is_floating_point and not name.endswith(FP32_SUFFIXES):
+            t = t.to(dtype)
+        tensors[name] = t.contiguous()
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(tensors):
+        nbytes = tensors[name].numel() * tensors[name].element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensors[name]
+        size += nbytes
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    cfg = model.config.to_dict()
+    cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    return out
