@@ -21,7 +21,6 @@ def _parse_ids(text: str) -> list[int]:
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .generate import stream
     from .weights.build import load_model
 
     if args.threads:
@@ -46,22 +45,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
-    t0 = time.perf_counter()
-    out: list[int] = []
+    from .engine import LLMEngine, SamplingParams
+
     try:
-        for tok in stream(model, prompt, args.max_new_tokens, args.temperature, args.seed):
-            out.append(tok)
+        params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+        engine = LLMEngine(model, tokenizer)
+        t0 = time.perf_counter()
+        out = None
+        for out in engine.stream(prompt, params):
+            if not args.json and out.new_text:
+                print(out.new_text, end="", flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
-    text = tokenizer.decode(out, skip_special_tokens=True) if tokenizer is not None else None
+    ids = out.token_ids if out is not None else []
+    text = out.text if tokenizer is not None and out is not None else None
     if args.json:
-        print(json.dumps({"token_ids": out, "text": text, "prompt_tokens": len(prompt),
-                          "seconds": round(dt, 4)}))
+        print(json.dumps({"token_ids": ids, "text": text, "finish_reason": out.finish_reason,
+                          "prompt_tokens": len(prompt), "seconds": round(dt, 4)}))
     else:
-        print(text if text is not None else ",".join(map(str, out)))
-        print(f"[{len(out)} tokens in {dt:.2f}s, {len(out) / max(dt, 1e-9):.1f} tok/s]", file=sys.stderr)
+        print("" if tokenizer is not None else ",".join(map(str, ids)))
+        print(f"[{len(ids)} tokens in {dt:.2f}s, {len(ids) / max(dt, 1e-9):.1f} tok/s, "
+              f"finish: {out.finish_reason}]", file=sys.stderr)
     return 0
 
 
@@ -104,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight/compute dtype; auto picks float32 when it fits in RAM (fastest here)")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
@@ -123,8 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "max_new_tokens", 0) < 0:
-        print("error: --max-new-tokens must be >= 0", file=sys.stderr)
+    if getattr(args, "max_new_tokens", 1) < 1:
+        print("error: --max-new-tokens must be >= 1", file=sys.stderr)
         return 2
     if getattr(args, "temperature", 0.0) < 0:
         print("error: --temperature must be >= 0", file=sys.stderr)
