@@ -87,3 +87,17 @@ def test_bfloat16_model_tracks_float32(tiny):
     rel = (out - ref).norm() / ref.norm()
     assert rel < 0.2, rel
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@torch.no_grad()
+def test_input_major_layout_changes_nothing_but_strides(tiny):
+    import copy
+
+    from moeflash.model.layout import input_major_
+    fast = input_major_(copy.deepcopy(tiny))
+    w = fast.layers[1].attn.wq_a.weight
+    assert w.shape == tiny.layers[1].attn.wq_a.weight.shape and w.stride() == (1, w.shape[0])
+    ids = torch.randint(0, 262, (2, 30), generator=torch.Generator().manual_seed(6))
+    assert (fast(ids) - tiny(ids)).abs().max() < 1e-5
+    sd = fast.state_dict()
+    assert all(torch.equal(sd[k], v) for k, v in tiny.state_dict().items())

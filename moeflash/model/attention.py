@@ -91,13 +91,14 @@ class Attention(nn.Module):
 
     def _block_size(self, seg: Segment) -> int:
         """Query rows per block so that scores and gathered keys stay within SCORE_BUDGET."""
-        entries = 0
-        if self.indexer is not None:
-            entries = self.indexer.topk + self.indexer.topk * self.head_dim // max(self.n_heads, 1)
+        total = (seg.start + seg.length) // self.ratio if self.ratio else 0  # entries at the end
+        per_row = self.n_heads * (self.window + 512)
+        if self.indexer is not None:  # indexer scores [S, Hi, T] + gathered keys [S, k, D]
+            k = self.indexer.topk
+            per_row += self.indexer.n_heads * total + k * (self.head_dim + self.n_heads)
         elif self.compressor is not None:
-            entries = (seg.start + seg.length) // self.ratio
-        per_row = self.n_heads * (self.window + entries + 512)
-        return max(16, min(512, SCORE_BUDGET // per_row))
+            per_row += self.n_heads * total
+        return max(1, min(512, SCORE_BUDGET // per_row))
 
     def _attend(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
         """Attention for one sequence's consecutive query rows; returns [S, H, D]."""

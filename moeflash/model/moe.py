@@ -67,25 +67,32 @@ class MoE(nn.Module):
         self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """x [B, S, dim], ids [B, S] (token ids, for hash routing) -> [B, S, dim]."""
+        """x [N, dim] (or [B, S, dim]), ids matching (token ids, for hash routing) -> same shape."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, ids.reshape(-1))
         out = torch.zeros_like(flat)
-        # group (token, slot) pairs by expert: one sort, then one matmul chain per *used* expert
-        flat_idx = idx.reshape(-1)
-        order = torch.argsort(flat_idx, stable=True)
-        used, counts = torch.unique_consecutive(flat_idx[order], return_counts=True)
-        self.last_experts = used
-        tokens = order // idx.shape[1]
-        wsorted = weights.reshape(-1)[order]
-        start = 0
-        for e, n in zip(used.tolist(), counts.tolist()):
-            sel = tokens[start:start + n]
-            expert = self.provider(self.experts, e) if self.provider else self.experts[e]
-            y = expert(flat[sel]) * wsorted[start:start + n, None].to(flat.dtype)
-            out.index_add_(0, sel, y)
-            start += n
+        if flat.shape[0] == 1:  # one token (batch-1 decode): no grouping needed
+            order = torch.argsort(idx[0])
+            used = idx[0, order]
+            self.last_experts = used
+            for e, w in zip(used.tolist(), weights[0, order].tolist()):
+                expert = self.provider(self.experts, e) if self.provider else self.experts[e]
+                out += expert(flat) * w
+        else:
+            # group (token, slot) pairs by expert: one sort, then one matmul chain per *used* expert
+            flat_idx = idx.reshape(-1)
+            order = torch.argsort(flat_idx, stable=True)
+            used, counts = torch.unique_consecutive(flat_idx[order], return_counts=True)
+            self.last_experts = used
+            tokens = order // idx.shape[1]
+            wsorted = weights.reshape(-1)[order].to(flat.dtype)
+            start = 0
+            for e, n in zip(used.tolist(), counts.tolist()):
+                sel = tokens[start:start + n]
+                expert = self.provider(self.experts, e) if self.provider else self.experts[e]
+                out.index_add_(0, sel, expert(flat[sel]) * wsorted[start:start + n, None])
+                start += n
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)

@@ -15,6 +15,7 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..model.init import randomize_
 from ..model.layers import rope_inv_freq
+from ..model.layout import input_major_
 from ..model.v4 import Transformer, count_parameters
 from ..tokenizer import ByteTokenizer, load_tokenizer
 
@@ -49,7 +50,14 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
 def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Transformer:
     cfg = ModelConfig.preset("tiny")
     model = randomize_(Transformer(cfg), seed=seed).eval()
-    return model.to(resolve_dtype(dtype, cfg))
+    return _fast_layout(model.to(resolve_dtype(dtype, cfg)))
+
+
+def _fast_layout(model: Transformer) -> Transformer:
+    """fp32 weights decode faster stored input-major on this CPU (see model/layout.py)."""
+    if model.embed.weight.dtype == torch.float32 and model.embed.weight.device.type == "cpu":
+        input_major_(model)
+    return model
 
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -> Transformer:
@@ -70,7 +78,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
     model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
-    return model.eval()
+    return _fast_layout(model.eval())
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto"):
