@@ -134,8 +134,8 @@ class Attention(nn.Module):
                 values.append((entries, "dense"))
 
         h, s = q.shape[1], q.shape[0]
-        sink = self.attn_sink.view(h, 1, 1).expand(h, s, 1).to(logits[0].dtype)
-        full = torch.cat([x * self.scale for x in logits] + [sink], dim=-1).float()
+        sink = self.attn_sink.float().view(h, 1, 1).expand(h, s, 1)
+        full = torch.cat([(x * self.scale).float() for x in logits] + [sink], dim=-1)
         probs = torch.softmax(full - full.amax(dim=-1, keepdim=True), dim=-1).to(q.dtype)
         out = None
         start_col = 0

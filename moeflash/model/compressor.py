@@ -55,7 +55,7 @@ class Compressor(nn.Module):
             return kv.new_zeros((0, w))
         first = start_pos // m  # index of the first window closed now
         ckv = kv[:used].view(nw, m, -1)
-        cgate = gate[:used].view(nw, m, -1) + self.ape.to(gate.dtype)
+        cgate = gate[:used].view(nw, m, -1) + self.ape  # fp32 bias: gate logits promote to fp32
         if self.overlap:
             slots_kv = ckv.new_zeros((nw, 2 * m, w))
             slots_gate = cgate.new_full((nw, 2 * m, w), float("-inf"))

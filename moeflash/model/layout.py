@@ -22,3 +22,25 @@ def input_major_(model: nn.Module) -> nn.Module:
             if w.dim() == 2 and w.stride(0) == w.shape[1]:  # still output-major
                 mod.weight = nn.Parameter(w.t().contiguous().t(), requires_grad=w.requires_grad)
     return model
+
+
+# Parameters DeepSeek keeps in fp32 whatever the storage dtype (V4-SPEC §5.2): mHC mixing weights,
+# attention sinks, compressor position biases, router biases. Rounding them to bf16 changes the
+# Sinkhorn mix and the routing; keeping them costs a few hundred KB per layer.
+FP32_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(FP32_SUFFIXES)
+
+
+@torch.no_grad()
+def cast_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast floating parameters and buffers to `dtype`, except those DeepSeek keeps in fp32."""
+    for name, p in list(model.named_parameters()) + list(model.named_buffers()):
+        if not p.dtype.is_floating_point:
+            continue
+        want = torch.float32 if keeps_fp32(name) else dtype
+        if p.dtype != want:
+            p.data = p.data.to(want)
+    return model

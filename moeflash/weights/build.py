@@ -15,7 +15,7 @@ import torch
 from ..config import PRESETS, ModelConfig
 from ..model.init import randomize_
 from ..model.layers import rope_inv_freq
-from ..model.layout import input_major_
+from ..model.layout import cast_, input_major_, keeps_fp32
 from ..model.v4 import Transformer, count_parameters
 from ..tokenizer import ByteTokenizer, load_tokenizer
 
@@ -34,15 +34,30 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where oneDNN runs
+    bf16 matmuls at full speed; measured here (bench/decode.py, bench/prefill.py) bf16 then beats
+    fp32 for decode (half the bytes) and for prefill."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
-    """`auto` = float32 when the fp32 weights fit in 40% of free RAM (on CPUs without native bf16
-    matmul, fp32 runs fastest, DESIGN.md), else bfloat16 (half the bytes)."""
+    """`auto`: bfloat16 on CPUs with native bf16 dot products, or when fp32 weights would not fit in
+    40% of free RAM; float32 otherwise (without native bf16 kernels, bf16 matmuls with more than one
+    row crawl, DESIGN.md)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
     if dtype != "auto":
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
+    if cpu_has_native_bf16():
+        return torch.bfloat16
     total = count_parameters(config)["total"] if config.num_hidden_layers > 8 else 0
     return torch.float32 if total * 4 <= 0.4 * _available_ram() else torch.bfloat16
 
@@ -50,7 +65,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
 def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Transformer:
     cfg = ModelConfig.preset("tiny")
     model = randomize_(Transformer(cfg), seed=seed).eval()
-    return _fast_layout(model.to(resolve_dtype(dtype, cfg)))
+    return _fast_layout(cast_(model, resolve_dtype(dtype, cfg)))
 
 
 def _fast_layout(model: Transformer) -> Transformer:
@@ -62,7 +77,7 @@ def _fast_layout(model: Transformer) -> Transformer:
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -> Transformer:
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer."""
-    from .loader import Checkpoint, load_state_dict
+    from .loader import Checkpoint, check
 
     path = Path(path)
     cfg = ModelConfig.from_json(path)
@@ -73,7 +88,15 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
     with torch.device("meta"):
         model = Transformer(cfg)
     expected = model.state_dict()  # names and shapes only (meta tensors)
-    state = load_state_dict(ckpt, expected, torch_dtype)
+    check(ckpt, expected)
+    state = {}
+    for name, spec in expected.items():  # one tensor at a time: peak memory = the model + one tensor
+        t = ckpt.get(name)
+        if t.dtype.is_floating_point:
+            t = t.to(torch.float32 if keeps_fp32(name) else torch_dtype)
+        elif t.dtype != spec.dtype:
+            t = t.to(spec.dtype)
+        state[name] = t
     model.load_state_dict(state, strict=False, assign=True)
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)

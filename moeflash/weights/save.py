@@ -9,10 +9,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..model.layout import keeps_fp32
 from ..model.v4 import Transformer
 
-# Tensors the official checkpoint keeps in fp32 whatever the storage dtype (V4-SPEC §5.2).
-FP32_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
 
 
 def save_checkpoint(model: Transformer, out: str | Path, dtype: torch.dtype = torch.bfloat16,
@@ -22,7 +21,7 @@ def save_checkpoint(model: Transformer, out: str | Path, dtype: torch.dtype = to
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
-        if t.dtype.is_floating_point and not name.endswith(FP32_SUFFIXES):
+        if t.dtype.is_floating_point and not keeps_fp32(name):
             t = t.to(dtype)
         tensors[name] = t.contiguous()
     shards: list[dict[str, torch.Tensor]] = [{}]
