@@ -101,3 +101,22 @@ def test_input_major_layout_changes_nothing_but_strides(tiny):
     assert (fast(ids) - tiny(ids)).abs().max() < 1e-5
     sd = fast.state_dict()
     assert all(torch.equal(sd[k], v) for k, v in tiny.state_dict().items())
+
+
+@torch.no_grad()
+def test_packed_grouped_experts_match_the_loop(tiny):
+    import copy
+
+    from moeflash.model.moe import GROUPED_MM
+    if GROUPED_MM is None:
+        pytest.skip("this torch has no grouped_mm")
+    packed = copy.deepcopy(tiny)
+    for layer in packed.layers:
+        layer.ffn.pack_experts_()
+    assert packed.layers[1].ffn.experts[3].w1.weight.data_ptr() == packed.layers[1].ffn.w13[3].data_ptr()
+    ids = torch.randint(0, 262, (2, 25), generator=torch.Generator().manual_seed(8))
+    assert (packed(ids) - tiny(ids)).abs().max() < 1e-4
+    state = packed.new_state(1)
+    one = torch.cat([packed(ids[:1, i:i + 1], state) for i in range(25)], 1)
+    assert (one - tiny(ids[:1])).abs().max() < 1e-4
+    assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in packed.state_dict().items())
