@@ -120,3 +120,20 @@ def test_packed_grouped_experts_match_the_loop(tiny):
     one = torch.cat([packed(ids[:1, i:i + 1], state) for i in range(25)], 1)
     assert (one - tiny(ids[:1])).abs().max() < 1e-4
     assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in packed.state_dict().items())
+
+
+@torch.no_grad()
+def test_fused_projections_match(tiny):
+    import copy
+
+    from moeflash.model.layout import input_major_
+    for prep in (lambda m: m, input_major_):
+        fused = prep(copy.deepcopy(tiny))
+        for layer in fused.layers:
+            layer.attn.fuse_projections_()
+        a = fused.layers[1].attn
+        assert a.wkv.weight.data_ptr() != a.wq_a.weight.data_ptr()
+        assert a._h_proj.weight.untyped_storage().data_ptr() == a.wkv.weight.untyped_storage().data_ptr()
+        ids = torch.randint(0, 262, (2, 25), generator=torch.Generator().manual_seed(9))
+        assert (fused(ids) - tiny(ids)).abs().max() < 1e-5
+        assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in fused.state_dict().items())

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
-from .layers import RMSNorm, apply_rope, rms_unweighted
+from .layers import FusedLinears, RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
 
 # Upper bound on the elements of one attention-score block (fp32): long prefill chunks are split
@@ -62,21 +62,47 @@ class Attention(nn.Module):
         if layer_type == CSA:
             self.indexer = Indexer(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim,
                                    c.index_topk, self.ratio, c.rms_norm_eps)
+        self._h_proj: FusedLinears | None = None  # see fuse_projections_
+        self._q_proj: FusedLinears | None = None
+
+    @torch.no_grad()
+    def fuse_projections_(self) -> None:
+        """Run every projection of h (wq_a, wkv, compressor and indexer projections) as one matmul,
+        and both projections of the q residual (wq_b, indexer wq_b) as another."""
+        if self._h_proj is not None:
+            return
+        h_mods = [self.wq_a, self.wkv]
+        if self.compressor is not None:
+            h_mods += [self.compressor.wkv, self.compressor.wgate]
+        if self.indexer is not None:
+            ic = self.indexer.compressor
+            h_mods += [self.indexer.weights_proj, ic.wkv, ic.wgate]
+            self._q_proj = FusedLinears([self.wq_b, self.indexer.wq_b])
+        self._h_proj = FusedLinears(h_mods)
 
     def forward(self, h: torch.Tensor, segs: list[Segment], states: list[LayerState],
                 positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
         """h [N, dim] (rows of all segments) -> [N, dim]; advances each segment's LayerState."""
         n = h.shape[0]
-        qr = self.q_norm(self.wq_a(h))
-        q = self.wq_b(qr).view(n, self.n_heads, self.head_dim)
-        q = apply_rope(rms_unweighted(q, self.eps), cos[:, None, :], sin[:, None, :])
-        kv = apply_rope(self.kv_norm(self.wkv(h)), cos, sin)  # [N, D]
+        if self._h_proj is not None:
+            qa, kv_raw, *rest = self._h_proj(h)
+        else:
+            qa, kv_raw, rest = self.wq_a(h), self.wkv(h), None
+        qr = self.q_norm(qa)
+        if self._q_proj is not None:
+            q_raw, iq_raw = self._q_proj(qr)
+        else:
+            q_raw, iq_raw = self.wq_b(qr), None
+        q = apply_rope(rms_unweighted(q_raw.view(n, self.n_heads, self.head_dim), self.eps),
+                       cos[:, None, :], sin[:, None, :])
+        kv = apply_rope(self.kv_norm(kv_raw), cos, sin)  # [N, D]
         rows = {"q": q, "kv": kv, "pos": positions}
         if self.compressor is not None:
-            rows["ckv"], rows["cgate"] = self.compressor.project(h)
+            rows["ckv"], rows["cgate"] = (rest[0], rest[1]) if rest else self.compressor.project(h)
         if self.indexer is not None:
-            rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin)
+            pre = (iq_raw, *rest[2:5]) if rest else None
+            rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin, pre)
         out = torch.empty_like(q)
         for seg, st in zip(segs, states):
             step = self._block_size(seg)

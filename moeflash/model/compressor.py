@@ -89,12 +89,14 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(dim, n_heads, bias=False)
         self.compressor = Compressor(dim, head_dim, ratio, overlap=True, eps=eps)
 
-    def project(self, h: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """(queries [N, Hi, Di] rotated, head weights [N, Hi] fp32, key rows kv/gate [N, 2 Di])."""
-        q = self.wq_b(qr).view(qr.shape[0], self.n_heads, self.head_dim)
-        q = apply_rope(q, cos[:, None, :], sin[:, None, :])
-        weights = self.weights_proj(h).float() * self.n_heads ** -0.5
-        return (q, weights, *self.compressor.project(h))
+    def project(self, h: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                pre: tuple | None = None):
+        """(queries [N, Hi, Di] rotated, head weights [N, Hi] fp32, key rows kv/gate [N, 2 Di]).
+        `pre` = (wq_b(qr), weights_proj(h), wkv(h), wgate(h)) when the caller fused those matmuls."""
+        q_raw, w_raw, kv, gate = pre if pre is not None else (
+            self.wq_b(qr), self.weights_proj(h), *self.compressor.project(h))
+        q = apply_rope(q_raw.view(qr.shape[0], self.n_heads, self.head_dim), cos[:, None, :], sin[:, None, :])
+        return q, w_raw.float() * self.n_heads ** -0.5, kv, gate
 
     def select(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
                positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,3 +100,27 @@ class SwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+
+
+class FusedLinears:
+    """Several bias-free Linear layers that read the same input, run as one matmul.
+
+    A decode step is a long chain of small matrix-vector products whose fixed cost per call (tens of
+    microseconds here) rivals their memory time; projections of the same input fused into one call
+    pay it once. The modules' weights become row slices (views) of the fused matrix, so names, state
+    dicts and memory stay as they were; the fused matrix keeps the layout of the originals."""
+
+    def __init__(self, mods: list[nn.Linear]):
+        ws = [m.weight.detach() for m in mods]
+        fused = torch.cat(ws)
+        if ws[0].dim() == 2 and ws[0].stride(0) == 1 and ws[0].shape[0] > 1:  # input-major storage
+            fused = fused.t().contiguous().t()
+        self.sizes = [w.shape[0] for w in ws]
+        start = 0
+        for m, n in zip(mods, self.sizes):
+            m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
+            start += n
+        self.weight = fused
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return F.linear(x, self.weight).split(self.sizes, dim=-1)

@@ -70,13 +70,16 @@ def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Tran
 
 def _fast_layout(model: Transformer) -> Transformer:
     """Per dtype, the weight layout measured fastest here: fp32 weights input-major (model/layout.py);
-    bf16 routed experts packed for grouped matmuls (model/moe.py)."""
+    bf16 routed experts packed for grouped matmuls (model/moe.py); projections of the same input
+    fused (model/attention.py)."""
     w = model.embed.weight
     if w.device.type == "cpu" and w.dtype == torch.float32:
         input_major_(model)
     elif w.dtype == torch.bfloat16:
         for layer in list(model.layers) + list(model.mtp):
             layer.ffn.pack_experts_()
+    for layer in list(model.layers) + list(model.mtp):  # after input_major_: keeps its layout
+        layer.attn.fuse_projections_()
     return model
 
 
