@@ -1,0 +1,115 @@
+"""Long-context decode: speed and exact state size as one sequence grows (V4-SPEC §4).
+
+One sequence is prefilled in chunks of `--chunk` tokens through `model.forward_tokens` and extended
+context by context: to 4K, measure, continue to 32K, measure, to 128K, measure (each measurement
+point is reached by feeding more prompt chunks; the decoded tokens of an earlier point stay in the
+sequence, so the position there is context + decoded so far). At each point: `--decode` greedy decode
+steps (forward_tokens + logits + argmax, the first one untimed as a warm-up) give decode tokens/s and
+the bytes a decode step reads (weights + distinct experts + state read, common.bytes_per_token);
+then the live state `seq_state.used_bytes()` is compared with the formula
+`moeflash.model.state.state_bytes(config, tokens, element_size)` (`state_matches_formula`).
+Prefill time and tokens/s for each segment are printed too. Progress goes to stderr.
+
+    python bench/long_context.py --preset mini --contexts 4096 32768 131072 --chunk 2048
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import torch
+
+from common import (add_common_args, apply_common_args, bytes_per_token, log, machine_info, make_or_load,
+                    print_json, random_tokens, read_bandwidth_probe, rounded, state_element_size)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--preset", default="mini")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--contexts", type=int, nargs="+", default=[4096, 32768, 131072])
+    p.add_argument("--chunk", type=int, default=2048)
+    p.add_argument("--decode", type=int, default=16, help="timed decode tokens at each context")
+    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
+    args = p.parse_args()
+    apply_common_args(args)
+    from moeflash.model.state import state_bytes, state_bytes_per_token
+
+    model = make_or_load(args.preset, args.dtype)
+    cfg = model.config
+    if max(args.contexts) + args.decode * len(args.contexts) + 1 > cfg.max_position_embeddings:
+        raise SystemExit(f"error: contexts exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
+    probe_d = read_bandwidth_probe(1.0, details=True)
+    probe = probe_d["median"]
+    gc.collect()
+    log(f"[long] read bandwidth {probe:.1f} GB/s")
+    with torch.inference_mode():  # warm-up: one chunk on a throwaway state (first-touch memory costs)
+        n = min(args.chunk, max(args.contexts))
+        model.forward_tokens(random_tokens(cfg.vocab_size, n, args.seed + 7), [model.new_seq_state()], [n])
+    gc.collect()
+    st = model.new_seq_state()
+    esize = state_element_size(st)
+    prompt = random_tokens(cfg.vocab_size, max(args.contexts), args.seed)
+    fed = 0  # prompt tokens consumed so far
+    rows = []
+    nxt = None
+    with torch.inference_mode():
+        for ctx in sorted(args.contexts):
+            t0 = time.perf_counter()
+            start_pos = st.pos
+            x = None
+            while fed < ctx:
+                b = min(fed + args.chunk, ctx)
+                x = model.forward_tokens(prompt[fed:b], [st], [b - fed])
+                fed = b
+                if fed % (8 * args.chunk) == 0 or fed == ctx:
+                    el = time.perf_counter() - t0
+                    log(f"[long]   prefill {fed}/{ctx} tokens ({(st.pos - start_pos) / el:.0f} tok/s, {el:.0f}s)")
+            nxt = model.logits(x[-1:]).argmax(-1)
+            prefill_s = time.perf_counter() - t0
+            prefilled = st.pos - start_pos
+            times, reads = [], []
+            for i in range(args.decode + 1):
+                t1 = time.perf_counter()
+                x = model.forward_tokens(nxt, [st], [1])
+                nxt = model.logits(x).argmax(-1)
+                dt = time.perf_counter() - t1
+                if i:  # the first step is a warm-up
+                    times.append(dt)
+                    reads.append(bytes_per_token(model, [st]))
+            dec_s = sum(times)
+            used = st.used_bytes()
+            formula = state_bytes(cfg, st.pos, esize)
+            mean = {k: sum(r[k] for r in reads) / len(reads) for k in ("dense", "experts", "state", "total")}
+            row = {
+                "context": ctx, "position": st.pos,
+                "prefill_tokens": prefilled, "prefill_s": prefill_s,
+                "prefill_tokens_per_s": prefilled / prefill_s,
+                "decode_tokens_per_s": len(times) / dec_s, "decode_ms_per_token": 1e3 * dec_s / len(times),
+                "bytes_per_decode_token": mean,
+                "achieved_GBps": sum(r["total"] for r in reads) / dec_s / 1e9,
+                "state_used_bytes": used, "state_formula_bytes": formula,
+                "state_matches_formula": used == formula,
+                "state_allocated_bytes": st.allocated_bytes(),
+            }
+            row["fraction_of_read_bw"] = row["achieved_GBps"] / probe
+            log(f"[long] ctx {ctx}: prefill {prefilled} tok in {prefill_s:.1f}s; decode "
+                f"{row['decode_tokens_per_s']:.2f} tok/s; state {used} B (formula {formula}, "
+                f"{'equal' if used == formula else 'DIFFERENT'})")
+            rows.append(row)
+            gc.collect()
+    print_json(rounded({
+        "bench": "long_context", "preset": args.preset, "dtype": args.dtype, "chunk": args.chunk,
+        "decode_tokens": args.decode, "state_element_size": esize,
+        "state_bytes_per_token_asymptotic": state_bytes_per_token(cfg, esize),
+        "read_bw_probe_GBps": probe, "read_bw_probe_runs_GBps": probe_d["runs"], "rows": rows,
+        "all_states_match_formula": all(r["state_matches_formula"] for r in rows),
+        "machine": machine_info(),
+    }, 6))
+
+
+if __name__ == "__main__":
+    main()
