@@ -320,3 +320,22 @@ def build_hf(model, dtype: torch.dtype | str = torch.float32, experts: str | Non
 
 def hf_experts_impl(hf) -> str | None:
     return getattr(hf.config, "_experts_implementation", None)
+
+
+@torch.inference_mode()
+def hf_greedy_steps(hf, out, warmup: int, tokens: int):
+    """Greedy-decode transformers from the output of its prefill: (seconds of each timed step, every
+    token id produced, the last next-token tensor, the cache). One step = model(next token, cache) +
+    argmax, as moeflash's loop."""
+    cache = out.past_key_values
+    nxt = out.logits[:, -1:].argmax(-1)
+    times, ids = [], []
+    for i in range(warmup + tokens):
+        t0 = time.perf_counter()
+        out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = out.logits[:, -1:].argmax(-1)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        ids.append(int(nxt))
+    return times, ids, nxt, cache

@@ -23,7 +23,8 @@ import time
 
 import torch
 
-from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, log, machine_info,
+from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
+                    machine_info,
                     make_or_load, print_json, random_tokens, rounded)
 
 
@@ -57,16 +58,7 @@ def hf_decode(hf, hcfg, prompt: torch.Tensor, tokens: int, warmup: int) -> dict:
 
     cache = transformers.DynamicCache(config=hcfg)
     out = hf(input_ids=prompt[None], past_key_values=cache, use_cache=True)
-    cache = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    times = []
-    for i in range(warmup + tokens):
-        t0 = time.perf_counter()
-        out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times, _, nxt, cache = hf_greedy_steps(hf, out, warmup, tokens)
     ops = count_ops(lambda: hf(input_ids=nxt, past_key_values=cache, use_cache=True))
     return {"ms_per_token_mean": 1e3 * sum(times) / len(times), "ms_per_token_median": 1e3 * median(times),
             "ms_per_token_best": 1e3 * min(times), "torch_ops_per_token": ops,

@@ -27,7 +27,8 @@ import time
 
 import torch
 
-from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, log, machine_info,
+from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
+                    machine_info,
                     make_or_load, print_json, random_tokens, rounded)
 
 
@@ -62,17 +63,7 @@ def bench_hf(hf, hcfg, prompt, tokens, warmup, long_prompt) -> dict:
        use_cache=True, logits_to_keep=1)  # warm-up
     out = hf(input_ids=prompt[None], past_key_values=transformers.DynamicCache(config=hcfg), use_cache=True,
              logits_to_keep=1)
-    cache = out.past_key_values
-    nxt = out.logits[:, -1:].argmax(-1)
-    times, out_ids = [], []
-    for i in range(warmup + tokens):
-        t0 = time.perf_counter()
-        out = hf(input_ids=nxt, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        nxt = out.logits[:, -1:].argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        out_ids.append(int(nxt))
+    times, out_ids, _, _ = hf_greedy_steps(hf, out, warmup, tokens)
     dec = sum(times)
     t0 = time.perf_counter()
     out = hf(input_ids=long_prompt[None], past_key_values=transformers.DynamicCache(config=hcfg),
