@@ -96,7 +96,7 @@ def test_greedy_generation_matches(pair):
     prompt = ids[0, :20]
     hf_out = hf.generate(prompt[None], max_new_tokens=32, do_sample=False, min_new_tokens=32,
                          eos_token_id=None, pad_token_id=0)[0, 20:].tolist()
-    mine = generate(ours, prompt.tolist(), max_new_tokens=32, eos_token_id=-1)
+    mine = generate(ours, prompt.tolist(), max_new_tokens=32, ignore_eos=True)
     assert mine == hf_out
 
 

@@ -9,11 +9,13 @@ once. `generate` and `stream` are conveniences built on `step`.
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from collections.abc import Iterator
 
 import torch
 
+from ..model.state import state_bytes
 from ..model.v4 import Transformer
 from .detok import IncrementalDetokenizer
 from .sampler import SamplingParams, make_generator, sample
@@ -93,7 +95,6 @@ class LLMEngine:
 
     def _admit(self, seq: Sequence) -> bool:
         if self.max_state_bytes is not None and self.scheduler.running:
-            from ..model.state import state_bytes
             need = state_bytes(self.config, len(seq.prompt) + seq.params.max_tokens,
                                self.model.embed.weight.element_size())
             if self.state_bytes() + need > self.max_state_bytes:
@@ -147,7 +148,6 @@ class LLMEngine:
         seq.output.append(tok)
         self.stats["generated_tokens"] += 1
         if seq.first_token_time is None:
-            import time
             seq.first_token_time = time.monotonic()
         lp = None
         if seq.params.logprobs is not None:

@@ -58,8 +58,8 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
     if cpu_has_native_bf16():
         return torch.bfloat16
-    total = count_parameters(config)["total"] if config.num_hidden_layers > 8 else 0
-    return torch.float32 if total * 4 <= 0.4 * _available_ram() else torch.bfloat16
+    fp32_bytes = 4 * count_parameters(config)["total"]
+    return torch.float32 if fp32_bytes <= 0.4 * _available_ram() else torch.bfloat16
 
 
 def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Transformer:
@@ -98,7 +98,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
     expected = model.state_dict()  # names and shapes only (meta tensors)
     check(ckpt, expected)
     state = {}
-    for name, spec in expected.items():  # one tensor at a time: peak memory = the model + one tensor
+    for name, spec in expected.items():  # read and convert one tensor at a time
         t = ckpt.get(name)
         if t.dtype.is_floating_point:
             t = t.to(torch.float32 if keeps_fp32(name) else torch_dtype)
