@@ -120,10 +120,10 @@ class LLMEngine:
         offset = 0
         for seq, n in plan:
             start = seq.consumed
-            tokens.extend(seq.all_tokens[start:start + n])
+            tokens.extend(seq.tokens(start, n))
             lengths.append(n)
             seqs.append(seq)
-            if start + n == len(seq.all_tokens):  # prompt complete after this chunk: sample
+            if start + n == len(seq.prompt) + len(seq.output):  # all known tokens fed: sample
                 sample_rows.append(offset + n - 1)
                 samplers.append(seq)
             if seq.prefilling:

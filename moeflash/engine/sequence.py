@@ -66,9 +66,14 @@ class Sequence:
         """Tokens the model has already seen (the state's position)."""
         return self.state.pos if self.state is not None else 0
 
-    @property
-    def all_tokens(self) -> list[int]:
-        return self.prompt + self.output
+    def tokens(self, start: int, n: int) -> list[int]:
+        """Tokens start..start+n of prompt + output, without joining the two lists."""
+        p = len(self.prompt)
+        if start + n <= p:
+            return self.prompt[start:start + n]
+        if start >= p:
+            return self.output[start - p:start - p + n]
+        return self.prompt[start:] + self.output[: start + n - p]
 
     @property
     def prefilling(self) -> bool:
