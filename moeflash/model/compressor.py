@@ -13,7 +13,6 @@ Projections run once over all tokens of a batch (`project`); the per-sequence st
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .layers import RMSNorm, apply_rope, rope_cos_sin
@@ -105,8 +104,10 @@ class Indexer(nn.Module):
         t = keys.shape[0]
         limit = (positions + 1) // self.ratio  # entries visible to each query
         k = min(self.topk, t)
-        scores = torch.einsum("shd,td->sht", q.float(), keys.float())
-        scores = (F.relu(scores) * self.head_dim ** -0.5 * weights.unsqueeze(-1)).sum(dim=1)
+        # [S, Hi, T] is the big intermediate at long context: ReLU in place, then the weighted sum over
+        # heads as one batched product (no further [S, Hi, T] temporaries)
+        scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu_()
+        scores = torch.bmm((weights * self.head_dim ** -0.5).unsqueeze(1), scores).squeeze(1)
         ent = torch.arange(t, device=q.device)
         scores = scores.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
         idx = scores.topk(k, dim=-1).indices
