@@ -339,3 +339,22 @@ def hf_greedy_steps(hf, out, warmup: int, tokens: int):
             times.append(time.perf_counter() - t0)
         ids.append(int(nxt))
     return times, ids, nxt, cache
+
+
+@torch.inference_mode()
+def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int):
+    """Prefill `prompt` in one sequence, then greedy-decode: (seconds of each timed step, every token
+    id produced, the last next-token tensor, the sequence states). One step = forward_tokens of one
+    token + logits + argmax, what the engine's step does for one sequence."""
+    st = [model.new_seq_state()]
+    x = model.forward_tokens(prompt, st, [prompt.numel()])
+    nxt = model.logits(x[-1:]).argmax(-1)
+    times, ids = [], []
+    for i in range(warmup + tokens):
+        t0 = time.perf_counter()
+        x = model.forward_tokens(nxt, st, [1])
+        nxt = model.logits(x).argmax(-1)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        ids.append(int(nxt))
+    return times, ids, nxt, st

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import time
 
 import torch
 
 from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
-                    machine_info,
-                    make_or_load, print_json, random_tokens, rounded)
+                    machine_info, make_or_load, moeflash_greedy_steps, print_json, random_tokens,
+                    rounded)
 
 
 def median(xs):
@@ -35,16 +34,7 @@ def median(xs):
 
 @torch.inference_mode()
 def moeflash_decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> dict:
-    st = [model.new_seq_state()]
-    x = model.forward_tokens(prompt, st, [prompt.numel()])
-    nxt = model.logits(x[-1:]).argmax(-1)
-    times = []
-    for i in range(warmup + tokens):
-        t0 = time.perf_counter()
-        x = model.forward_tokens(nxt, st, [1])
-        nxt = model.logits(x).argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times, _, nxt, st = moeflash_greedy_steps(model, prompt, warmup, tokens)
     ops = count_ops(lambda: model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1))
     return {"ms_per_token_mean": 1e3 * sum(times) / len(times), "ms_per_token_median": 1e3 * median(times),
             "ms_per_token_best": 1e3 * min(times), "torch_ops_per_token": ops,

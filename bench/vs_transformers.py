@@ -28,24 +28,14 @@ import time
 import torch
 
 from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
-                    machine_info,
-                    make_or_load, print_json, random_tokens, rounded)
+                    machine_info, make_or_load, moeflash_greedy_steps, print_json, random_tokens,
+                    rounded)
 
 
 @torch.inference_mode()
 def bench_moeflash(model, prompt, tokens, warmup, long_prompt) -> dict:
     model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
-    st = [model.new_seq_state()]
-    x = model.forward_tokens(prompt, st, [prompt.numel()])
-    nxt = model.logits(x[-1:]).argmax(-1)
-    times, out_ids = [], []
-    for i in range(warmup + tokens):
-        t0 = time.perf_counter()
-        x = model.forward_tokens(nxt, st, [1])
-        nxt = model.logits(x).argmax(-1)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-        out_ids.append(int(nxt))
+    times, out_ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
     dec = sum(times)
     t0 = time.perf_counter()
     x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
