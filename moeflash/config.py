@@ -415,3 +415,53 @@ def _mini_overhead() -> ModelConfig:
 
 PRESETS = {"v4-flash": _flash, "v4-pro": _pro, "tiny": _tiny, "mini": _mini,
            "flash-shaped": _flash_shaped, "mini-overhead": _mini_overhead}
+
+
+@dataclass
+class LlamaConfig:
+    """The dense llama architecture (GQA attention, RoPE, RMSNorm, SwiGLU MLP), e.g. SmolLM2; field
+    names are transformers' LlamaConfig keys. Built from GGUF metadata by `weights/gguf.py`."""
+
+    vocab_size: int = 49152
+    hidden_size: int = 576
+    intermediate_size: int = 1536
+    num_hidden_layers: int = 30
+    num_attention_heads: int = 9
+    num_key_value_heads: int = 3
+    head_dim: int = 64
+    rope_theta: float = 100000.0
+    rms_norm_eps: float = 1e-5
+    max_position_embeddings: int = 8192
+    tie_word_embeddings: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def bad(name: str, msg: str) -> None:
+            raise ValueError(f"invalid LlamaConfig.{name}: {msg}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                bad(name, f"must be a positive integer, got {v!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            bad("num_key_value_heads", f"{self.num_key_value_heads} must divide num_attention_heads "
+                f"({self.num_attention_heads}) for grouped-query attention")
+        if self.head_dim % 2:
+            bad("head_dim", f"{self.head_dim} must be even for rotary embeddings")
+        if not self.rope_theta > 0:
+            bad("rope_theta", f"must be > 0, got {self.rope_theta}")
+        if not self.rms_norm_eps > 0:
+            bad("rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        for name in ("bos_token_id", "eos_token_id"):
+            v = getattr(self, name)
+            if v is not None and not 0 <= v < self.vocab_size:
+                bad(name, f"{v} is outside the vocabulary [0, {self.vocab_size})")
+
+    def replace(self, **changes: Any) -> "LlamaConfig":
+        return dataclasses.replace(self, **changes)

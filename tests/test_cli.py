@@ -49,7 +49,7 @@ def test_bad_input_gives_clear_errors(capsys):
     assert main(["generate", "--model", "tiny"]) == 2
     assert "--prompt" in capsys.readouterr().err
     assert main(["generate", "--model", "/no/such/dir", "--prompt", "x"]) == 2
-    assert "neither a preset" in capsys.readouterr().err
+    assert "neither a built-in model" in capsys.readouterr().err
     assert main(["generate", "--model", "tiny", "--prompt", "x", "--max-new-tokens", "-1"]) == 2
     assert "--max-new-tokens" in capsys.readouterr().err
 

@@ -181,7 +181,7 @@ def test_truncated_shard_is_detected(official, tmp_path):
 
 
 def test_not_a_model_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither a preset"):
+    with pytest.raises(FileNotFoundError, match="neither a built-in model"):
         load_model(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="config.json"):
         load_model(tmp_path)

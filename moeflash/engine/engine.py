@@ -15,8 +15,6 @@ from collections.abc import Iterator
 
 import torch
 
-from ..model.state import state_bytes
-from ..model.v4 import Transformer
 from .detok import IncrementalDetokenizer
 from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
@@ -24,7 +22,7 @@ from .sequence import Logprob, RequestOutput, Sequence, Status
 
 
 class LLMEngine:
-    def __init__(self, model: Transformer, tokenizer=None, max_num_seqs: int = 16,
+    def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  max_state_bytes: int | None = None, num_threads: int | None = None):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
@@ -95,8 +93,7 @@ class LLMEngine:
 
     def _admit(self, seq: Sequence) -> bool:
         if self.max_state_bytes is not None and self.scheduler.running:
-            need = state_bytes(self.config, len(seq.prompt) + seq.params.max_tokens,
-                               self.model.embed.weight.element_size())
+            need = self.model.state_bytes(len(seq.prompt) + seq.params.max_tokens)
             if self.state_bytes() + need > self.max_state_bytes:
                 return False
         seq.state = self.model.new_seq_state()

@@ -18,7 +18,7 @@ from .attention import Attention, Segment
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
-from .state import LayerState, ModelState, SeqState, new_seq_state, new_state
+from .state import LayerState, ModelState, SeqState, new_seq_state, new_state, state_bytes
 
 
 class Block(nn.Module):
@@ -92,6 +92,10 @@ class Transformer(nn.Module):
     def new_seq_state(self, max_len: int = 0, dtype=None, mtp: bool = False) -> SeqState:
         dtype = dtype or self.embed.weight.dtype
         return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp)
+
+    def state_bytes(self, tokens: int, dtype=None) -> int:
+        """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""
+        return state_bytes(self.config, tokens, (dtype or self.embed.weight.dtype).itemsize)
 
     def _ropes(self, positions: torch.Tensor) -> dict[str, tuple]:
         out = {}

