@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv install test generate clean distclean
 
 help:
-	@echo "make generate   install into .venv, then generate from the embedded tiny model"
+	@echo "make generate   install into .venv, then ask the embedded SmolLM2-135M-Instruct a question"
 	@echo "make test       install into .venv, then run the test suite"
 	@echo "make install    create .venv (if missing) and pip install -e '.[test]'"
 	@echo "make clean      remove caches and build artefacts (keeps .venv)"
@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 generate: $(STAMP)
-	$(BIN)/moeflash generate --model tiny --prompt "Hello, moeflash" --max-new-tokens 32
+	$(BIN)/moeflash generate --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 64
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache $(STAMP)

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -287,3 +289,19 @@ def test_bad_files_give_clear_errors(tmp_path):
         f.get("nope")
     with pytest.raises(GGUFError, match="no metadata key"):
         f.meta("llama.nope")
+
+
+def test_cli_generate_smollm2_chat_writes_english(capsys):
+    """`moeflash generate --model smollm2 --chat` with the default dtype (bf16 on CPUs with native
+    bf16 dot products): the model's own template, and the right answer."""
+    from moeflash.cli import main
+
+    assert main(["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?",
+                 "--max-new-tokens", "12", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert "Paris" in out["text"], out
+    assert out["finish_reason"] == "stop"  # <|im_end|> is SmolLM2's eos
+    assert main(["generate", "--model", "tiny", "--chat", "--prompt", "hi"]) == 2
+    assert "no chat template" in capsys.readouterr().err
+    assert main(["generate", "--model", "smollm2", "--system", "Be brief.", "--prompt", "hi"]) == 2
+    assert "--system needs --chat" in capsys.readouterr().err
