@@ -6,9 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moeflash-installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test generate clean distclean
+.PHONY: help venv install test serve generate clean distclean
 
 help:
+	@echo "make serve      install into .venv, then serve the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000/v1"
 	@echo "make generate   install into .venv, then ask the embedded SmolLM2-135M-Instruct a question"
 	@echo "make test       install into .venv, then run the test suite"
 	@echo "make install    create .venv (if missing) and pip install -e '.[test]'"
@@ -28,6 +29,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: $(STAMP)
+	$(BIN)/moeflash serve --model smollm2 --host $(HOST) --port $(PORT)
 
 generate: $(STAMP)
 	$(BIN)/moeflash generate --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 64

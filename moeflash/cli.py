@@ -1,4 +1,4 @@
-"""`moeflash` command line: generate, convert (more arrive with the server and planner)."""
+"""`moeflash` command line: generate, convert, serve."""
 
 from __future__ import annotations
 
@@ -169,6 +169,84 @@ def _check_gguf(config, args) -> None:
     check_llama_cpp_compatible(config, args.expert_type, args.dense_type)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from .engine import LLMEngine
+    from .engine.async_engine import AsyncLLMEngine
+    from .weights.build import load_model
+
+    for name in ("max_num_seqs", "max_num_batched_tokens", "port"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    for name in ("price_input", "price_output", "price_cached"):
+        if getattr(args, name) < 0:
+            print(f"error: --{name.replace('_', '-')} must be >= 0 (dollars per million tokens)", file=sys.stderr)
+            return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+    except (FileNotFoundError, ValueError, ImportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if tokenizer is None:
+        print(f"error: {args.model} has no tokenizer; the server needs one to speak text", file=sys.stderr)
+        return 2
+    limit = model.config.max_position_embeddings
+    max_len = args.max_model_len or limit
+    if max_len > limit:
+        print(f"error: --max-model-len {max_len} exceeds the model's context length {limit}", file=sys.stderr)
+        return 2
+    from .model.v4 import Transformer
+    from .server.app import ServerConfig, create_app
+
+    family = ("deepseek_v4" if isinstance(model, Transformer) and not getattr(tokenizer, "chat_template", None)
+              else "template")
+    name = args.served_model_name or _default_name(args.model)
+    engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
+                                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len))
+    config = ServerConfig(served_model_name=name, max_model_len=max_len, api_key=args.api_key,
+                          chat_family=family, price_input=args.price_input, price_output=args.price_output,
+                          price_cached=args.price_cached, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    app = create_app(engine.start(), tokenizer, config)
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(f"moeflash: serving {name!r} ({type(model).__name__}, {model.embed.weight.dtype}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                           timeout_graceful_shutdown=5))
+    server._captured_signals = _Swallowed()  # a graceful stop on Ctrl-C / SIGTERM ends with status 0
+    try:
+        server.run()
+    finally:
+        engine.shutdown()
+    if not server.started:
+        print(f"error: could not serve on {args.host}:{args.port} (see the log above)", file=sys.stderr)
+        return 1
+    print("moeflash: stopped", file=sys.stderr)
+    return 0
+
+
+class _Swallowed(list):
+    """uvicorn re-raises the signals that stopped it once it has shut down (so the process dies of
+    them); recording none makes a graceful Ctrl-C / SIGTERM exit normally."""
+
+    def append(self, item) -> None:
+        pass
+
+
+def _default_name(model: str) -> str:
+    from pathlib import Path
+
+    p = Path(model)
+    return p.stem if p.suffix == ".gguf" else (p.name or model)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflash", description="DeepSeek-V4-class MoE inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -211,6 +289,24 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dense-type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",
                    help="GGUF type of the other matrices (norms, mHC, router, biases stay F32)")
     c.set_defaults(func=cmd_convert)
+
+    v = sub.add_parser("serve", help="serve a model over an OpenAI- and DeepSeek-compatible HTTP API")
+    v.add_argument("--model", default="smollm2",
+                   help="smollm2 (default, embedded), tiny, a .gguf file or a V4 checkpoint directory")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    v.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
+    v.add_argument("--max-num-seqs", type=int, default=16, help="requests advanced together per step")
+    v.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
+    v.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    v.add_argument("--price-input", type=float, default=0.0, help="$ per million prompt tokens (cache misses)")
+    v.add_argument("--price-output", type=float, default=0.0, help="$ per million completion tokens")
+    v.add_argument("--price-cached", type=float, default=0.0, help="$ per million cached prompt tokens")
+    v.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
+    v.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    v.set_defaults(func=cmd_serve)
     return p
 
 

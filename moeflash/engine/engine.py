@@ -39,7 +39,10 @@ class LLMEngine:
         self._ids = itertools.count()
         self._queues: dict[str, deque[RequestOutput]] = {}
         self.device = model.embed.weight.device
-        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
+        # model, and distinct routed experts read (summed over layers and steps; MoE models only)
+        self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "forward_tokens": 0,
+                      "routed_experts_read": 0}
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -60,7 +63,7 @@ class LLMEngine:
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         if rid in self.seqs:
             raise ValueError(f"request id {rid!r} is already in use")
-        detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [])
+        detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [], params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
         self.seqs[rid] = seq
@@ -87,6 +90,12 @@ class LLMEngine:
     def state_bytes(self) -> int:
         """Live bytes of all sequence states held now."""
         return sum(s.state.used_bytes() for s in self.scheduler.running if s.state is not None)
+
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
 
     def num_states(self) -> int:
         return sum(1 for s in self.seqs.values() if s.state is not None)
@@ -128,6 +137,9 @@ class LLMEngine:
             offset += n
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         streams = self.model.forward_tokens(ids, [s.state for s in seqs], lengths)
+        self.stats["forward_tokens"] += len(tokens)
+        if hasattr(self.model, "experts_read"):
+            self.stats["routed_experts_read"] += self.model.experts_read()
         outputs: list[RequestOutput] = []
         if samplers:
             logits = self.model.logits(streams[sample_rows]).float()

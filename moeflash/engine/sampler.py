@@ -63,6 +63,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logprobs: int | None = None
     ignore_eos: bool = False
+    skip_special_tokens: bool = True  # False: special tokens (e.g. V4's </think>) appear in the text
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)
@@ -108,9 +109,10 @@ class SamplingParams:
             if not 0 <= self.logprobs <= MAX_LOGPROBS:
                 raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}] or None, got {self.logprobs}")
 
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, got {type(self.ignore_eos).__name__} "
-                             f"{self.ignore_eos!r}")
+        for name in ("ignore_eos", "skip_special_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {type(value).__name__} {value!r}")
 
     @property
     def greedy(self) -> bool:

@@ -93,6 +93,12 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed.weight.dtype
         return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp)
 
+    def experts_read(self) -> int:
+        """Distinct routed experts the last forward call read, summed over layers (each is read once
+        per call however many tokens chose it): the MoE part of that call's bytes."""
+        return sum(int(layer.ffn.last_experts.numel()) for layer in self.layers
+                   if layer.ffn.last_experts is not None)
+
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""
         return state_bytes(self.config, tokens, (dtype or self.embed.weight.dtype).itemsize)

@@ -1,0 +1,371 @@
+"""The HTTP API: OpenAI's /v1/models, /v1/completions and /v1/chat/completions (plain and streamed as
+server-sent events), DeepSeek's usage and reasoning fields, /health and Prometheus /metrics.
+
+HTTP only: requests become token ids and SamplingParams, the shared engine loop
+(`AsyncLLMEngine`) produces outputs, and outputs become JSON. Every failure a client can cause is an
+OpenAI-style error body with a 4xx status; a client that goes away has its requests aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ..engine.sampler import SamplingParams
+from .chat import ChatError, make_chat_encoder, normalize_messages
+from .metrics import CONTENT_TYPE, Metrics
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+
+
+@dataclass
+class ServerConfig:
+    served_model_name: str
+    max_model_len: int
+    api_key: str | None = None
+    chat_family: str = "template"          # "deepseek_v4" selects DeepSeek's V4 chat encoding
+    price_input: float = 0.0               # dollars per million prompt tokens (cache misses)
+    price_output: float = 0.0              # dollars per million completion tokens
+    price_cached: float = 0.0              # dollars per million prompt tokens served from cache
+    max_body_bytes: int = 4 << 20
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="moeflash", docs_url=None, redoc_url=None, openapi_url=None)
+    metrics = Metrics(engine.stats, config.served_model_name)
+    engine.on_step = lambda outputs, seconds: metrics.on_step(engine.engine.stats)
+    encoder = make_chat_encoder(tokenizer, config.chat_family)
+    app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+
+    def error(e: APIError) -> JSONResponse:
+        metrics.errors.labels(config.served_model_name, str(e.status)).inc()
+        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        return JSONResponse(e.body(), status_code=e.status, headers=headers)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, e: APIError):
+        return error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        msg = (f"unknown endpoint {request.method} {request.url.path}" if e.status_code == 404
+               else f"{request.method} is not allowed on {request.url.path}" if e.status_code == 405
+               else str(e.detail))
+        return error(APIError(e.status_code, msg, kind))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, e: Exception):  # a bug: say so, keep serving
+        return error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            token = header[7:] if header[:7].lower() == "bearer " else ""
+            if not token:
+                return error(APIError(401, "missing API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key"))
+            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return error(APIError(401, "incorrect API key provided", code="invalid_api_key"))
+        return await call_next(request)
+
+    # -- endpoints --------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health():
+        if not engine.running:
+            raise APIError(503, "the engine loop is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [_model_card(config)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name != config.served_model_name:
+            raise APIError(404, f"the model '{name}' does not exist", param="model", code="model_not_found")
+        return _model_card(config)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req: CompletionRequest = parse(CompletionRequest, await _json_body(request, config))
+        _check_model(req.model, config)
+        prompts = [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
+                   for p in req.prompt]
+        for p in prompts:
+            _check_ids(p, tokenizer, engine)
+        return await _run(request, "text_completion", req, prompts, None)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req: ChatCompletionRequest = parse(ChatCompletionRequest, await _json_body(request, config))
+        _check_model(req.model, config)
+        thinking = None if req.thinking is None else req.thinking.type == "enabled"
+        try:
+            messages = normalize_messages(req.messages)
+            if thinking and not encoder.supports_thinking:
+                raise ChatError("this model has no thinking mode", "thinking")
+            text = encoder.encode(messages, thinking=thinking)
+        except ChatError as e:
+            raise APIError(400, e.message, param=e.param) from None
+        return await _run(request, "chat.completion", req, [tokenizer.encode(text)], bool(thinking))
+
+    # -- generation -------------------------------------------------------------------------------
+    async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None):
+        chat = kind == "chat.completion"
+        max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens
+                      or config.max_model_len - max(len(p) for p in prompts))
+        for i, p in enumerate(prompts):
+            if len(p) + max_tokens > config.max_model_len:
+                raise APIError(400, f"this model's maximum context length is {config.max_model_len} tokens; "
+                               f"the prompt has {len(p)} tokens and max_tokens is {max_tokens} ({len(p) + max_tokens} "
+                               "in all); shorten the prompt or lower max_tokens",
+                               param="messages" if chat else "prompt", code="context_length_exceeded")
+        # top alternatives per token (0: the chosen token's logprob only); None: no logprobs
+        n_lp = ((req.top_logprobs or 0) if req.logprobs else None) if chat else req.logprobs
+        params = []
+        for i in range(len(prompts) * req.n):
+            try:
+                params.append(SamplingParams(
+                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p or 1e-9,
+                    top_k=req.top_k, min_p=req.min_p, seed=None if req.seed is None else req.seed + i,
+                    stop=req.stop, stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
+                    frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
+                    logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not thinking))
+            except ValueError as e:
+                raise APIError(400, str(e)) from None
+        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
+        parsers = {i: encoder.reasoning_parser(bool(thinking)) for i, _, _ in jobs} if chat else {}
+        head = {"id": rid, "object": kind + (".chunk" if chat and req.stream else ""), "created": created,
+                "model": config.served_model_name}
+        stream = _merged(request, rid, jobs)
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return StreamingResponse(_sse(stream, head, chat, parsers, prompts, req.n, include_usage),
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        choices: dict[int, dict] = {i: {"text": "", "logprobs": [], "finish_reason": None, "tokens": 0}
+                                    for i, _, _ in jobs}
+        async for i, out in stream:
+            c = choices[i]
+            c["text"] += out.new_text
+            c["tokens"] = len(out.token_ids)
+            if out.new_logprobs:
+                c["logprobs"].extend(out.new_logprobs)
+            if out.finished:
+                c["finish_reason"] = _finish_reason(out.finish_reason)
+        body = dict(head)
+        body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer) for i, c in choices.items()]
+        body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config)
+        return body
+
+    async def _merged(request: Request, rid: str, jobs) -> AsyncIterator[tuple[int, Any]]:
+        """Outputs of every choice as they come: (choice index, RequestOutput). Observes latency
+        metrics; a client that disconnects (checked while waiting) aborts everything."""
+        queue: asyncio.Queue = asyncio.Queue()
+        t0 = time.monotonic()
+
+        async def pump(i, prompt, params):
+            last = None
+            try:
+                async for out in engine.generate(prompt, params, f"{rid}-{i}"):
+                    now = time.monotonic()
+                    if out.new_token_ids:
+                        if last is None:
+                            metrics.ttft.labels(config.served_model_name).observe(now - t0)
+                        else:
+                            metrics.itl.labels(config.served_model_name).observe(now - last)
+                        last = now
+                    if out.finished:
+                        metrics.e2e.labels(config.served_model_name).observe(now - t0)
+                        metrics.requests.labels(config.served_model_name,
+                                                _finish_reason(out.finish_reason)).inc()
+                    await queue.put((i, out))
+            except Exception as e:
+                await queue.put((i, e))
+            finally:
+                await queue.put((i, None))
+
+        tasks = []
+        try:
+            for job in jobs:
+                tasks.append(asyncio.create_task(pump(*job)))
+            open_jobs = len(jobs)
+            while open_jobs:
+                try:
+                    i, item = await asyncio.wait_for(queue.get(), timeout=1.0)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if item is None:
+                    open_jobs -= 1
+                elif isinstance(item, ValueError):
+                    raise APIError(400, str(item))
+                elif isinstance(item, EngineDeadError):
+                    raise APIError(503, str(item), "server_error")
+                elif isinstance(item, Exception):
+                    raise APIError(500, str(item), "server_error")
+                else:
+                    yield i, item
+        finally:
+            for t in tasks:
+                t.cancel()  # aborts unfinished requests (AsyncLLMEngine.generate's finally)
+
+    async def _sse(stream, head, chat, parsers, prompts, n, include_usage) -> AsyncIterator[str]:
+        tokens = {}
+        first = set()
+        try:
+            async for i, out in stream:
+                tokens[i] = len(out.token_ids)
+                lp = _logprobs(out.new_logprobs, chat, tokenizer) if out.new_logprobs else None
+                finish = _finish_reason(out.finish_reason) if out.finished else None
+                if chat:
+                    delta: dict[str, Any] = {}
+                    if i not in first:
+                        first.add(i)
+                        delta["role"] = "assistant"
+                    reasoning, content = parsers[i].push(out.new_text)
+                    if out.finished:
+                        r2, c2 = parsers[i].flush()
+                        reasoning, content = reasoning + r2, content + c2
+                    if reasoning:
+                        delta["reasoning_content"] = reasoning
+                    if content or "role" in delta:
+                        delta["content"] = content
+                    if not delta and finish is None and lp is None:
+                        continue
+                    choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+                else:
+                    choice = {"index": i, "text": out.new_text, "logprobs": lp, "finish_reason": finish}
+                chunk = dict(head, choices=[choice])
+                if include_usage:
+                    chunk["usage"] = None
+                yield _event(chunk)
+            if include_usage:
+                yield _event(dict(head, choices=[], usage=_usage(prompts, n, sum(tokens.values()), config)))
+            yield "data: [DONE]\n\n"
+        except APIError as e:  # the stream has started: report in-band, as OpenAI does
+            yield _event(e.body())
+            yield "data: [DONE]\n\n"
+
+    return app
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+def _event(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _model_card(config: ServerConfig) -> dict:
+    return {"id": config.served_model_name, "object": "model", "created": config.created, "owned_by": "moeflash",
+            "max_model_len": config.max_model_len}
+
+
+def _check_model(name: str, config: ServerConfig) -> None:
+    if name != config.served_model_name:
+        raise APIError(404, f"the model '{name}' does not exist; this server serves "
+                       f"'{config.served_model_name}'", param="model", code="model_not_found")
+
+
+def _add_bos(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "add_bos_token", True)) and tokenizer.bos_token_id is not None
+
+
+def _check_ids(ids: list[int], tokenizer, engine: AsyncLLMEngine) -> None:
+    vocab = engine.engine.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})", param="prompt")
+
+
+async def _json_body(request: Request, config: ServerConfig):
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";")[0].strip().lower() != "application/json":
+        raise APIError(415, f"Content-Type must be application/json, got {ctype or 'nothing'!r}",
+                       code="unsupported_media_type")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > config.max_body_bytes:
+        raise APIError(413, f"the request body is {int(length)} bytes; the limit is {config.max_body_bytes}",
+                       code="request_too_large")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > config.max_body_bytes:
+            raise APIError(413, f"the request body exceeds the limit of {config.max_body_bytes} bytes",
+                           code="request_too_large")
+    try:
+        text = bytes(raw).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+
+
+def _finish_reason(reason: str | None) -> str | None:
+    return {"abort": "stop"}.get(reason, reason)
+
+
+def _usage(prompts: list[list[int]], n: int, completion: int, config: ServerConfig) -> dict:
+    prompt = sum(len(p) for p in prompts)
+    cached = 0  # no prefix cache yet: every prompt token is a cache miss
+    cost = ((prompt - cached) * config.price_input + cached * config.price_cached
+            + completion * config.price_output) / 1e6
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": cached},
+            "prompt_cache_hit_tokens": cached, "prompt_cache_miss_tokens": prompt - cached,
+            "cost": round(cost, 10)}
+
+
+def _token_str(tokenizer, tid: int) -> str:
+    return tokenizer.decode([tid])
+
+
+def _logprobs(lps, chat: bool, tokenizer):
+    if chat:
+        content = []
+        for lp in lps:
+            tok = _token_str(tokenizer, lp.token_id)
+            content.append({"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
+                            "top_logprobs": [{"token": (t := _token_str(tokenizer, i)), "logprob": v,
+                                              "bytes": list(t.encode())} for i, v in (lp.top or [])]})
+        return {"content": content}
+    tokens = [_token_str(tokenizer, lp.token_id) for lp in lps]
+    offsets, pos = [], 0
+    for t in tokens:
+        offsets.append(pos)
+        pos += len(t)
+    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": [{_token_str(tokenizer, i): v for i, v in (lp.top or [])} for lp in lps],
+            "text_offset": offsets}
+
+
+def _final_choice(i: int, c: dict, chat: bool, parser, n_lp, tokenizer) -> dict:
+    lp = _logprobs(c["logprobs"], chat, tokenizer) if n_lp is not None else None
+    if not chat:
+        return {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish_reason"]}
+    reasoning, content = parser.push(c["text"])
+    r2, c2 = parser.flush()
+    message = {"role": "assistant", "content": content + c2}
+    if reasoning + r2:
+        message["reasoning_content"] = reasoning + r2
+    return {"index": i, "message": message, "logprobs": lp, "finish_reason": c["finish_reason"]}

@@ -1,0 +1,318 @@
+"""Chat messages -> prompt text, and generated text -> (reasoning, content).
+
+`normalize_messages` validates OpenAI chat messages and reduces them to plain `{"role", "content"}`
+dicts. A `ChatEncoder` turns them into the prompt text for one model family, generation prompt included:
+`DeepSeekV4Encoder` writes DeepSeek's own V4 encoding (V4 has no Jinja template), `TemplateEncoder`
+renders the model's Jinja chat template (SmolLM2's ChatML and the like); `make_chat_encoder` picks one.
+A `ReasoningParser` splits the text the engine streams back into reasoning and answer, for DeepSeek's
+`reasoning_content` field.
+
+This module knows nothing of tensors (no torch); the server encodes the prompt text with the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..chat_template import ChatTemplateError, render_chat
+
+# DeepSeek-V4's special tokens (V4-SPEC section 7; DeepSeek's encoding/encoding_dsv4.py).
+BOS = "<｜begin▁of▁sentence｜>"
+EOS = "<｜end▁of▁sentence｜>"
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK_START = "<think>"
+THINK_END = "</think>"
+
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+class ChatError(ValueError):
+    """A request the chat encoding cannot serve; the server answers it with an OpenAI 400 error.
+
+    `param` names the offending request field, as OpenAI's error body does ("messages",
+    "messages[2].role", "thinking").
+    """
+
+    def __init__(self, message: str, param: str | None = "messages") -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+# -- messages ---------------------------------------------------------------------------------------
+
+def normalize_messages(messages: Any) -> list[dict[str, str]]:
+    """Validate OpenAI chat messages; return them as `{"role", "content"}` dicts of strings.
+
+    - roles: system, developer (becomes system, as OpenAI treats it), user, assistant, tool;
+    - content: a string, or a list of `{"type": "text", "text": ...}` parts, joined with "\\n" (as vLLM
+      does); other part types (image_url, input_audio, ...) are refused: the models here read text only;
+    - `name` is accepted and ignored; an assistant message keeps DeepSeek's `reasoning_content` (a string)
+      under that key;
+    - tool calls are refused (`tools are not supported`), so content is required in every message.
+
+    Idempotent: normalizing its own output changes nothing. Raises `ChatError` naming the field.
+    """
+    if not isinstance(messages, list):
+        raise ChatError(f"messages must be a list of message objects, got {_kind(messages)}", "messages")
+    if not messages:
+        raise ChatError("messages is empty: give at least one message", "messages")
+    out: list[dict[str, str]] = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ChatError(f"{where} must be an object with 'role' and 'content', got {_kind(m)}", where)
+        if "role" not in m:
+            raise ChatError(f"{where} has no 'role'; give one of {', '.join(ROLES)}", f"{where}.role")
+        role = m["role"]
+        if not isinstance(role, str) or role not in ROLES:
+            raise ChatError(f"{where}.role {role!r} is not a known role; use one of {', '.join(ROLES)}",
+                            f"{where}.role")
+        for key in ("tool_calls", "function_call"):
+            if m.get(key):  # null or [] (some clients send them) mean "none"
+                raise ChatError(f"{where}.{key}: tools are not supported by this server", f"{where}.{key}")
+        content = _content(m.get("content"), where)
+        if content is None:
+            raise ChatError(f"{where} has no content; give a string or a list of text parts",
+                            f"{where}.content")
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        reasoning = m.get("reasoning_content")
+        if role == "assistant" and reasoning is not None:
+            if not isinstance(reasoning, str):
+                raise ChatError(f"{where}.reasoning_content must be a string, got {_kind(reasoning)}",
+                                f"{where}.reasoning_content")
+            msg["reasoning_content"] = reasoning
+        out.append(msg)
+    return out
+
+
+def _content(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ChatError(f"{where}.content must be a string or a list of text parts, got {_kind(content)}",
+                        f"{where}.content")
+    texts = []
+    for j, part in enumerate(content):
+        pw = f"{where}.content[{j}]"
+        if not isinstance(part, dict):
+            raise ChatError(f'{pw} must be an object like {{"type": "text", "text": "..."}}, got {_kind(part)}',
+                            pw)
+        if "type" not in part:
+            raise ChatError(f"{pw} has no 'type'; only \"text\" parts are supported", f"{pw}.type")
+        if part["type"] != "text":
+            raise ChatError(f"{pw}: content part type {part['type']!r} is not supported; this model reads "
+                            "text only (\"text\" parts)", f"{pw}.type")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise ChatError(f"{pw}.text must be a string, got {_kind(text)}", f"{pw}.text")
+        texts.append(text)
+    return "\n".join(texts)
+
+
+def _kind(x: Any) -> str:
+    return {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            list: "an array", dict: "an object"}.get(type(x), type(x).__name__)
+
+
+# -- reasoning ------------------------------------------------------------------------------------
+
+class ReasoningParser:
+    """Splits generated text, delta by delta, into (reasoning, content).
+
+    In thinking mode everything before the first `marker` ("</think>") is reasoning and everything after
+    it is content; the marker itself appears in neither. A delta that ends in what may be the start of the
+    marker ("</th") keeps that part back until the next delta settles it, so the marker may arrive split
+    over any number of deltas. Generation that ends without the marker was all reasoning: `flush` returns
+    the held-back rest as reasoning. Later markers are content like any other text. Nothing else is
+    rewritten (a re-emitted "<think>" or newlines after the marker stay), as DeepSeek's own output parser
+    (`parse_message_from_completion_text` in encoding_dsv4.py) reads it: reasoning up to "</think>".
+
+    The marker must be in the text, so the engine detokenizes thinking-mode requests with
+    `skip_special_tokens=False` (V4's "</think>" is a special token, which the default skips).
+    When the text comes with special tokens skipped, give `marker_id` and call `push_token` with each
+    output's token ids: that id then ends the reasoning as the marker text would.
+
+    With `thinking=False` the parser passes everything through as content.
+    """
+
+    def __init__(self, thinking: bool = True, marker: str = THINK_END, marker_id: int | None = None) -> None:
+        if not marker:
+            raise ValueError("the reasoning end marker must be a non-empty string")
+        self.in_reasoning = thinking
+        self.marker = marker
+        self.marker_id = marker_id
+        self._held = ""  # a suffix of the reasoning that may be the start of the marker
+
+    def push(self, text_delta: str) -> tuple[str, str]:
+        """(reasoning_delta, content_delta) for the next piece of generated text."""
+        if not self.in_reasoning:
+            return "", text_delta
+        text = self._held + text_delta
+        k = text.find(self.marker)
+        if k >= 0:
+            self._held, self.in_reasoning = "", False
+            return text[:k], text[k + len(self.marker):]
+        keep = self._partial_marker_len(text)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[:len(text) - keep], ""
+
+    def push_token(self, token_ids: int | Sequence[int] | None, text_delta: str) -> tuple[str, str]:
+        """`push` for one engine output: its new token id(s) and text delta. If `marker_id` is among the
+        ids, the reasoning ends with this delta even though its text lacks the marker (special tokens
+        skipped); an output carrying several ids counts as a whole (the engine emits one per step)."""
+        reasoning, content = self.push(text_delta)
+        if self.in_reasoning and self.marker_id is not None and token_ids is not None:
+            ids = [token_ids] if isinstance(token_ids, int) else token_ids
+            if self.marker_id in ids:
+                reasoning += self._held
+                self._held, self.in_reasoning = "", False
+        return reasoning, content
+
+    def flush(self) -> tuple[str, str]:
+        """At the end of generation: the held-back rest (reasoning: the marker never completed)."""
+        held, self._held = self._held, ""
+        return held, ""
+
+    def _partial_marker_len(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of the marker."""
+        for n in range(min(len(text), len(self.marker) - 1), 0, -1):
+            if self.marker.startswith(text[-n:]):
+                return n
+        return 0
+
+
+# -- encoders ---------------------------------------------------------------------------------------
+
+class ChatEncoder:
+    """One model family's chat encoding: messages -> prompt text with the generation prompt appended."""
+
+    supports_thinking: bool = False
+
+    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+        raise NotImplementedError
+
+    def reasoning_parser(self, thinking: bool) -> ReasoningParser:
+        self._check_thinking(thinking)
+        return ReasoningParser(thinking=False)
+
+    def _check_thinking(self, thinking: bool | None) -> None:
+        if thinking and not self.supports_thinking:
+            raise ChatError("this model has no thinking mode", "thinking")
+
+
+class DeepSeekV4Encoder(ChatEncoder):
+    """DeepSeek-V4's prompt encoding (V4-SPEC section 7, "Prompt encoding", after DeepSeek's
+    `encoding/encoding_dsv4.py`, `encode_messages` with its defaults: `drop_thinking=True`, no tools,
+    reasoning effort unset), no newlines inserted:
+
+        <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜></think>   chat mode (the default)
+        <｜begin▁of▁sentence｜>{system}<｜User｜>{user}<｜Assistant｜><think>    thinking mode
+
+    As DeepSeek's encoder renders each message in order:
+    - the BOS token starts the prompt; a system message is its text, where it stands (several are
+      simply concatenated, nothing between them);
+    - a user message is `<｜User｜>{content}`; consecutive user messages are one turn, their contents joined
+      with "\\n\\n" (DeepSeek's `merge_tool_messages`);
+    - a user turn followed by an assistant message, or ending the conversation, gets `<｜Assistant｜>` and
+      then `</think>` — or `<think>` for the last turn in thinking mode;
+    - a past assistant message is `{content}<｜end▁of▁sentence｜>`: its reasoning is dropped (chat mode never
+      renders reasoning; thinking mode drops it before the last user turn), so an earlier exchange reads
+      `<｜User｜>{user}<｜Assistant｜></think>{content}<｜end▁of▁sentence｜>` in both modes.
+
+    Limits of this server: the last message must be a user message (no assistant prefill), tool messages
+    and tool calls are refused, and `developer` messages arrive as system messages (`normalize_messages`,
+    OpenAI's meaning; DeepSeek's own encoder would render them as `<｜User｜>` turns).
+    """
+
+    supports_thinking = True
+
+    def __init__(self, think_end_id: int | None = None) -> None:
+        self.think_end_id = think_end_id  # "</think>"'s id, for ReasoningParser.push_token
+
+    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+        msgs = normalize_messages(messages)
+        for i, m in enumerate(msgs):
+            if m["role"] == "tool":
+                raise ChatError(f"messages[{i}]: tool messages are not supported (tools are not supported "
+                                "by this server)", f"messages[{i}].role")
+        last = len(msgs) - 1
+        if msgs[last]["role"] != "user":
+            raise ChatError(f"the last message must be from the user, not {msgs[last]['role']!r}: the reply "
+                            "is generated after it", f"messages[{last}].role")
+        parts = [BOS]
+        for i, m in enumerate(msgs):
+            role, content = m["role"], m["content"]
+            if role == "system":
+                parts.append(content)
+            elif role == "assistant":
+                parts.append(content + EOS)
+            else:  # user
+                joined = i > 0 and msgs[i - 1]["role"] == "user"
+                parts.append(("\n\n" if joined else USER) + content)
+                if i == last or msgs[i + 1]["role"] == "assistant":
+                    parts.append(ASSISTANT + (THINK_START if thinking and i == last else THINK_END))
+        return "".join(parts)
+
+    def reasoning_parser(self, thinking: bool) -> ReasoningParser:
+        return ReasoningParser(thinking=bool(thinking), marker=THINK_END, marker_id=self.think_end_id)
+
+
+class TemplateEncoder(ChatEncoder):
+    """The model's own Jinja chat template (`tokenizer.chat_template`), rendered as transformers does
+    with `add_generation_prompt=True`. Templates here have no thinking switch: thinking is refused."""
+
+    supports_thinking = False
+
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = "") -> None:
+        self.template = template
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+        self._check_thinking(thinking)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
+        try:
+            return render_chat(self.template, msgs, add_generation_prompt=True,
+                               bos_token=self.bos_token, eos_token=self.eos_token)
+        except ChatTemplateError as e:
+            raise ChatError(str(e), "messages") from None
+
+
+class NoTemplateEncoder(ChatEncoder):
+    """A model without a chat template: chat requests are refused (there is no right default format)."""
+
+    supports_thinking = False
+
+    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+        raise ChatError("this model has no chat template; use /v1/completions", "messages")
+
+
+def make_chat_encoder(tokenizer: Any, family: str) -> ChatEncoder:
+    """The chat encoding for a model: `family` "deepseek_v4" -> `DeepSeekV4Encoder`; otherwise the
+    tokenizer's `chat_template` -> `TemplateEncoder` (with its BOS / EOS token strings); otherwise a
+    `NoTemplateEncoder`, whose `encode` raises `ChatError`."""
+    specials: dict[str, int] = dict(getattr(tokenizer, "special_tokens", None) or {})
+    if family == "deepseek_v4":
+        return DeepSeekV4Encoder(think_end_id=specials.get(THINK_END))
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return NoTemplateEncoder()
+    return TemplateEncoder(template, _token_text(tokenizer, specials, "bos_token_id"),
+                           _token_text(tokenizer, specials, "eos_token_id"))
+
+
+def _token_text(tokenizer: Any, specials: dict[str, int], attr: str) -> str:
+    """The text of the tokenizer's BOS / EOS token, "" when it has none."""
+    tid = getattr(tokenizer, attr, None)
+    if tid is None:
+        return ""
+    for text, i in specials.items():
+        if i == tid:
+            return text
+    try:
+        return tokenizer.decode([tid], skip_special_tokens=False)
+    except (ValueError, TypeError, AttributeError):
+        return ""

