@@ -1,4 +1,4 @@
-"""`moeflash` command line: generate, convert, serve."""
+"""`moeflash` command line: generate, convert, serve, trace, bench experts."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -48,7 +49,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -76,7 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     try:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
-        engine = LLMEngine(model, tokenizer)
+        engine = LLMEngine(model, tokenizer, max_state_bytes=getattr(model, "state_budget_bytes", None))
         t0 = time.perf_counter()
         out = None
         for out in engine.stream(prompt, params):
@@ -86,6 +87,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
+    store = getattr(model, "expert_store", None)
+    if store is not None:
+        st = store.stats()
+        print(f"[experts: {st['policy']}, {st['capacity_experts']} resident of "
+              f"{model.config.num_hidden_layers * model.config.n_routed_experts}, hit rate {st['hit_rate']:.1%}, "
+              f"{st['bytes_read_per_token'] / 2**20:.1f} MiB read per token, prefetch accuracy "
+              f"{st['prefetch_accuracy'] if st['prefetch_accuracy'] is None else format(st['prefetch_accuracy'], '.1%')}]",
+              file=sys.stderr)
     ids = out.token_ids if out is not None else []
     text = out.text if tokenizer is not None and out is not None else None
     if args.json:
@@ -189,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -208,7 +217,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
               else "template")
     name = args.served_model_name or _default_name(args.model)
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len))
+                                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+                                      max_state_bytes=getattr(model, "state_budget_bytes", None)))
     config = ServerConfig(served_model_name=name, max_model_len=max_len, api_key=args.api_key,
                           chat_family=family, price_input=args.price_input, price_output=args.price_output,
                           price_cached=args.price_cached, max_body_bytes=int(args.max_body_mb * (1 << 20)))
@@ -240,11 +250,128 @@ class _Swallowed(list):
         pass
 
 
+def _expert_args(args) -> dict:
+    return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
+            "prefetch": not args.no_prefetch, "memory_limit": args.memory_limit}
+
+
+def _add_expert_flags(p) -> None:
+    from .engine.expert_policy import POLICIES
+
+    p.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
+                   help="stream routed experts from the checkpoint through a cache of this size "
+                        "(V4 checkpoint directories; default: all experts in memory)")
+    p.add_argument("--expert-policy", choices=POLICIES, default="lfu",
+                   help="expert cache policy (default lfu: best measured, see BENCHMARKS.md)")
+    p.add_argument("--no-prefetch", action="store_true", help="do not predict and preload the next layer's experts")
+    p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
+                   help="bound on dense weights + expert cache + sequence state; refused at start if the "
+                        "weights alone exceed it")
+
+
 def _default_name(model: str) -> str:
     from pathlib import Path
 
     p = Path(model)
     return p.stem if p.suffix == ".gguf" else (p.name or model)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Record which experts every token of every prompt used (prefill and greedy decode)."""
+    import torch
+
+    from .engine.expert_policy import write_trace
+    from .engine.experts import RoutingRecorder
+    from .model.v4 import Transformer
+    from .weights.build import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        lines = [ln for ln in Path(args.prompts).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        if not lines:
+            raise ValueError(f"{args.prompts} has no prompts (one per line)")
+        model, tokenizer = load_model(args.model, dtype=args.dtype)
+        if not isinstance(model, Transformer):
+            raise ValueError("routing traces need a MoE (V4) model")
+        prompts = [_parse_ids(ln) if tokenizer is None else tokenizer.encode(ln, add_bos=True) for ln in lines]
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rec = RoutingRecorder(model)
+    tokens, seqs, positions, token_ids = [], [], [], []
+    decode_s, decode_n = 0.0, 0
+    with torch.inference_mode():
+        for s, ids in enumerate(prompts):
+            state = model.new_seq_state()
+            x = model.forward_tokens(torch.tensor(ids), [state], [len(ids)])
+            rows = rec.take()
+            nxt = int(model.logits(x[-1:]).argmax(-1))
+            fed = list(ids)
+            for _ in range(args.max_new_tokens):
+                t0 = time.perf_counter()
+                x = model.forward_tokens(torch.tensor([nxt]), [state], [1])
+                new = int(model.logits(x).argmax(-1))
+                decode_s += time.perf_counter() - t0
+                decode_n += 1
+                rows += rec.take()
+                fed.append(nxt)
+                nxt = new
+            tokens += rows
+            seqs += [s] * len(rows)
+            positions += list(range(len(rows)))
+            token_ids += fed
+    write_trace(args.out, tokens, seqs, positions, token_ids)
+    c = model.config
+    per_expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
+    meta = {"model": str(args.model), "layers": c.num_hidden_layers, "experts": c.n_routed_experts,
+            "top_k": c.num_experts_per_tok, "expert_bytes": per_expert, "tokens": len(tokens),
+            "decode_ms_per_token": 1e3 * decode_s / decode_n if decode_n else None}
+    Path(str(args.out) + ".meta.json").write_text(json.dumps(meta, indent=1))
+    print(json.dumps({"out": str(args.out), **meta}))
+    return 0
+
+
+def cmd_bench_experts(args: argparse.Namespace) -> int:
+    """Replay a routing trace against every cache policy and the Belady ceiling, per budget."""
+    from .engine.expert_policy import POLICIES, read_trace, replay, synthetic_trace
+
+    meta = {}
+    try:
+        if args.trace:
+            trace = read_trace(args.trace)
+            meta_file = Path(str(args.trace) + ".meta.json")
+            meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+            layers = len(trace[0]) if trace else 0
+            experts = meta.get("experts") or 1 + max(e for tok in trace for layer in tok for e in layer)
+        else:
+            layers, experts, top_k = args.synthetic_shape
+            trace = synthetic_trace(args.synthetic_tokens, layers, experts, top_k, zipf_s=args.zipf, seed=0)
+        if any(not 0 < b for b in args.budget):
+            raise ValueError("--budget values must be > 0 (fractions of all routed experts, e.g. 0.25 0.5 1)")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    total = layers * experts
+    expert_bytes = args.expert_mb * 2**20 if args.expert_mb else meta.get("expert_bytes")
+    token_ms = args.token_ms or meta.get("decode_ms_per_token")
+    out = {"trace": str(args.trace) if args.trace else f"synthetic zipf s={args.zipf}", "tokens": len(trace),
+           "layers": layers, "experts_per_layer": experts, "disk_gbps": args.disk_gbps,
+           "all_in_ram_ms_per_token": token_ms, "budgets": []}
+    for b in args.budget:
+        cap = max(1, min(total, int(round(b * total)) if b <= 1 else int(b)))
+        r = replay(trace, cap, POLICIES)
+        scored = r["accesses"] / max(1, sum(len(layer) for layer in trace[0]))  # tokens after the warm-up
+        row = {"budget": b, "capacity_experts": cap,
+               "hit_rate": {name: round(v["hit_rate"], 4) for name, v in r["results"].items()},
+               "results": r["results"]}
+        if expert_bytes and token_ms:
+            row["est_tokens_per_s"] = {
+                name: round(1.0 / (token_ms / 1e3 + (v["misses"] / scored) * expert_bytes / (args.disk_gbps * 1e9)), 2)
+                for name, v in r["results"].items()}
+        out["budgets"].append(row)
+    print(json.dumps(out, indent=1))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,6 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "else float32 when it fits in RAM")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
+    _add_expert_flags(g)
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="write a V4 model as a safetensors checkpoint or a llama.cpp GGUF")
@@ -306,7 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    _add_expert_flags(v)
     v.set_defaults(func=cmd_serve)
+
+    t = sub.add_parser("trace", help="record which routed experts every token uses (JSONL)")
+    t.add_argument("--model", required=True, help="a V4 checkpoint directory (or tiny)")
+    t.add_argument("--prompts", required=True, help="a text file, one prompt per line (token ids without a tokenizer)")
+    t.add_argument("--out", required=True, help="trace.jsonl (metadata in trace.jsonl.meta.json)")
+    t.add_argument("--max-new-tokens", type=int, default=32, help="greedy tokens generated per prompt")
+    t.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
+    t.add_argument("--threads", type=int, default=0)
+    t.set_defaults(func=cmd_trace)
+
+    b = sub.add_parser("bench", help="offline benchmarks")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    be = bsub.add_parser("experts", help="replay a routing trace against every expert-cache policy")
+    src2 = be.add_mutually_exclusive_group(required=True)
+    src2.add_argument("--trace", help="a trace from `moeflash trace`")
+    src2.add_argument("--synthetic", action="store_true", help="a skewed synthetic trace (Zipf, domain shifts)")
+    be.add_argument("--budget", type=float, nargs="+", default=[0.25, 0.5, 1.0],
+                    help="cache sizes as fractions of all routed experts (or counts when > 1)")
+    be.add_argument("--disk-gbps", type=float, default=2.0, help="disk read bandwidth for the tokens/s estimate")
+    be.add_argument("--token-ms", type=float, default=None, help="all-in-RAM decode ms per token (default: the trace's)")
+    be.add_argument("--expert-mb", type=float, default=None, help="MiB per expert (default: the trace's)")
+    be.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the synthetic trace")
+    be.add_argument("--synthetic-tokens", type=int, default=20000)
+    be.add_argument("--synthetic-shape", type=int, nargs=3, default=[8, 256, 6], metavar=("LAYERS", "EXPERTS", "TOP_K"))
+    be.set_defaults(func=cmd_bench_experts)
     return p
 
 

@@ -106,8 +106,12 @@ class AsyncLLMEngine:
         """A consistent snapshot of the engine's gauges and counters."""
         with self._lock:
             e = self.engine
-            return {"running": e.num_running(), "waiting": e.num_waiting(), "state_bytes": e.state_bytes(),
-                    **e.stats}
+            out = {"running": e.num_running(), "waiting": e.num_waiting(), "state_bytes": e.state_bytes(),
+                   **e.stats}
+            store = getattr(e.model, "expert_store", None)
+            if store is not None:
+                out["experts"] = store.stats()
+            return out
 
     # -- the loop ---------------------------------------------------------------------------------
     def _run(self) -> None:

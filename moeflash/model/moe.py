@@ -69,6 +69,9 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
                                if config.n_shared_experts else None)
         self.provider = None  # optional callable (experts, e) -> module; see module docstring
+        # optional callable (x [N, dim], ids [N], idx [N, k]) called after routing, before the experts
+        # run: the expert store uses it to prefetch the next layer's experts and to record traces
+        self.on_route = None
         self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
         self.w13: torch.Tensor | None = None  # [E, 2I, dim] packed w1|w3 (see pack_experts_)
         self.w2: torch.Tensor | None = None   # [E, dim, I]
@@ -93,6 +96,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, ids.reshape(-1))
+        if self.on_route is not None:
+            self.on_route(flat, ids.reshape(-1), idx)
         out = torch.zeros_like(flat)
         if self.w13 is not None and self.provider is None:
             self._grouped(flat, weights, idx, out)

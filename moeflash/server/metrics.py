@@ -42,6 +42,33 @@ class _EngineCollector:
             c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
             c.add_metric([self.model_name], float(s[key]))
             yield c
+        experts = s.get("experts")
+        if experts is not None:
+            yield from self._experts(experts)
+
+    def _experts(self, ex: dict):
+        """The expert store's counters, per layer, and its cache occupancy."""
+        labels = ["model_name", "layer"]
+        for name, doc, key in (("expert_cache_hits", "Routed-expert accesses served from the cache.", "hits"),
+                               ("expert_cache_misses", "Routed-expert accesses read from disk.", "misses"),
+                               ("expert_cache_evictions", "Experts evicted from the cache.", "evictions"),
+                               ("expert_bytes_read", "Bytes of expert weights read from disk.", "bytes_read"),
+                               ("expert_prefetch_predicted", "Experts predicted for a layer before it ran.",
+                                "predicted"),
+                               ("expert_prefetch_correct", "Predicted experts the layer then used.",
+                                "predicted_used")):
+            c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
+            for i, layer in enumerate(ex["per_layer"]):
+                c.add_metric([self.model_name, str(i)], float(layer[key]))
+            yield c
+        g = GaugeMetricFamily("moeflash:expert_cache_resident", "Experts resident in the cache now.",
+                              labels=["model_name"])
+        g.add_metric([self.model_name], float(ex["resident"]))
+        yield g
+        g = GaugeMetricFamily("moeflash:expert_cache_capacity", "Experts the cache budget holds.",
+                              labels=["model_name"])
+        g.add_metric([self.model_name], float(ex["capacity_experts"]))
+        yield g
 
 
 class Metrics:

@@ -118,8 +118,22 @@ def _fast_layout(model: Transformer) -> Transformer:
     return model
 
 
-def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -> Transformer:
-    """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer."""
+def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
+    """Bytes of every weight except the routed experts, as `load_checkpoint_model` stores them."""
+    return sum(p.numel() * (4 if keeps_fp32(n) or not p.dtype.is_floating_point else dtype.itemsize)
+               for n, p in list(model.named_parameters()) + list(model.named_buffers())
+               if ".ffn.experts." not in n)
+
+
+def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
+                          expert_policy: str = "lfu", prefetch: bool = True,
+                          memory_limit: float | None = None) -> Transformer:
+    """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
+
+    With `expert_memory` (GiB) the routed experts are not loaded: an `ExpertStore` serves them from
+    the checkpoint files through a cache of that size (engine/experts.py). `memory_limit` (GiB) bounds
+    dense weights + expert cache (+ the state the engine may hold, `model.state_budget_bytes`); a
+    limit the dense part alone exceeds is refused before anything is read."""
     from .loader import Checkpoint, check
 
     path = Path(path)
@@ -130,8 +144,31 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
     torch_dtype = resolve_dtype(dtype, cfg)
     with torch.device("meta"):
         model = Transformer(cfg)
-    expected = model.state_dict()  # names and shapes only (meta tensors)
-    check(ckpt, expected)
+    if expert_memory is not None and cfg.num_nextn_predict_layers:
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP's experts are not served by the store
+        with torch.device("meta"):
+            model = Transformer(cfg)
+    streamed = expert_memory is not None
+    expected = {n: t for n, t in model.state_dict().items()
+                if not (streamed and ".ffn.experts." in n)}  # names and shapes only (meta tensors)
+    budget = int(expert_memory * (1 << 30)) if streamed else 0
+    if streamed and budget <= 0:
+        raise ValueError(f"--expert-memory must be > 0 GiB, got {expert_memory}")
+    dense = dense_bytes(model, torch_dtype)
+    if not streamed:
+        dense += sum(p.numel() * torch_dtype.itemsize for n, p in model.named_parameters() if ".ffn.experts." in n)
+    if memory_limit is not None:
+        limit = int(memory_limit * (1 << 30))
+        if dense + budget > limit:
+            what = "dense weights" if streamed else "weights (all experts resident; add --expert-memory)"
+            raise ValueError(f"--memory-limit {memory_limit:g} GiB is too small: the {what} need "
+                             f"{dense / 2**30:.2f} GiB" + (f" and the expert cache {budget / 2**30:.2f} GiB" if streamed
+                                                           else "") + f", {(dense + budget) / 2**30:.2f} GiB in all")
+    skip = (["mtp."] + [f"layers.{i}.ffn.experts." for i in range(cfg.num_hidden_layers)]) if streamed else []
+    check(ckpt, expected, skip)
+    if streamed:  # the store reads the experts, whose shapes `check` skipped: check them here
+        check(ckpt, {n: t for n, t in model.state_dict().items() if ".ffn.experts." in n and not n.startswith("mtp.")},
+              [n for n in ckpt.names() if ".ffn.experts." not in n or n.startswith("mtp.")])
     state = {}
     for name, spec in expected.items():  # read and convert one tensor at a time
         t = ckpt.get(name)
@@ -144,12 +181,29 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto") -
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
     model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
-    return _fast_layout(model.eval())
+    model.state_budget_bytes = (int(memory_limit * (1 << 30)) - dense - budget) if memory_limit is not None else None
+    if not streamed:
+        return _fast_layout(model.eval())
+    from ..engine.experts import DiskExperts, ExpertStore
+
+    store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch)
+    store.attach(model)
+    for layer in model.layers:  # fused projections only: the experts live in the store
+        layer.attn.fuse_projections_()
+    if torch_dtype == torch.float32:
+        input_major_(model)
+    return model.eval()
 
 
-def load_model(spec: str | Path, dtype: str | torch.dtype = "auto"):
-    """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory."""
+def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
+               expert_policy: str = "lfu", prefetch: bool = True, memory_limit: float | None = None):
+    """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
+    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit`: see `load_checkpoint_model`
+    (V4 checkpoint directories only)."""
     name = str(spec)
+    if (expert_memory is not None or memory_limit is not None) and not Path(name).is_dir():
+        raise ValueError("--expert-memory and --memory-limit need a V4 checkpoint directory (experts are "
+                         "streamed from its files); convert a preset with `moeflash convert --preset NAME --out DIR`")
     if name == "tiny":
         return build_tiny(dtype), ByteTokenizer()
     if name == "smollm2":
@@ -164,5 +218,5 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto"):
     if not path.is_dir():
         raise FileNotFoundError(f"--model {name!r} is neither a built-in model (tiny, smollm2), a .gguf "
                                 "file nor a checkpoint directory")
-    model = load_checkpoint_model(path, dtype)
+    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit)
     return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)

@@ -1,0 +1,343 @@
+"""Expert store: every routed expert stays addressable on disk; a cache under a byte budget keeps as many
+resident as fit; the next layer's experts are predicted and loaded on a background thread.
+
+- **Disk tier**: the checkpoint itself. Each expert's tensors (official names, one tensor per expert
+  weight) are read with `os.pread` at their offsets, not through a memory map, and the kernel is told
+  to drop those pages afterwards (`posix_fadvise(DONTNEED)`), so a miss is a real disk read, not a
+  page-cache hit, and the page cache never holds the model behind the budget's back.
+- **Resident tier**: at most `capacity = budget // expert_bytes` experts over all layers, chosen by a
+  cache policy (`expert_policy.py`: LRU, LFU with decay, frequency-pinned). Official FP4 experts stay
+  FP4 in memory (4.25 bits per weight) and are decoded per use; others are held in the model dtype.
+- **Prefetch**: when layer i routes, layer i+1's router is applied to layer i's input (for hash layers
+  the token ids give the answer exactly) and the predicted experts that are not resident are loaded on
+  a background thread while layer i computes. Accuracy = predicted and used / used.
+- **Counters** per layer: hits, misses, evictions, bytes read from disk, prefetch loads and accuracy.
+
+The model never knows: the store plugs into each MoE layer's `provider` (expert weights on demand) and
+`on_route` (routing decisions) hooks. Outputs do not depend on the budget or the policy, only speed.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..model.layers import clamped_swiglu
+from ..weights.quant import dequant_fp4, dequant_fp8
+from .expert_policy import make_policy
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
+              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
+_PARTS = ("w1", "w2", "w3")
+
+
+@dataclass
+class _Span:
+    """One stored tensor: absolute byte range in its file."""
+
+    fd: int
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class DiskExperts:
+    """Byte locations of every routed expert in a safetensors checkpoint, read without mmap."""
+
+    def __init__(self, ckpt, config, drop_page_cache: bool = True):
+        self.config, self.drop_page_cache = config, drop_page_cache
+        self._fds: dict[Path, int] = {}
+        self._data_start: dict[Path, int] = {}
+        self.spans: dict[tuple[int, int], dict[str, tuple[_Span, _Span | None, str | None]]] = {}
+        for i in range(config.num_hidden_layers):
+            for j in range(config.n_routed_experts):
+                parts = {}
+                for w in _PARTS:
+                    info = ckpt.info(f"layers.{i}.ffn.experts.{j}.{w}.weight")
+                    if info.expert is not None or info.half is not None:
+                        raise ValueError("the expert store reads checkpoints with one tensor per expert weight "
+                                         "(official DeepSeek names, or `moeflash convert`); this one merges "
+                                         "experts (Hugging Face layout)")
+                    parts[w] = (self._span(info.source), self._span(info.scale) if info.scale else None, info.fmt)
+                self.spans[(i, j)] = parts
+        self.expert_disk_bytes = sum(s.nbytes + (c.nbytes if c else 0) for s, c, _ in self.spans[(0, 0)].values())
+
+    def _span(self, t) -> _Span:
+        if t.file not in self._fds:
+            fd = os.open(t.file, os.O_RDONLY)
+            self._fds[t.file] = fd
+            self._data_start[t.file] = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"expert tensor {t.name} has dtype {t.dtype}, which the expert store cannot read")
+        return _Span(self._fds[t.file], self._data_start[t.file] + t.start, t.end - t.start, _ST_DTYPES[t.dtype],
+                     t.shape)
+
+    def _read(self, s: _Span) -> torch.Tensor:
+        buf = bytearray(s.nbytes)
+        view = memoryview(buf)
+        got = 0
+        while got < s.nbytes:
+            n = os.preadv(s.fd, [view[got:]], s.offset + got)
+            if n <= 0:
+                raise OSError(f"short read of an expert tensor at offset {s.offset + got}")
+            got += n
+        if self.drop_page_cache and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(s.fd, s.offset, s.nbytes, os.POSIX_FADV_DONTNEED)
+        return torch.frombuffer(buf, dtype=s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)
+
+    def read(self, key: tuple[int, int]) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, str | None]]:
+        return {w: (self._read(s), self._read(c) if c else None, fmt) for w, (s, c, fmt) in self.spans[key].items()}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+class ResidentExpert:
+    """A routed expert held by the store, callable like the model's SwiGLU. FP4 weights stay packed
+    and are decoded on each call."""
+
+    __slots__ = ("parts", "w13", "limit", "dtype", "nbytes")
+
+    def __init__(self, parts: dict, limit: float, dtype: torch.dtype):
+        self.limit, self.dtype = limit, dtype
+        self.parts = {}
+        for w, (t, scale, fmt) in parts.items():
+            if fmt == "fp8":
+                t, scale, fmt = dequant_fp8(t, scale).to(dtype), None, None
+            elif fmt is None and t.dtype != dtype:
+                t = t.to(dtype)
+            self.parts[w] = (t, scale, fmt)
+        self.w13 = None
+        if self.parts["w1"][2] is None:  # plain weights: gate and up as one matmul (one call fewer)
+            self.w13 = torch.cat((self.parts.pop("w1")[0], self.parts.pop("w3")[0]))
+        self.nbytes = sum(t.numel() * t.element_size() + (s.numel() * s.element_size() if s is not None else 0)
+                          for t, s, _ in self.parts.values())
+        if self.w13 is not None:
+            self.nbytes += self.w13.numel() * self.w13.element_size()
+
+    def _w(self, name: str) -> torch.Tensor:
+        t, scale, fmt = self.parts[name]
+        return dequant_fp4(t, scale).to(self.dtype) if fmt == "fp4" else t
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w13 is not None:
+            gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
+        else:
+            gate, up = F.linear(x, self._w("w1")), F.linear(x, self._w("w3"))
+        return F.linear(clamped_swiglu(gate, up, self.limit), self._w("w2"))
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0
+    misses: int = 0
+    evictions: int = 0
+    bytes_read: int = 0
+    prefetch_loads: int = 0
+    predicted: int = 0          # experts predicted for this layer
+    predicted_used: int = 0     # ... that the layer then used
+    used: int = 0               # distinct experts the layer used in steps that had a prediction
+
+
+@dataclass
+class ExpertStore:
+    disk: DiskExperts
+    config: object
+    budget_bytes: int
+    policy_name: str = "lfu"
+    dtype: torch.dtype = torch.bfloat16
+    prefetch: bool = True
+    policy_kw: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        c = self.config
+        self.n_layers, self.n_experts = c.num_hidden_layers, c.n_routed_experts
+        probe = ResidentExpert(self.disk.read((0, 0)), c.swiglu_limit, self.dtype)
+        self.expert_bytes = probe.nbytes
+        capacity = self.budget_bytes // self.expert_bytes
+        if capacity < 1:
+            raise ValueError(f"an expert budget of {self.budget_bytes / 2**20:.1f} MiB holds no expert: one "
+                             f"expert takes {self.expert_bytes / 2**20:.2f} MiB")
+        self.capacity = min(capacity, self.n_layers * self.n_experts)
+        self.policy = make_policy(self.policy_name, self.capacity, **self.policy_kw)
+        self.cache: dict[tuple[int, int], ResidentExpert] = {}
+        self.pending: dict[tuple[int, int], Future] = {}
+        self.layers = [LayerCounters() for _ in range(self.n_layers)]
+        self.tokens = 0
+        self._predicted: dict[int, set[int]] = {}
+        self._lock = threading.RLock()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="moeflash-prefetch") if self.prefetch else None
+        self._gates = None
+
+    # -- wiring -----------------------------------------------------------------------------------
+    def attach(self, model) -> None:
+        """Serve `model`'s routed experts from this store (its own expert weights are never read)."""
+        self._gates = [layer.ffn.gate for layer in model.layers]
+        for i, layer in enumerate(model.layers):
+            layer.ffn.provider = (lambda experts, e, i=i: self.get(i, e))
+            layer.ffn.on_route = (lambda x, ids, idx, i=i: self.route(i, x, ids, idx))
+        model.expert_store = self
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self.disk.close()
+
+    # -- demand path ------------------------------------------------------------------------------
+    def get(self, layer: int, e: int) -> ResidentExpert:
+        key = (layer, e)
+        c = self.layers[layer]
+        with self._lock:
+            hit, evicted = self.policy.access(key)
+            self._drop(evicted)
+            expert = self.cache.get(key)
+            future = self.pending.get(key)
+        if hit:
+            c.hits += 1
+            if expert is not None:
+                return expert
+            if future is not None:  # a prefetch still in flight: wait for it
+                expert = future.result()
+                if expert is not None:
+                    return expert
+        else:
+            c.misses += 1
+        expert = self._load(key)
+        with self._lock:
+            if key in self.policy:
+                self.cache[key] = expert
+        return expert
+
+    def _load(self, key: tuple[int, int]) -> ResidentExpert:
+        parts = self.disk.read(key)
+        self.layers[key[0]].bytes_read += self.disk.expert_disk_bytes
+        return ResidentExpert(parts, self.config.swiglu_limit, self.dtype)
+
+    def _drop(self, key) -> None:
+        if key is None:
+            return
+        self.cache.pop(key, None)
+        self.pending.pop(key, None)
+        self.layers[key[0]].evictions += 1
+
+    # -- routing hook: accuracy bookkeeping and prefetch ------------------------------------------
+    def route(self, layer: int, x: torch.Tensor, ids: torch.Tensor, idx: torch.Tensor) -> None:
+        used = set(idx.unique().tolist())
+        c = self.layers[layer]
+        if layer == 0:
+            self.tokens += x.shape[0]
+        predicted = self._predicted.pop(layer, None)
+        if predicted is not None:
+            c.predicted += len(predicted)
+            c.predicted_used += len(predicted & used)
+            c.used += len(used)
+        keep = {(layer, e) for e in used}
+        nxt = layer + 1
+        if self.prefetch and nxt < self.n_layers:
+            with torch.no_grad():
+                _, pidx = self._gates[nxt](x, ids)
+            guess = set(pidx.unique().tolist())
+            self._predicted[nxt] = guess
+            keep |= {(nxt, e) for e in guess}
+            with self._lock:
+                self.policy.unprotect()
+                self.policy.protect(keep)
+                for e in guess:
+                    key = (nxt, e)
+                    if key in self.policy:
+                        continue
+                    self._drop(self.policy.insert(key))
+                    self.layers[nxt].prefetch_loads += 1
+                    self.pending[key] = self._pool.submit(self._prefetched, key)
+        else:
+            with self._lock:
+                self.policy.unprotect()
+                self.policy.protect(keep)
+
+    def _prefetched(self, key) -> ResidentExpert | None:
+        expert = self._load(key)
+        with self._lock:
+            self.pending.pop(key, None)
+            if key in self.policy:
+                self.cache[key] = expert
+                return expert
+        return expert
+
+    # -- observability ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Plain numbers (no tensors): totals, per-layer counters, and derived rates."""
+        per_layer = [dict(vars(c)) for c in self.layers]
+        tot = {k: sum(d[k] for d in per_layer) for k in per_layer[0]}
+        acc = tot["hits"] + tot["misses"]
+        return {"policy": self.policy_name, "capacity_experts": self.capacity, "expert_bytes": self.expert_bytes,
+                "budget_bytes": self.budget_bytes, "resident": len(self.cache), "tokens": self.tokens,
+                **tot, "hit_rate": tot["hits"] / acc if acc else 0.0,
+                "bytes_read_per_token": tot["bytes_read"] / self.tokens if self.tokens else 0.0,
+                "prefetch_accuracy": tot["predicted_used"] / tot["used"] if tot["used"] else None,
+                "per_layer": per_layer}
+
+
+class RoutingRecorder:
+    """Which experts each token used, layer by layer: attach to a model, run tokens of one sequence
+    at a time, and call `take()` after each forward call to get its tokens' rows (sorted ids)."""
+
+    def __init__(self, model):
+        self.n_layers = len(model.layers)
+        self._rows: list[list[list[int]] | None] = [None] * self.n_layers
+        for i, layer in enumerate(model.layers):
+            prev = layer.ffn.on_route
+            layer.ffn.on_route = (lambda x, ids, idx, i=i, prev=prev: self._hook(i, prev, x, ids, idx))
+
+    def _hook(self, i, prev, x, ids, idx) -> None:
+        if prev is not None:
+            prev(x, ids, idx)
+        self._rows[i] = [sorted(r) for r in idx.tolist()]
+
+    def take(self) -> list[list[list[int]]]:
+        """Per token of the last forward call: per layer, the expert ids it used."""
+        if any(r is None for r in self._rows):
+            raise RuntimeError("no complete forward call recorded since the last take()")
+        n = len(self._rows[0])
+        tokens = [[self._rows[layer][t] for layer in range(self.n_layers)] for t in range(n)]
+        self._rows = [None] * self.n_layers
+        return tokens
+
+
+def disk_read_gbps(path: str | Path, nbytes: int = 256 << 20, block: int = 8 << 20) -> float:
+    """Cold read bandwidth of a checkpoint's files (GB/s): pages dropped from the page cache first
+    (posix_fadvise DONTNEED; effective for files this process has not memory-mapped), then read."""
+    import time
+
+    files = sorted(Path(path).glob("*.safetensors")) if Path(path).is_dir() else [Path(path)]
+    if not files:
+        raise FileNotFoundError(f"no .safetensors files at {path}")
+    done, t0 = 0, None
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+            if t0 is None:
+                t0 = time.perf_counter()
+            off = 0
+            while off < size and done < nbytes:
+                n = len(os.pread(fd, block, off))
+                if n == 0:
+                    break
+                off += n
+                done += n
+            os.posix_fadvise(fd, 0, size, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+        if done >= nbytes:
+            break
+    return done / (time.perf_counter() - t0) / 1e9
