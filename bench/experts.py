@@ -153,7 +153,7 @@ def main() -> None:
     live = []
     for b in args.budgets:
         for pol in args.policies:
-            for prefetch in ([True, False] if (pol == "lfu" and b == 0.5) else [True]):
+            for prefetch in ([False, True] if pol == "lfu" else [False]):
                 log(f"[experts] budget {b:.0%} {pol} prefetch={prefetch}")
                 gib = (b * total * expert_bytes + 4096) / 2**30
                 r = run(dict(base, budget=b, budget_gib=gib, policy=pol, prefetch=prefetch))

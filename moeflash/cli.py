@@ -202,9 +202,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if tokenizer is None:
-        print(f"error: {args.model} has no tokenizer; the server needs one to speak text", file=sys.stderr)
-        return 2
+    if tokenizer is None:  # e.g. a converted preset: serve token ids written as <|id|> text
+        from .tokenizer import IdTokenizer
+
+        c = model.config
+        tokenizer = IdTokenizer(c.vocab_size, c.bos_token_id, c.eos_token_id)
+        print(f"moeflash: {args.model} has no tokenizer; prompts are token ids (or <|id|> text) and "
+              "completions come back as <|id|> text; chat needs a tokenizer", file=sys.stderr)
     limit = model.config.max_position_embeddings
     max_len = args.max_model_len or limit
     if max_len > limit:
@@ -213,7 +217,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .model.v4 import Transformer
     from .server.app import ServerConfig, create_app
 
-    family = ("deepseek_v4" if isinstance(model, Transformer) and not getattr(tokenizer, "chat_template", None)
+    from .tokenizer import IdTokenizer
+
+    family = ("none" if isinstance(tokenizer, IdTokenizer)
+              else "deepseek_v4" if isinstance(model, Transformer) and not getattr(tokenizer, "chat_template", None)
               else "template")
     name = args.served_model_name or _default_name(args.model)
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
@@ -252,7 +259,7 @@ class _Swallowed(list):
 
 def _expert_args(args) -> dict:
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
-            "prefetch": not args.no_prefetch, "memory_limit": args.memory_limit}
+            "prefetch": args.prefetch, "memory_limit": args.memory_limit}
 
 
 def _add_expert_flags(p) -> None:
@@ -263,7 +270,9 @@ def _add_expert_flags(p) -> None:
                         "(V4 checkpoint directories; default: all experts in memory)")
     p.add_argument("--expert-policy", choices=POLICIES, default="lfu",
                    help="expert cache policy (default lfu: best measured, see BENCHMARKS.md)")
-    p.add_argument("--no-prefetch", action="store_true", help="do not predict and preload the next layer's experts")
+    p.add_argument("--prefetch", action="store_true",
+                   help="predict the next layer's experts and load them on a background thread (off by "
+                        "default: measured slower here, see BENCHMARKS.md)")
     p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
                    help="bound on dense weights + expert cache + sequence state; refused at start if the "
                         "weights alone exceed it")

@@ -599,3 +599,37 @@ def load_tokenizer(path_or_name: str | Path, bos_token_id: int | None = None, eo
     if (path / "tokenizer.json").is_file() or (path.is_file() and path.name == "tokenizer.json"):
         return HFTokenizer(path, bos_token_id=bos_token_id, eos_token_id=eos_token_id)
     return None
+
+
+class IdTokenizer:
+    """For checkpoints without a vocabulary (e.g. `moeflash convert --preset`): token ids written as
+    text, `<|17|>`, both ways. The server uses it so such models can still be served: prompts are
+    token ids (or `<|id|>` text) and completions come back as `<|id|>` text that encodes to the same
+    ids. Anything else in a prompt is an error that says so."""
+
+    chat_template = None
+    add_bos_token = False
+    _PIECE = re.compile(r"<\|(\d+)\|>")
+
+    def __init__(self, vocab_size: int, bos_token_id: int | None = None, eos_token_id: int | None = None):
+        self.vocab_size, self.bos_token_id, self.eos_token_id = vocab_size, bos_token_id, eos_token_id
+        self.special_tokens: dict[str, int] = {}
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        ids, pos = [], 0
+        for m in self._PIECE.finditer(text):
+            if text[pos:m.start()].strip():
+                raise ValueError("this model has no tokenizer: give prompts as token ids, or as text made of "
+                                 f"<|id|> tokens; got {text[pos:m.start()][:40]!r}")
+            ids.append(int(m.group(1)))
+            pos = m.end()
+        if text[pos:].strip():
+            raise ValueError("this model has no tokenizer: give prompts as token ids, or as text made of "
+                             f"<|id|> tokens; got {text[pos:][:40]!r}")
+        bad = [i for i in ids if i >= self.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        return ([self.bos_token_id] if add_bos and self.bos_token_id is not None else []) + ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return "".join(f"<|{int(i)}|>" for i in ids)

@@ -81,14 +81,27 @@ def test_generate_with_expert_memory_prints_counters(ckpt, capsys):
 
 
 def test_server_exports_expert_metrics(ckpt):
-    from moeflash.tokenizer import ByteTokenizer
+    """A checkpoint without a tokenizer served with its experts streamed: token-id prompts (or <|id|>
+    text) in, <|id|> text out, the store's counters on /metrics."""
+    from moeflash.tokenizer import IdTokenizer
 
     from .server_util import RunningServer
 
-    model, _ = load_model(ckpt, dtype="float32", expert_memory=0.001)
-    with RunningServer(model, ByteTokenizer(), "m", "deepseek_v4") as s:
-        r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "abc", "max_tokens": 4})
+    model, tok = load_model(ckpt, dtype="float32", expert_memory=0.001)
+    assert tok is None
+    with RunningServer(model, IdTokenizer(CFG.vocab_size, 256, 257), "m", "none") as s:
+        r = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": [256, 7, 8], "max_tokens": 4,
+                                                         "temperature": 0})
         assert r.status_code == 200
+        text_out = r.json()["choices"][0]["text"]
+        again = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "<|256|><|7|><|8|>",
+                                                             "max_tokens": 4, "temperature": 0})
+        assert again.json()["choices"][0]["text"] == text_out and text_out.startswith("<|")
+        bad = httpx.post(s.url + "/v1/completions", json={"model": "m", "prompt": "plain words"})
+        assert bad.status_code == 400 and "no tokenizer" in bad.json()["error"]["message"]
+        chat = httpx.post(s.url + "/v1/chat/completions", json={"model": "m", "messages": [
+            {"role": "user", "content": "hi"}]})
+        assert chat.status_code == 400 and "no chat template" in chat.json()["error"]["message"]
         text = httpx.get(s.url + "/metrics").text
     for name in ("moeflash:expert_cache_hits_total", "moeflash:expert_cache_misses_total",
                  "moeflash:expert_cache_evictions_total", "moeflash:expert_bytes_read_total",

@@ -155,7 +155,7 @@ class ExpertStore:
     budget_bytes: int
     policy_name: str = "lfu"
     dtype: torch.dtype = torch.bfloat16
-    prefetch: bool = True
+    prefetch: bool = False
     policy_kw: dict = field(default_factory=dict)
 
     def __post_init__(self):

@@ -105,8 +105,11 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
     async def completions(request: Request):
         req: CompletionRequest = parse(CompletionRequest, await _json_body(request, config))
         _check_model(req.model, config)
-        prompts = [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
-                   for p in req.prompt]
+        try:
+            prompts = [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
+                       for p in req.prompt]
+        except ValueError as e:
+            raise APIError(400, str(e), param="prompt") from None
         for p in prompts:
             _check_ids(p, tokenizer, engine)
         return await _run(request, "text_completion", req, prompts, None)
@@ -121,9 +124,12 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
             if thinking and not encoder.supports_thinking:
                 raise ChatError("this model has no thinking mode", "thinking")
             text = encoder.encode(messages, thinking=thinking)
+            ids = tokenizer.encode(text)
         except ChatError as e:
             raise APIError(400, e.message, param=e.param) from None
-        return await _run(request, "chat.completion", req, [tokenizer.encode(text)], bool(thinking))
+        except ValueError as e:
+            raise APIError(400, str(e), param="messages") from None
+        return await _run(request, "chat.completion", req, [ids], bool(thinking))
 
     # -- generation -------------------------------------------------------------------------------
     async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None):

@@ -126,7 +126,7 @@ def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
-                          expert_policy: str = "lfu", prefetch: bool = True,
+                          expert_policy: str = "lfu", prefetch: bool = False,
                           memory_limit: float | None = None) -> Transformer:
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
 
@@ -196,7 +196,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
-               expert_policy: str = "lfu", prefetch: bool = True, memory_limit: float | None = None):
+               expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
     `expert_memory` / `expert_policy` / `prefetch` / `memory_limit`: see `load_checkpoint_model`
     (V4 checkpoint directories only)."""
