@@ -235,8 +235,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     print(f"moeflash: serving {name!r} ({type(model).__name__}, {model.embed.weight.dtype}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                                           timeout_graceful_shutdown=5))
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            # End in-flight requests first (streams get an error event and [DONE]), so the graceful
+            # shutdown does not wait for long generations to finish.
+            engine.shutdown()
+            await super().shutdown(sockets)
+
+    server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
+                                   timeout_graceful_shutdown=5))
     server._captured_signals = _Swallowed()  # a graceful stop on Ctrl-C / SIGTERM ends with status 0
     try:
         server.run()
@@ -383,6 +390,54 @@ def cmd_bench_experts(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Memory, bytes per token, tokens/s and dollars for a model on some hardware (moeflash/plan/)."""
+    from .plan.hardware import custom_hardware, get_profile, probe_hardware
+    from .plan.planner import PlanError, PlanInputs, plan
+    from .plan.report import format_plan, plot_plan, to_json
+
+    explicit = [args.bandwidth, args.flops, args.memory]
+    try:
+        if args.probe and args.hardware:
+            raise ValueError("give either --hardware NAME or --probe, not both")
+        if args.probe:
+            hw = probe_hardware(args.probe_dir, log=lambda *a: print(*a, file=sys.stderr))
+        elif args.hardware:
+            hw = get_profile(args.hardware)
+        elif all(v is not None for v in explicit):
+            hw = custom_hardware(args.bandwidth, args.flops, args.memory, args.disk_bandwidth, args.kind)
+        else:
+            raise ValueError("give --hardware NAME (cpu-2c, cpu-server, h100, h200, 8xh200), --probe, or all of "
+                             "--bandwidth GB/s --flops TFLOP/s --memory GiB [--disk-bandwidth GB/s]")
+        over = {}
+        for key, flag in (("bandwidth_gbps", "bandwidth"), ("tflops", "flops"), ("memory_gib", "memory"),
+                          ("disk_gbps", "disk_bandwidth")):
+            v = getattr(args, flag)
+            if v is not None and (args.hardware or args.probe):
+                if not v > 0:
+                    raise ValueError(f"--{flag.replace('_', '-')} must be > 0, got {v}")
+                over[key] = v
+        if over:
+            hw = hw.replace(**over, sources={**hw.sources, **{k: "given" for k in over}})
+        inputs = PlanInputs(
+            model=args.model, context=args.context, batch=args.batch, weights_dtype=args.weights_dtype,
+            dense_dtype=args.dense_dtype, expert_dtype=args.expert_dtype, state_dtype=args.state_dtype,
+            expert_memory_gib=args.expert_memory, hit_rate=args.hit_rate, prompt_len=args.prompt_len,
+            price_per_hour=args.price_per_hour, utilization=args.utilization, tokens_per_day=args.tokens_per_day,
+            output_share=args.output_share, mtp=args.mtp, decode_efficiency=args.efficiency,
+            prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead)
+        result = plan(inputs, hw)
+        if args.plot:
+            plot_plan(result, inputs, hw, args.plot)
+    except (PlanError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(to_json(result) if args.json else format_plan(result))
+    if args.plot and not args.json:
+        print(f"[plot written to {args.plot}]", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflash", description="DeepSeek-V4-class MoE inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -470,6 +525,47 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--synthetic-tokens", type=int, default=20000)
     be.add_argument("--synthetic-shape", type=int, nargs=3, default=[8, 256, 6], metavar=("LAYERS", "EXPERTS", "TOP_K"))
     be.set_defaults(func=cmd_bench_experts)
+    p_plan = sub.add_parser("plan", help="memory, tokens/s and $ per million tokens for a model on some hardware")
+    p_plan.add_argument("--model", default="v4-flash",
+                        help="v4-flash, v4-pro, another preset (mini, flash-shaped, tiny, ...) or a checkpoint directory")
+    p_plan.add_argument("--hardware", default=None,
+                        help="built-in profile: cpu-2c (this box, measured), cpu-server, h100, h200, 8xh200")
+    p_plan.add_argument("--probe", action="store_true", help="measure this machine (bandwidth, matmul, disk, "
+                        "moeflash's engine costs; about a minute)")
+    p_plan.add_argument("--probe-dir", default=None, help="where --probe writes its disk test file (or a checkpoint "
+                        "directory to read)")
+    p_plan.add_argument("--bandwidth", type=float, default=None, metavar="GB/s", help="fast-memory read bandwidth")
+    p_plan.add_argument("--flops", type=float, default=None, metavar="TFLOP/s", help="dense bf16 matmul peak")
+    p_plan.add_argument("--memory", type=float, default=None, metavar="GiB", help="fast memory (GPU HBM or RAM)")
+    p_plan.add_argument("--disk-bandwidth", type=float, default=None, metavar="GB/s", help="cold disk read speed")
+    p_plan.add_argument("--kind", choices=["cpu", "gpu"], default="cpu",
+                        help="with explicit numbers: which efficiencies apply (moeflash's CPU ones, or published GPU ones)")
+    p_plan.add_argument("--context", type=int, default=65536, help="tokens per sequence (state held and read)")
+    p_plan.add_argument("--batch", type=int, default=1, help="sequences decoded together")
+    p_plan.add_argument("--prompt-len", type=int, default=None, help="prompt length for prefill tokens/s and input "
+                        "cost (default: --context)")
+    p_plan.add_argument("--weights-dtype", choices=["bf16", "fp32", "fp8", "fp4-experts"], default=None,
+                        help="weight precision (default: the model's own; official V4 = fp4-experts: FP8 dense + FP4 experts)")
+    p_plan.add_argument("--dense-dtype", choices=["bf16", "fp32", "fp8"], default=None, help="override for dense weights")
+    p_plan.add_argument("--expert-dtype", choices=["bf16", "fp32", "fp8", "fp4"], default=None,
+                        help="override for routed experts")
+    p_plan.add_argument("--state-dtype", choices=["bf16", "fp32", "fp8"], default="bf16")
+    p_plan.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
+                        help="routed-expert budget in fast memory (default: all that fits)")
+    p_plan.add_argument("--hit-rate", type=float, default=None,
+                        help="expert cache hit rate (default: budget / all experts, uniform routing)")
+    p_plan.add_argument("--efficiency", type=float, default=None,
+                        help="decode bandwidth efficiency, 0-1 (default: the profile's measured one)")
+    p_plan.add_argument("--prefill-efficiency", type=float, default=None, help="prefill FLOP/s efficiency, 0-1")
+    p_plan.add_argument("--no-overhead", action="store_true", help="leave out moeflash's measured CPU step overhead")
+    p_plan.add_argument("--price-per-hour", type=float, default=None, metavar="$", help="default: the profile's")
+    p_plan.add_argument("--utilization", type=float, default=0.5, help="fraction of paid hours the machine is busy (0-1]")
+    p_plan.add_argument("--tokens-per-day", type=float, default=10e6, help="daily volume for the monthly cost")
+    p_plan.add_argument("--output-share", type=float, default=0.0, help="fraction of that volume that is output")
+    p_plan.add_argument("--mtp", action="store_true", help="hold the MTP module too")
+    p_plan.add_argument("--json", action="store_true", help="print one JSON object")
+    p_plan.add_argument("--plot", default=None, metavar="OUT.png", help="cost vs utilisation, tokens/s vs expert budget")
+    p_plan.set_defaults(func=cmd_plan)
     return p
 
 

@@ -6,5 +6,5 @@ only; probes import the model lazily to time it."""
 from .hardware import PROFILES, EngineCosts, Hardware, custom_hardware, get_profile, probe_hardware
 from .planner import API_PRICES, PlanError, PlanInputs, monthly_cost, plan
 
-__all__ = ["PROFILES", "EngineCosts", "Hardware", "custom_hardware", "get_profile", "probe_hardware",
-           "API_PRICES", "PlanError", "PlanInputs", "monthly_cost", "plan"]
+__all__ = ["API_PRICES", "PROFILES", "EngineCosts", "Hardware", "PlanError", "PlanInputs", "custom_hardware",
+           "get_profile", "monthly_cost", "plan", "probe_hardware"]
