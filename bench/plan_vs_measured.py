@@ -87,7 +87,7 @@ def worker(cfg: dict) -> dict:
         torch.set_num_threads(cfg["threads"])
     kw = {}
     if cfg.get("budget_gib") is not None:
-        kw = dict(expert_memory=cfg["budget_gib"], expert_policy="lfu", prefetch=True)
+        kw = dict(expert_memory=cfg["budget_gib"], expert_policy="lfu")  # the defaults: LFU, no prefetch
     t0 = time.perf_counter()
     model, _ = load_model(BENCH_DIR / cfg["preset"], dtype="bfloat16", **kw)
     if not kw:

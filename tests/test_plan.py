@@ -277,3 +277,14 @@ def test_profiles_have_sources():
 
 def test_probe_disk(tmp_path):
     assert probe_disk(tmp_path, mib=8) > 0
+
+
+def test_cost_when_the_model_cannot_run(capsys):
+    """A model that does not fit and has no lower tier runs at 0 tokens/s: the cost section says so
+    instead of dividing by zero."""
+    from moeflash.cli import main
+
+    assert main(["plan", "--model", "v4-pro", "--bandwidth", "3350", "--flops", "989", "--memory", "80",
+                 "--kind", "gpu", "--price-per-hour", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and "does not run on this hardware" in out

@@ -726,7 +726,11 @@ def monthly_cost(tokens_per_day: float, output_share: float, price_per_hour: flo
            "input_tokens": t_in, "output_tokens": t_out,
            "arithmetic": f"{tokens_per_day:,.0f} tokens/day x {DAYS_PER_MONTH} days = {month:,.0f} tokens",
            "api": api}
-    if price_per_hour is not None:
+    if price_per_hour is not None and ((t_in and not input_tps > 0) or (t_out and not output_tps > 0)):
+        out["self_hosted"] = {"cannot_serve": True,
+                              "reason": "the model does not run on this hardware as planned (0 tokens/s; "
+                                        "see the memory section)"}
+    elif price_per_hour is not None:
         hours = (t_in / input_tps if t_in else 0.0) / 3600 + (t_out / output_tps if t_out else 0.0) / 3600
         hours /= utilization
         dedicated = price_per_hour * HOURS_PER_MONTH
@@ -739,7 +743,8 @@ def monthly_cost(tokens_per_day: float, output_share: float, price_per_hour: flo
             "hours_arithmetic": (f"({t_in:,.0f} / {input_tps:,.1f} tok/s + {t_out:,.0f} / {output_tps:,.1f} tok/s)"
                                  f" / 3600 / {utilization:g} = {hours:,.1f} h"),
         }
-        per_token_s = (1 - output_share) / input_tps + output_share / output_tps
+        per_token_s = ((1 - output_share) / input_tps if output_share < 1 else 0.0) \
+            + (output_share / output_tps if output_share > 0 else 0.0)
         capacity = 86400 / per_token_s if per_token_s > 0 else math.inf
         out["self_hosted"]["capacity_tokens_per_day"] = capacity
         flash = API_PRICES[1]

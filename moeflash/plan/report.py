@@ -129,7 +129,9 @@ def format_plan(p: dict) -> str:
     for r in mo["api"]:
         out.append(f"    API {r['model']} ({r['date']}): {r['arithmetic']}")
     sh = mo.get("self_hosted")
-    if sh:
+    if sh and sh.get("cannot_serve"):
+        out.append(f"    self-hosted: {sh['reason']}")
+    elif sh:
         out.append(f"    self-hosted, dedicated: {sh['dedicated_arithmetic']} per month")
         out.append(f"    self-hosted, machine-hours the volume needs: {sh['hours_arithmetic']} "
                    f"({100 * sh['busy_fraction_of_one_machine']:.1f}% of one machine's month; "
