@@ -32,6 +32,19 @@ from ..model.layers import clamped_swiglu
 from ..weights.quant import dequant_fp4, dequant_fp8
 from .expert_policy import make_policy
 
+def _unmap_large_frees() -> None:
+    """Make glibc serve allocations of 128 KiB and more with their own mappings, returned to the OS
+    when freed. By default glibc raises that threshold after the first large frees, after which an
+    evicted expert's buffers stay in the heap: measured on flash-shaped with a 384 MiB budget, the
+    process then grew by 700 MiB instead of 540 MiB (dense 106 + cache 384 + working memory)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 128 << 10)  # M_MMAP_THRESHOLD (fixed, no longer dynamic)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
+        pass
+
+
 _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
               "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
 _PARTS = ("w1", "w2", "w3")
@@ -161,6 +174,7 @@ class ExpertStore:
     def __post_init__(self):
         c = self.config
         self.n_layers, self.n_experts = c.num_hidden_layers, c.n_routed_experts
+        _unmap_large_frees()
         probe = ResidentExpert(self.disk.read((0, 0)), c.swiglu_limit, self.dtype)
         self.expert_bytes = probe.nbytes
         capacity = self.budget_bytes // self.expert_bytes
