@@ -226,9 +226,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                                       max_state_bytes=getattr(model, "state_budget_bytes", None)))
+    # sampling defaults for requests that set none: the flags, else the model card's recommendation
+    # for SmolLM2 (temperature 0.2, top_p 0.9; at OpenAI's 1.0 a 135M model rambles), else OpenAI's 1.0
+    card = SMOLLM2_SAMPLING if args.model == "smollm2" else {}
+    temperature = args.default_temperature if args.default_temperature is not None else card.get("temperature", 1.0)
+    top_p = args.default_top_p if args.default_top_p is not None else card.get("top_p", 1.0)
+    if not 0 <= temperature <= 2 or not 0 < top_p <= 1:
+        print("error: --default-temperature must be in [0, 2] and --default-top-p in (0, 1]", file=sys.stderr)
+        return 2
     config = ServerConfig(served_model_name=name, max_model_len=max_len, api_key=args.api_key,
                           chat_family=family, price_input=args.price_input, price_output=args.price_output,
-                          price_cached=args.price_cached, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+                          price_cached=args.price_cached, max_body_bytes=int(args.max_body_mb * (1 << 20)),
+                          default_temperature=temperature, default_top_p=top_p)
     app = create_app(engine.start(), tokenizer, config)
     import uvicorn
 
@@ -283,6 +292,9 @@ def _add_expert_flags(p) -> None:
     p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
                    help="bound on dense weights + expert cache + sequence state; refused at start if the "
                         "weights alone exceed it")
+
+
+SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}  # HuggingFaceTB/SmolLM2-135M-Instruct model card
 
 
 def _default_name(model: str) -> str:
@@ -496,6 +508,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--price-output", type=float, default=0.0, help="$ per million completion tokens")
     v.add_argument("--price-cached", type=float, default=0.0, help="$ per million cached prompt tokens")
     v.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
+    v.add_argument("--default-temperature", type=float, default=None,
+                   help="temperature for requests that give none (default: 1.0, OpenAI's; smollm2: 0.2, "
+                        "its model card's)")
+    v.add_argument("--default-top-p", type=float, default=None,
+                   help="top_p for requests that give none (default: 1.0; smollm2: 0.9)")
     v.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     v.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     _add_expert_flags(v)

@@ -72,6 +72,8 @@ def test_serve_bad_flags(capsys):
     assert "exceeds the model's context length" in capsys.readouterr().err
     assert main(["serve", "--model", "tiny", "--price-input", "-1"]) == 2
     assert "--price-input" in capsys.readouterr().err
+    assert main(["serve", "--model", "tiny", "--default-temperature", "3"]) == 2
+    assert "--default-temperature" in capsys.readouterr().err
     assert main(["serve", "--model", "/no/such/model"]) == 2
     assert "neither a built-in model" in capsys.readouterr().err
 
@@ -82,8 +84,17 @@ def test_smollm2_chat_over_http_answers_in_english():
     from moeflash.weights.build import load_model
 
     model, tok = load_model("smollm2")
-    with RunningServer(model, tok, "smollm2", "template", max_model_len=2048) as s:
+    from moeflash.cli import SMOLLM2_SAMPLING
+
+    with RunningServer(model, tok, "smollm2", "template", max_model_len=2048,
+                       default_temperature=SMOLLM2_SAMPLING["temperature"],
+                       default_top_p=SMOLLM2_SAMPLING["top_p"]) as s:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        # no sampling fields: the server's SmolLM2 defaults (the model card's 0.2 / 0.9) keep it on topic
+        sampled = [c.chat.completions.create(model="smollm2", max_tokens=24, seed=i, messages=[
+            {"role": "user", "content": "What is the capital of France?"}]).choices[0].message.content
+            for i in range(3)]
+        assert sum("Paris" in t for t in sampled) >= 2, sampled
         r = c.chat.completions.create(model="smollm2", temperature=0, max_tokens=24,
                                       messages=[{"role": "user", "content": "What is the capital of France?"}])
         assert "Paris" in r.choices[0].message.content

@@ -315,3 +315,14 @@ def test_thinking_mode_splits_reasoning_content(tiny):
         assert "reasoning_content" not in (off.choices[0].message.model_extra or {})
         bad = httpx.post(s.url + CHAT, json={"model": MODEL, "messages": MSG, "thinking": {"type": "maybe"}})
         assert_error(bad, 400, param="thinking.type")
+
+
+def test_server_default_sampling_applies_when_a_request_gives_none(tiny):
+    with RunningServer(*tiny, MODEL, "deepseek_v4", default_temperature=0.0) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0)
+        implicit = c.completions.create(model=MODEL, prompt="Hello", max_tokens=8)
+        greedy = c.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=0)
+        assert implicit.choices[0].text == greedy.choices[0].text
+        hot = [c.completions.create(model=MODEL, prompt="Hello", max_tokens=8, temperature=1.5, seed=i)
+               .choices[0].text for i in range(3)]
+        assert len(set(hot)) > 1  # an explicit temperature still wins

@@ -37,6 +37,8 @@ class ServerConfig:
     price_output: float = 0.0              # dollars per million completion tokens
     price_cached: float = 0.0              # dollars per million prompt tokens served from cache
     max_body_bytes: int = 4 << 20
+    default_temperature: float = 1.0      # used when a request gives none (OpenAI's default: 1.0)
+    default_top_p: float = 1.0
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -148,7 +150,9 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         for i in range(len(prompts) * req.n):
             try:
                 params.append(SamplingParams(
-                    max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p or 1e-9,
+                    max_tokens=max_tokens,
+                    temperature=config.default_temperature if req.temperature is None else req.temperature,
+                    top_p=(config.default_top_p if req.top_p is None else req.top_p) or 1e-9,
                     top_k=req.top_k, min_p=req.min_p, seed=None if req.seed is None else req.seed + i,
                     stop=req.stop, stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
