@@ -120,7 +120,8 @@ def _fast_layout(model: Transformer) -> Transformer:
 
 def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
     """Bytes of every weight except the routed experts, as `load_checkpoint_model` stores them."""
-    return sum(p.numel() * (4 if keeps_fp32(n) or not p.dtype.is_floating_point else dtype.itemsize)
+    return sum(p.numel() * (p.element_size() if not p.dtype.is_floating_point else 4 if keeps_fp32(n)
+                            else dtype.itemsize)
                for n, p in list(model.named_parameters()) + list(model.named_buffers())
                if ".ffn.experts." not in n)
 
