@@ -250,7 +250,7 @@ _FIM_BY_NAME = {
 _ASCII_SPACE = " \t\n\v\f\r"  # C isspace(), which llama.cpp's lstrip / rstrip use
 
 
-def _byte_level_alphabet() -> dict[int, str]:
+def byte_level_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character map (bytes that print as themselves keep their character)."""
     keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     moved = [b for b in range(256) if b not in keep]
@@ -544,7 +544,7 @@ class GGUFTokenizer:
         """Each id's bytes, as llama.cpp's `llama_token_to_piece(special=True)` gives them."""
         if self._pieces is None:
             pieces: list[bytes] = []
-            unmap = {c: b for b, c in _byte_level_alphabet().items()} if self.tokenizer_model == "gpt2" else None
+            unmap = {c: b for b, c in byte_level_alphabet().items()} if self.tokenizer_model == "gpt2" else None
             for t, a in zip(self._tokens, self._attr):
                 if a in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED):
                     pieces.append(t.encode())

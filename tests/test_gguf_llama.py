@@ -23,6 +23,7 @@ from moeflash.engine import LLMEngine, SamplingParams
 from moeflash.generate import generate
 from moeflash.model.init import randomize_
 from moeflash.model.llama import Llama
+from moeflash.weights.gguf_export import byte_vocab
 from moeflash.weights.gguf import (GGUFError, GGUFFile, llama_tensor_names, load_llama_gguf,
                                    requantize)
 
@@ -126,14 +127,6 @@ TINY = LlamaConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_h
                    max_position_embeddings=512, bos_token_id=256, eos_token_id=257)
 
 
-def byte_vocab(n: int) -> list[str]:
-    """GPT-2's byte-to-unicode characters for bytes 0..255, then filler tokens up to n."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
-    extra = iter(range(256, 512))
-    chars = {b: chr(b) if b in keep else chr(next(extra)) for b in range(256)}
-    return [chars[b] for b in range(256)] + [f"<|tok{i}|>" for i in range(256, n)]
-
-
 def random_blocks(qtype, rows: int, cols: int, rng) -> np.ndarray:
     """Random quantized bytes with every f16 scale field set to a sane value (K-quants have no
     NumPy encoder, so their blocks are drawn directly)."""
@@ -172,8 +165,9 @@ def write_tiny_llama(path, qtype_name: str, seed: int = 0) -> None:
     w.add_uint32("llama.vocab_size", cfg.vocab_size)
     w.add_string("tokenizer.ggml.model", "gpt2")
     w.add_string("tokenizer.ggml.pre", "gpt-2")
-    w.add_array("tokenizer.ggml.tokens", byte_vocab(cfg.vocab_size))
-    w.add_array("tokenizer.ggml.token_type", [1] * 256 + [3] * (cfg.vocab_size - 256))
+    tokens, types = byte_vocab(cfg.vocab_size)  # bytes, DeepSeek's specials at 256.., then padding
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
     w.add_array("tokenizer.ggml.merges", ["Ġ t"])
     w.add_uint32("tokenizer.ggml.bos_token_id", cfg.bos_token_id)
     w.add_uint32("tokenizer.ggml.eos_token_id", cfg.eos_token_id)

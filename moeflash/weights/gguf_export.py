@@ -224,23 +224,10 @@ def _dense_kind(name: str, t: torch.Tensor, dense_type: str) -> str:
 # tokenizer
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's byte -> printable character map used by byte-level BPE vocabularies."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def byte_vocab(vocab_size: int, specials: dict[str, int] | None = None) -> tuple[list[str], list[int]]:
     """Tokens and token types of a byte-level vocabulary: ids 0..255 are the bytes (as GPT-2 byte
     characters), special tokens sit at their ids (CONTROL), other ids are unused padding."""
-    from ..tokenizer import BYTE_SPECIAL_TOKENS
+    from ..tokenizer import BYTE_SPECIAL_TOKENS, byte_level_alphabet
 
     if specials is None:
         specials = {t: 256 + i for i, t in enumerate(BYTE_SPECIAL_TOKENS)}
@@ -248,7 +235,7 @@ def byte_vocab(vocab_size: int, specials: dict[str, int] | None = None) -> tuple
     if vocab_size < 256:
         raise ValueError(f"a byte-level vocabulary needs at least 256 ids, the model has {vocab_size}; "
                          "pass the model's tokenizer")
-    b2u = bytes_to_unicode()
+    b2u = byte_level_alphabet()
     tokens = [b2u[b] for b in range(256)] + [f"<｜pad_{i}｜>" for i in range(256, vocab_size)]
     types = [TOKEN_NORMAL] * 256 + [TOKEN_UNUSED] * (vocab_size - 256)
     for text, i in specials.items():
@@ -470,6 +457,6 @@ def export_gguf(model: Transformer, out_path: str | Path, *, expert_type: str = 
 
 __all__ = [
     "ARCH", "DEEPSEEK_V3_SPLITS", "DENSE_TYPES", "EXPERT_TYPES", "arch_metadata", "byte_vocab",
-    "bytes_to_unicode", "check_llama_cpp_compatible", "export_gguf", "fp4_to_mxfp4", "gguf_name",
+    "check_llama_cpp_compatible", "export_gguf", "fp4_to_mxfp4", "gguf_name",
     "mxfp4_blocks",
 ]
