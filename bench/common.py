@@ -358,3 +358,19 @@ def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int)
             times.append(time.perf_counter() - t0)
         ids.append(int(nxt))
     return times, ids, nxt, st
+
+
+@torch.inference_mode()
+def moeflash_decode_and_prefill(model, prompt: torch.Tensor, long_prompt: torch.Tensor, warmup: int,
+                                tokens: int) -> dict:
+    """Batch-1 greedy decode after `prompt` (`moeflash_greedy_steps`) and a one-call prefill of
+    `long_prompt` in a fresh sequence: what the peer comparisons (transformers, llama.cpp) measure."""
+    model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
+    times, ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
+    dec = sum(times)
+    t0 = time.perf_counter()
+    x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
+    model.logits(x[-1:]).argmax(-1)
+    pre = time.perf_counter() - t0
+    return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
+            "prefill_s": pre, "prefill_tokens_per_s": long_prompt.numel() / pre, "greedy_ids": ids}

@@ -29,20 +29,7 @@ import numpy as np
 import torch
 
 from common import (BENCH_DIR, add_common_args, apply_common_args, log, machine_info, make_or_load,
-                    moeflash_greedy_steps, print_json, random_tokens, rounded)
-
-
-@torch.inference_mode()
-def bench_moeflash(model, prompt: torch.Tensor, long_prompt: torch.Tensor, warmup: int, tokens: int) -> dict:
-    model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
-    times, ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
-    dec = sum(times)
-    t0 = time.perf_counter()
-    x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
-    model.logits(x[-1:]).argmax(-1)
-    pre = time.perf_counter() - t0
-    return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
-            "prefill_tokens_per_s": long_prompt.numel() / pre, "greedy_ids": ids}
+                    moeflash_decode_and_prefill, print_json, random_tokens, rounded)
 
 
 def bench_llama_cpp(path, prompt: list[int], long_prompt: list[int], warmup: int, tokens: int,
@@ -99,7 +86,7 @@ def smollm2(args) -> dict:
     for dtype in ("bfloat16", "float32"):
         log(f"[smollm2] moeflash {dtype}")
         model, _ = load_gguf_model(files["F16"], dtype)
-        out["moeflash"][dtype] = bench_moeflash(model, prompt, long_prompt, args.warmup, args.tokens)
+        out["moeflash"][dtype] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
         del model
         gc.collect()
     for q in ("F16", "Q8_0", "Q4_1"):
@@ -130,7 +117,7 @@ def v4_mini(args) -> dict:
         files[f"{experts}+{dense}"] = path
     out = {"moeflash": {}, "llama.cpp": {}}
     log("[mini] moeflash bfloat16")
-    out["moeflash"]["bfloat16"] = bench_moeflash(model, prompt, long_prompt, args.warmup, args.tokens)
+    out["moeflash"]["bfloat16"] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
     del model
     gc.collect()
     for name, path in files.items():

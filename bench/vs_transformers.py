@@ -28,21 +28,8 @@ import time
 import torch
 
 from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
-                    machine_info, make_or_load, moeflash_greedy_steps, print_json, random_tokens,
+                    machine_info, make_or_load, moeflash_decode_and_prefill, print_json, random_tokens,
                     rounded)
-
-
-@torch.inference_mode()
-def bench_moeflash(model, prompt, tokens, warmup, long_prompt) -> dict:
-    model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
-    times, out_ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
-    dec = sum(times)
-    t0 = time.perf_counter()
-    x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
-    model.logits(x[-1:]).argmax(-1)
-    pre = time.perf_counter() - t0
-    return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
-            "prefill_s": pre, "prefill_tokens_per_s": long_prompt.numel() / pre, "greedy_ids": out_ids}
 
 
 @torch.inference_mode()
@@ -83,7 +70,7 @@ def main() -> None:
     prompt = random_tokens(cfg.vocab_size, args.prompt, args.seed)
     long_prompt = random_tokens(cfg.vocab_size, args.prefill, args.seed + 1)
     log(f"[vs_hf] moeflash ({args.dtype}): decode {args.tokens} tokens, prefill {args.prefill} ...")
-    ours = bench_moeflash(model, prompt, args.tokens, args.warmup, long_prompt)
+    ours = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
     log(f"[vs_hf]   moeflash decode {ours['decode_tokens_per_s']:.2f} tok/s, prefill "
         f"{ours['prefill_tokens_per_s']:.1f} tok/s")
     hf, hcfg = build_hf(model, args.dtype, args.hf_experts)
