@@ -79,25 +79,12 @@ def worker(cfg: dict) -> dict:
 
 def record(model, path: str) -> str:
     """Greedy-decode 4 random prompts (64 + 128 tokens) and write their routing trace."""
-    import torch
-
     from common import random_tokens
     from moeflash.engine.expert_policy import write_trace
-    from moeflash.engine.experts import RoutingRecorder
+    from moeflash.engine.experts import record_trace
 
-    rec = RoutingRecorder(model)
-    tokens = []
-    with torch.inference_mode():
-        for s in range(4):
-            st = [model.new_seq_state()]
-            x = model.forward_tokens(random_tokens(model.config.vocab_size, 64, 100 + s), st, [64])
-            tokens += rec.take()
-            nxt = model.logits(x[-1:]).argmax(-1)
-            for _ in range(128):
-                x = model.forward_tokens(nxt, st, [1])
-                tokens += rec.take()
-                nxt = model.logits(x).argmax(-1)
-    write_trace(path, tokens)
+    prompts = [random_tokens(model.config.vocab_size, 64, 100 + s).tolist() for s in range(4)]
+    write_trace(path, record_trace(model, prompts, 128)["tokens"])
     return path
 
 

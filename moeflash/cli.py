@@ -309,7 +309,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     import torch
 
     from .engine.expert_policy import write_trace
-    from .engine.experts import RoutingRecorder
+    from .engine.experts import record_trace
     from .model.v4 import Transformer
     from .weights.build import load_model
 
@@ -326,35 +326,14 @@ def cmd_trace(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rec = RoutingRecorder(model)
-    tokens, seqs, positions, token_ids = [], [], [], []
-    decode_s, decode_n = 0.0, 0
-    with torch.inference_mode():
-        for s, ids in enumerate(prompts):
-            state = model.new_seq_state()
-            x = model.forward_tokens(torch.tensor(ids), [state], [len(ids)])
-            rows = rec.take()
-            nxt = int(model.logits(x[-1:]).argmax(-1))
-            fed = list(ids)
-            for _ in range(args.max_new_tokens):
-                t0 = time.perf_counter()
-                x = model.forward_tokens(torch.tensor([nxt]), [state], [1])
-                new = int(model.logits(x).argmax(-1))
-                decode_s += time.perf_counter() - t0
-                decode_n += 1
-                rows += rec.take()
-                fed.append(nxt)
-                nxt = new
-            tokens += rows
-            seqs += [s] * len(rows)
-            positions += list(range(len(rows)))
-            token_ids += fed
-    write_trace(args.out, tokens, seqs, positions, token_ids)
+    t = record_trace(model, prompts, args.max_new_tokens)
+    tokens = t["tokens"]
+    write_trace(args.out, tokens, t["seqs"], t["positions"], t["token_ids"])
     c = model.config
     per_expert = sum(p.numel() * p.element_size() for p in model.layers[0].ffn.experts[0].parameters())
     meta = {"model": str(args.model), "layers": c.num_hidden_layers, "experts": c.n_routed_experts,
             "top_k": c.num_experts_per_tok, "expert_bytes": per_expert, "tokens": len(tokens),
-            "decode_ms_per_token": 1e3 * decode_s / decode_n if decode_n else None}
+            "decode_ms_per_token": 1e3 * t["decode_seconds"] / t["decode_steps"] if t["decode_steps"] else None}
     Path(str(args.out) + ".meta.json").write_text(json.dumps(meta, indent=1))
     print(json.dumps({"out": str(args.out), **meta}))
     return 0

@@ -326,6 +326,37 @@ class RoutingRecorder:
         return tokens
 
 
+@torch.inference_mode()
+def record_trace(model, prompts: list[list[int]], max_new_tokens: int) -> dict:
+    """Run each prompt alone (prefill, then `max_new_tokens` greedy steps) and record which experts
+    every token used. Returns the trace (`tokens`, one per-layer list of ids per token), its
+    `seqs` / `positions` / `token_ids`, and the decode time (`decode_seconds` over `decode_steps`)."""
+    import time
+
+    rec = RoutingRecorder(model)
+    out = {"tokens": [], "seqs": [], "positions": [], "token_ids": [], "decode_seconds": 0.0, "decode_steps": 0}
+    for s, ids in enumerate(prompts):
+        state = model.new_seq_state()
+        x = model.forward_tokens(torch.tensor(ids), [state], [len(ids)])
+        rows = rec.take()
+        nxt = int(model.logits(x[-1:]).argmax(-1))
+        fed = list(ids)
+        for _ in range(max_new_tokens):
+            t0 = time.perf_counter()
+            x = model.forward_tokens(torch.tensor([nxt]), [state], [1])
+            new = int(model.logits(x).argmax(-1))
+            out["decode_seconds"] += time.perf_counter() - t0
+            out["decode_steps"] += 1
+            rows += rec.take()
+            fed.append(nxt)
+            nxt = new
+        out["tokens"] += rows
+        out["seqs"] += [s] * len(rows)
+        out["positions"] += list(range(len(rows)))
+        out["token_ids"] += fed
+    return out
+
+
 def disk_read_gbps(path: str | Path, nbytes: int = 256 << 20, block: int = 8 << 20) -> float:
     """Cold read bandwidth of a checkpoint's files (GB/s): pages dropped from the page cache first
     (posix_fadvise DONTNEED; effective for files this process has not memory-mapped), then read."""
