@@ -103,14 +103,14 @@ def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Tran
     return _fast_layout(cast_(model, resolve_dtype(dtype, cfg)))
 
 
-def _fast_layout(model: Transformer) -> Transformer:
+def _fast_layout(model: Transformer, pack_experts: bool = True) -> Transformer:
     """Per dtype, the weight layout measured fastest here: fp32 weights input-major (model/layout.py);
-    bf16 routed experts packed for grouped matmuls (model/moe.py); projections of the same input
-    fused (model/attention.py)."""
+    bf16 routed experts packed for grouped matmuls (model/moe.py; not when an expert store serves
+    them); projections of the same input fused (model/attention.py)."""
     w = model.embed.weight
     if w.device.type == "cpu" and w.dtype == torch.float32:
         input_major_(model)
-    elif w.dtype == torch.bfloat16:
+    elif w.dtype == torch.bfloat16 and pack_experts:
         for layer in list(model.layers) + list(model.mtp):
             layer.ffn.pack_experts_()
     for layer in list(model.layers) + list(model.mtp):  # after input_major_: keeps its layout
@@ -189,11 +189,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
 
     store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch)
     store.attach(model)
-    for layer in model.layers:  # fused projections only: the experts live in the store
-        layer.attn.fuse_projections_()
-    if torch_dtype == torch.float32:
-        input_major_(model)
-    return model.eval()
+    return _fast_layout(model.eval(), pack_experts=False)
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
