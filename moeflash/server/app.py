@@ -138,7 +138,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         chat = kind == "chat.completion"
         max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens
                       or config.max_model_len - max(len(p) for p in prompts))
-        for i, p in enumerate(prompts):
+        for p in prompts:
             if len(p) + max_tokens > config.max_model_len:
                 raise APIError(400, f"this model's maximum context length is {config.max_model_len} tokens; "
                                f"the prompt has {len(p)} tokens and max_tokens is {max_tokens} ({len(p) + max_tokens} "
