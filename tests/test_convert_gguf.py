@@ -16,7 +16,7 @@ from moeflash.tokenizer import ByteTokenizer
 from moeflash.weights.build import load_model
 from moeflash.weights.save import save_checkpoint
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 (the test extra) runs the GGUF")
+from .llama_oracle import llama_cpp
 pytest.importorskip("gguf", reason="the gguf package writes GGUF files")
 
 # the tiny preset within llama.cpp's deepseek4 limits (hc_mult 4, CSA 4 / HCA 128, indexer dim 64)

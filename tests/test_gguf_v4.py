@@ -98,8 +98,9 @@ def prompt() -> list[int]:
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp", reason="llama-cpp-python (llama.cpp with the deepseek4 "
-                               "architecture, 0.3.36+) is not installed")
+    from .llama_oracle import require
+
+    return require()
 
 
 @contextlib.contextmanager

