@@ -1,0 +1,494 @@
+// moeflash native kernels: products on weights kept at their storage precision.
+//
+// Formats (moeflash/weights/quant.py):
+//   FP8 e4m3 weight [N, K] (uint8 bits), fp32 multipliers [ceil(N/128), ceil(K/128)] per 128x128 block.
+//   FP4 e2m1 weight [N, K/2] (two codes a byte, element 2k in the low nibble), UE8M0 exponent bytes
+//   [N, K/32] per 32 consecutive inputs of a row.
+// All products accumulate in fp32. Each output element is computed by the same sequence of operations
+// whatever M (the number of input rows) is, so a row's result does not depend on which other rows share
+// the call (batch invariance). The code path (AVX-512, AVX2+FMA+F16C, scalar) is chosen at run time from
+// the CPU's features; MOEFLASH_ISA=scalar|avx2|avx512 can lower it (never raise it past the CPU).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
+
+Isa detect_isa() {
+  int best = SCALAR;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = AVX2;
+  if (best == AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl"))
+    best = AVX512;
+#endif
+  const char* env = std::getenv("MOEFLASH_ISA");
+  if (env) {
+    std::string s(env);
+    int want = s == "scalar" ? SCALAR : s == "avx2" ? AVX2 : s == "avx512" ? AVX512 : best;
+    if (want < best) best = want;
+  }
+  return static_cast<Isa>(best);
+}
+
+Isa isa() {
+  static const Isa chosen = detect_isa();
+  return chosen;
+}
+
+// ---- scalar decoding -----------------------------------------------------------------------------
+
+struct Tables {
+  float e4m3[256];
+  float e2m1[16];
+  Tables() {
+    for (int b = 0; b < 256; ++b) {
+      int s = b >> 7, e = (b >> 3) & 0xF, m = b & 7;
+      float v = e == 0 ? std::ldexp(m / 8.0f, -6) : std::ldexp(1.0f + m / 8.0f, e - 7);
+      if (e == 15 && m == 7) v = NAN;
+      e4m3[b] = s ? -v : v;
+    }
+    const float mags[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    for (int c = 0; c < 16; ++c) e2m1[c] = (c & 8) ? -mags[c & 7] : mags[c & 7];
+  }
+};
+
+const Tables& tables() {
+  static const Tables t;
+  return t;
+}
+
+inline float e8m0(uint8_t b) {
+  if (b == 0) return std::ldexp(1.0f, -127);
+  if (b == 255) return NAN;
+  uint32_t bits = static_cast<uint32_t>(b) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// ---- FP8 e4m3 rows -------------------------------------------------------------------------------
+// y[m, n] = sum_b s[n/128, b] * sum_{k in block b} x[m, k] * w[n, k], for rows n in [n0, n1).
+// The e4m3 byte is widened into fp16 bits (sign << 15 | magnitude << 7), converted by the F16C unit and
+// corrected by 2^8 (the bias difference, 15 - 7), folded into the block's scale. fp16 subnormals convert
+// exactly, so e4m3 subnormals need no special case.
+
+constexpr int FP8_BLOCK = 128;
+constexpr int FP4_GROUP = 32;
+constexpr int MT = 4;  // rows of x handled together (accumulators live in registers)
+
+void fp8_rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb,
+                     float* y, int64_t N, int64_t n0, int64_t n1) {
+  const float* lut = tables().e4m3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * K;
+    const float* sr = s + (n / FP8_BLOCK) * kb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = x + m * K;
+      float acc = 0.0f;
+      for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+        int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK);
+        float part = 0.0f;
+        for (int64_t k = k0; k < k1; ++k) part = std::fma(lut[wr[k]], xr[k], part);
+        acc = std::fma(part, sr[k0 / FP8_BLOCK], acc);
+      }
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline __m256 e4m3x8_avx2(const uint8_t* p) {
+  __m128i h = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  __m128i sign = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x80)), 8);
+  __m128i mag = _mm_slli_epi16(_mm_and_si128(h, _mm_set1_epi16(0x7F)), 7);
+  return _mm256_cvtph_ps(_mm_or_si128(sign, mag));
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_movehdup_ps(lo));
+  return _mm_cvtss_f32(lo);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void fp8_rows_avx2(const float* x, int64_t M, int64_t K,
+                                                             const uint8_t* w, const float* s, int64_t kb,
+                                                             float* y, int64_t N, int64_t n0, int64_t n1) {
+  const float* lut = tables().e4m3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * K;
+    const float* sr = s + (n / FP8_BLOCK) * kb;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+      float acc[MT] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+        int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK);
+        int64_t kv = k0 + ((k1 - k0) / 8) * 8;
+        __m256 part[MT];
+        for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
+        for (int64_t k = k0; k < kv; k += 8) {
+          __m256 wv = e4m3x8_avx2(wr + k);
+          for (int i = 0; i < mt; ++i) part[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + i) * K + k), part[i]);
+        }
+        float sc = sr[k0 / FP8_BLOCK];
+        for (int i = 0; i < mt; ++i) {
+          float p = hsum_avx2(part[i]) * 256.0f;
+          for (int64_t k = kv; k < k1; ++k) p = std::fma(lut[wr[k]], x[(m0 + i) * K + k], p);
+          acc[i] = std::fma(p, sc, acc[i]);
+        }
+      }
+      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = acc[i];
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) inline __m512 e4m3x16_avx512(const uint8_t* p) {
+  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __m256i sign = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x80)), 8);
+  __m256i mag = _mm256_slli_epi16(_mm256_and_si256(h, _mm256_set1_epi16(0x7F)), 7);
+  return _mm512_cvtph_ps(_mm256_or_si256(sign, mag));
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void fp8_rows_avx512(
+    const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y, int64_t N,
+    int64_t n0, int64_t n1) {
+  const float* lut = tables().e4m3;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * K;
+    const float* sr = s + (n / FP8_BLOCK) * kb;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+      float acc[MT] = {0.0f, 0.0f, 0.0f, 0.0f};
+      for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+        int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK);
+        int64_t kv = k0 + ((k1 - k0) / 16) * 16;
+        __m512 part[MT];
+        for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
+        for (int64_t k = k0; k < kv; k += 16) {
+          __m512 wv = e4m3x16_avx512(wr + k);
+          for (int i = 0; i < mt; ++i) part[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + i) * K + k), part[i]);
+        }
+        float sc = sr[k0 / FP8_BLOCK];
+        for (int i = 0; i < mt; ++i) {
+          float p = _mm512_reduce_add_ps(part[i]) * 256.0f;
+          for (int64_t k = kv; k < k1; ++k) p = std::fma(lut[wr[k]], x[(m0 + i) * K + k], p);
+          acc[i] = std::fma(p, sc, acc[i]);
+        }
+      }
+      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = acc[i];
+    }
+  }
+}
+
+// Products in the vector paths sum 8 or 16 partial lanes; the scalar path sums in order. The paths differ
+// by fp32 rounding only (tested against the plain-torch reference), never by CPU within one path.
+
+// ---- FP4 e2m1 rows -------------------------------------------------------------------------------
+// x is first de-interleaved per 32-group: [16 even elements][16 odd elements], so the low nibbles of 16
+// bytes multiply the evens and the high nibbles the odds, with no shuffle of the weights.
+
+void deinterleave(const float* x, int64_t M, int64_t K, float* out) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < K; g += FP4_GROUP)
+      for (int j = 0; j < FP4_GROUP / 2; ++j) {
+        out[m * K + g + j] = x[m * K + g + 2 * j];
+        out[m * K + g + 16 + j] = x[m * K + g + 2 * j + 1];
+      }
+}
+
+void fp4_rows_scalar(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s, float* y,
+                     int64_t N, int64_t n0, int64_t n1) {
+  const float* lut = tables().e2m1;
+  const int64_t G = K / FP4_GROUP;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    const uint8_t* sr = s + n * G;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* xr = xd + m * K;
+      float acc = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        float part = 0.0f;
+        for (int j = 0; j < 16; ++j) {
+          uint8_t b = wr[g * 16 + j];
+          part = std::fma(lut[b & 0xF], xr[g * 32 + j], part);
+          part = std::fma(lut[b >> 4], xr[g * 32 + 16 + j], part);
+        }
+        acc = std::fma(part, e8m0(sr[g]), acc);
+      }
+      y[m * N + n] = acc;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void fp4_rows_avx2(const float* xd, int64_t M, int64_t K,
+                                                             const uint8_t* w, const uint8_t* s, float* y,
+                                                             int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / FP4_GROUP;
+  const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8), fifteen = _mm256_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    const uint8_t* sr = s + n * G;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+      __m256 acc[MT];
+      for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 sc = _mm256_set1_ps(e8m0(sr[g]));
+        __m256 wv[4];  // lo codes 0-7, lo 8-15, hi 0-7, hi 8-15
+        for (int half = 0; half < 2; ++half) {
+          __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + g * 16 + half * 8)));
+          __m256i codes[2] = {_mm256_and_si256(b, fifteen), _mm256_srli_epi32(b, 4)};
+          for (int c = 0; c < 2; ++c) {
+            __m256 mag = _mm256_permutevar8x32_ps(mags, _mm256_and_si256(codes[c], seven));
+            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[c], eight), 28);
+            wv[c * 2 + half] = _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+          }
+        }
+        for (int i = 0; i < mt; ++i) {
+          const float* xr = xd + (m0 + i) * K + g * 32;
+          __m256 p = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xr));
+          p = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xr + 8), p);
+          p = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xr + 16), p);
+          p = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xr + 24), p);
+          acc[i] = _mm256_fmadd_ps(p, sc, acc[i]);
+        }
+      }
+      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = hsum_avx2(acc[i]);
+    }
+  }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void fp4_rows_avx512(
+    const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s, float* y, int64_t N, int64_t n0,
+    int64_t n1) {
+  const int64_t G = K / FP4_GROUP;
+  const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
+                                    -2.0f, -3.0f, -4.0f, -6.0f);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * (K / 2);
+    const uint8_t* sr = s + n * G;
+    for (int64_t m0 = 0; m0 < M; m0 += MT) {
+      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
+      __m512 acc[MT];
+      for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
+      for (int64_t g = 0; g < G; ++g) {
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * 16)));
+        __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
+        __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+        __m512 sc = _mm512_set1_ps(e8m0(sr[g]));
+        for (int i = 0; i < mt; ++i) {
+          const float* xr = xd + (m0 + i) * K + g * 32;
+          __m512 p = _mm512_mul_ps(wlo, _mm512_loadu_ps(xr));
+          p = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xr + 16), p);
+          acc[i] = _mm512_fmadd_ps(p, sc, acc[i]);
+        }
+      }
+      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = _mm512_reduce_add_ps(acc[i]);
+    }
+  }
+}
+
+// ---- dispatch helpers ----------------------------------------------------------------------------
+
+void fp8_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y,
+              int64_t N, int64_t n0, int64_t n1) {
+  switch (isa()) {
+    case AVX512: return fp8_rows_avx512(x, M, K, w, s, kb, y, N, n0, n1);
+    case AVX2: return fp8_rows_avx2(x, M, K, w, s, kb, y, N, n0, n1);
+    default: return fp8_rows_scalar(x, M, K, w, s, kb, y, N, n0, n1);
+  }
+}
+
+void fp4_rows(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s, float* y, int64_t N,
+              int64_t n0, int64_t n1) {
+  switch (isa()) {
+    case AVX512: return fp4_rows_avx512(xd, M, K, w, s, y, N, n0, n1);
+    case AVX2: return fp4_rows_avx2(xd, M, K, w, s, y, N, n0, n1);
+    default: return fp4_rows_scalar(xd, M, K, w, s, y, N, n0, n1);
+  }
+}
+
+// Rows per task: enough work to amortise scheduling, small enough to spread over the threads.
+int64_t grain(int64_t N, int64_t M, int64_t K) {
+  int64_t per_row = std::max<int64_t>(1, M * K);
+  return std::max<int64_t>(1, std::min<int64_t>(N, (1 << 16) / per_row + 1));
+}
+
+void check_x(const at::Tensor& x, int64_t K, const char* op) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
+  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " columns but the weight has ", K, " inputs");
+}
+
+// ---- ops -----------------------------------------------------------------------------------------
+
+at::Tensor fp8_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& s_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1, "fp8_linear: weight must be [N, K] of 1-byte e4m3");
+  const int64_t N = w_in.size(0), K = w_in.size(1);
+  check_x(x_in, K, "fp8_linear");
+  const int64_t nb = (N + FP8_BLOCK - 1) / FP8_BLOCK, kb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+  TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == nb && s_in.size(1) == kb && s_in.scalar_type() == at::kFloat,
+              "fp8_linear: scale must be float32 [", nb, ", ", kb, "], got ", s_in.scalar_type(), " ", s_in.sizes());
+  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), s = s_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const float* sp = s.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { fp8_rows(xp, M, K, wp, sp, kb, yp, N, n0, n1); });
+  return y;
+}
+
+at::Tensor fp4_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::Tensor& s_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1, "fp4_linear: weight must be [N, K/2] packed bytes");
+  const int64_t N = w_in.size(0), K = 2 * w_in.size(1);
+  TORCH_CHECK(K % FP4_GROUP == 0, "fp4_linear: inputs (", K, ") must be a multiple of ", FP4_GROUP);
+  check_x(x_in, K, "fp4_linear");
+  TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == N && s_in.size(1) == K / FP4_GROUP && s_in.element_size() == 1,
+              "fp4_linear: scale must be UE8M0 bytes [", N, ", ", K / FP4_GROUP, "], got ", s_in.sizes());
+  at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), s = s_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  at::Tensor xd = at::empty_like(x);
+  deinterleave(x.data_ptr<float>(), M, K, xd.data_ptr<float>());
+  const float* xp = xd.data_ptr<float>();
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const uint8_t* sp = static_cast<const uint8_t*>(s.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { fp4_rows(xp, M, K, wp, sp, yp, N, n0, n1); });
+  return y;
+}
+
+// Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
+// x [T, D]; idx [T, k] expert ids; wts [T, k] route weights; w13 [E, 2I, D/2] (w1 rows then w3 rows),
+// s13 [E, 2I, D/32]; w2 [E, D, I/2], s2 [E, D, I/32]; limit: the SwiGLU clamp (<= 0: none).
+// Returns sum_j wts[t, j] * expert_{idx[t, j]}(x[t]) [T, D] in fp32. Experts run in increasing id order
+// and each token's contributions are added in that order, whatever other tokens share the call.
+at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::Tensor& wts_in, const at::Tensor& w13,
+                   const at::Tensor& s13, const at::Tensor& w2, const at::Tensor& s2, double limit) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "moe_fp4: x must be float32 [T, D]");
+  TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.element_size() == 1 && w2.element_size() == 1,
+              "moe_fp4: w13 / w2 must be packed bytes [E, rows, cols/2]");
+  const int64_t T = x_in.size(0), D = x_in.size(1), E = w13.size(0), I2 = w13.size(1), I = I2 / 2;
+  TORCH_CHECK(2 * w13.size(2) == D && w2.size(0) == E && w2.size(1) == D && 2 * w2.size(2) == I,
+              "moe_fp4: shapes disagree: x ", x_in.sizes(), ", w13 ", w13.sizes(), ", w2 ", w2.sizes());
+  TORCH_CHECK(D % FP4_GROUP == 0 && I % FP4_GROUP == 0, "moe_fp4: dims must be multiples of ", FP4_GROUP);
+  TORCH_CHECK(s13.dim() == 3 && s13.size(0) == E && s13.size(1) == I2 && s13.size(2) == D / FP4_GROUP &&
+              s2.dim() == 3 && s2.size(0) == E && s2.size(1) == D && s2.size(2) == I / FP4_GROUP &&
+              s13.element_size() == 1 && s2.element_size() == 1, "moe_fp4: scales must be UE8M0 bytes");
+  TORCH_CHECK(idx_in.dim() == 2 && idx_in.size(0) == T && wts_in.sizes() == idx_in.sizes(),
+              "moe_fp4: idx and wts must both be [T, k]");
+  at::Tensor x = x_in.contiguous(), idx = idx_in.to(at::kLong).contiguous(), wts = wts_in.to(at::kFloat).contiguous();
+  at::Tensor w13c = w13.contiguous(), s13c = s13.contiguous(), w2c = w2.contiguous(), s2c = s2.contiguous();
+  const int64_t k = idx.size(1);
+  at::Tensor out = at::zeros({T, D}, x.options());
+  if (T == 0) return out;
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const float* wtp = wts.data_ptr<float>();
+  // tokens of each expert, in token order
+  std::vector<std::vector<std::pair<int64_t, float>>> rows(E);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      int64_t e = ip[t * k + j];
+      TORCH_CHECK(e >= 0 && e < E, "moe_fp4: expert id ", e, " outside [0, ", E, ")");
+      rows[e].emplace_back(t, wtp[t * k + j]);
+    }
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const uint8_t* w13p = static_cast<const uint8_t*>(w13c.data_ptr());
+  const uint8_t* s13p = static_cast<const uint8_t*>(s13c.data_ptr());
+  const uint8_t* w2p = static_cast<const uint8_t*>(w2c.data_ptr());
+  const uint8_t* s2p = static_cast<const uint8_t*>(s2c.data_ptr());
+  std::vector<float> xs, xd, h, act, actd, y;
+  const float lim = static_cast<float>(limit);
+  for (int64_t e = 0; e < E; ++e) {
+    const auto& r = rows[e];
+    const int64_t m = static_cast<int64_t>(r.size());
+    if (m == 0) continue;
+    xs.resize(m * D); xd.resize(m * D); h.resize(m * I2); act.resize(m * I); actd.resize(m * I); y.resize(m * D);
+    for (int64_t i = 0; i < m; ++i) std::memcpy(&xs[i * D], xp + r[i].first * D, D * sizeof(float));
+    deinterleave(xs.data(), m, D, xd.data());
+    const uint8_t* we = w13p + e * I2 * (D / 2);
+    const uint8_t* se = s13p + e * I2 * (D / FP4_GROUP);
+    at::parallel_for(0, I2, grain(I2, m, D), [&](int64_t n0, int64_t n1) { fp4_rows(xd.data(), m, D, we, se, h.data(), I2, n0, n1); });
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t c = 0; c < I; ++c) {
+        float g = h[i * I2 + c], u = h[i * I2 + I + c];
+        if (lim > 0) { g = std::min(g, lim); u = std::max(-lim, std::min(u, lim)); }
+        act[i * I + c] = g / (1.0f + std::exp(-g)) * u;
+      }
+    deinterleave(act.data(), m, I, actd.data());
+    const uint8_t* w2e = w2p + e * D * (I / 2);
+    const uint8_t* s2e = s2p + e * D * (I / FP4_GROUP);
+    at::parallel_for(0, D, grain(D, m, I), [&](int64_t n0, int64_t n1) { fp4_rows(actd.data(), m, I, w2e, s2e, y.data(), D, n0, n1); });
+    for (int64_t i = 0; i < m; ++i) {
+      float* o = op + r[i].first * D;
+      const float wt = r[i].second;
+      for (int64_t c = 0; c < D; ++c) o[c] = std::fma(wt, y[i * D + c], o[c]);
+    }
+  }
+  return out;
+}
+
+// Decode to float32: FP8 [N, K] with block multipliers, for the tiled prefill path and for references.
+at::Tensor dequant_fp8(const at::Tensor& w_in, const at::Tensor& s_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1, "dequant_fp8: weight must be [N, K] of 1-byte e4m3");
+  const int64_t N = w_in.size(0), K = w_in.size(1), kb = (K + FP8_BLOCK - 1) / FP8_BLOCK;
+  TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == (N + FP8_BLOCK - 1) / FP8_BLOCK && s_in.size(1) == kb &&
+              s_in.scalar_type() == at::kFloat, "dequant_fp8: scale must be float32 per 128x128 block");
+  at::Tensor w = w_in.contiguous(), s = s_in.contiguous();
+  at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  const float* sp = s.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float* lut = tables().e4m3;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) op[n * K + k] = lut[wp[n * K + k]] * sp[(n / FP8_BLOCK) * kb + k / FP8_BLOCK];
+  });
+  return out;
+}
+
+std::string isa_name() {
+  switch (isa()) {
+    case AVX512: return "avx512";
+    case AVX2: return "avx2";
+    default: return "scalar";
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY(moeflash, m) {
+  m.def("fp8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("fp4_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
+  m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit) -> Tensor");
+  m.def("dequant_fp8(Tensor weight, Tensor scale) -> Tensor");
+  m.def("isa", &isa_name);
+}
+
+TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
+  m.impl("fp8_linear", &fp8_linear);
+  m.impl("fp4_linear", &fp4_linear);
+  m.impl("moe_fp4", &moe_fp4);
+  m.impl("dequant_fp8", &dequant_fp8);
+}
