@@ -88,7 +88,6 @@ inline float e8m0(uint8_t b) {
 
 constexpr int FP8_BLOCK = 128;
 constexpr int FP4_GROUP = 32;
-constexpr int MT = 4;  // rows of x handled together (accumulators live in registers)
 
 void fp8_rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb,
                      float* y, int64_t N, int64_t n0, int64_t n1) {
@@ -125,33 +124,47 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
+// One output row n against R rows of x (R a compile-time constant, so accumulators stay in registers).
+// Per 128-block: lanes accumulate w * x, then the block's scale multiplies the lane vector into the
+// running sum; one horizontal sum at the end. The order is the same for every R.
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) inline void fp8_row_avx2(const float* x, int64_t K, const uint8_t* wr,
+                                                                  const float* sr, float* y, int64_t N) {
+  const float* lut = tables().e4m3;
+  __m256 acc[R];
+  float tail[R];
+  for (int i = 0; i < R; ++i) { acc[i] = _mm256_setzero_ps(); tail[i] = 0.0f; }
+  for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 8) * 8;
+    __m256 part[R];
+    for (int i = 0; i < R; ++i) part[i] = _mm256_setzero_ps();
+    for (int64_t k = k0; k < kv; k += 8) {
+      const __m256 wv = e4m3x8_avx2(wr + k);
+      for (int i = 0; i < R; ++i) part[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * K + k), part[i]);
+    }
+    const float sc = sr[k0 / FP8_BLOCK];
+    const __m256 scv = _mm256_set1_ps(sc * 256.0f);
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm256_fmadd_ps(part[i], scv, acc[i]);
+      for (int64_t k = kv; k < k1; ++k) tail[i] = std::fma(lut[wr[k]] * sc, x[i * K + k], tail[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(acc[i]) + tail[i];
+}
+
 __attribute__((target("avx2,fma,f16c"))) void fp8_rows_avx2(const float* x, int64_t M, int64_t K,
                                                              const uint8_t* w, const float* s, int64_t kb,
                                                              float* y, int64_t N, int64_t n0, int64_t n1) {
-  const float* lut = tables().e4m3;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * K;
     const float* sr = s + (n / FP8_BLOCK) * kb;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
-      float acc[MT] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
-        int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK);
-        int64_t kv = k0 + ((k1 - k0) / 8) * 8;
-        __m256 part[MT];
-        for (int i = 0; i < MT; ++i) part[i] = _mm256_setzero_ps();
-        for (int64_t k = k0; k < kv; k += 8) {
-          __m256 wv = e4m3x8_avx2(wr + k);
-          for (int i = 0; i < mt; ++i) part[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + (m0 + i) * K + k), part[i]);
-        }
-        float sc = sr[k0 / FP8_BLOCK];
-        for (int i = 0; i < mt; ++i) {
-          float p = hsum_avx2(part[i]) * 256.0f;
-          for (int64_t k = kv; k < k1; ++k) p = std::fma(lut[wr[k]], x[(m0 + i) * K + k], p);
-          acc[i] = std::fma(p, sc, acc[i]);
-        }
-      }
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = acc[i];
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) fp8_row_avx2<4>(x + m * K, K, wr, sr, y + m * N + n, N);
+    switch (M - m) {
+      case 3: fp8_row_avx2<3>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 2: fp8_row_avx2<2>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 1: fp8_row_avx2<1>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      default: break;
     }
   }
 }
@@ -163,33 +176,45 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) inline __m512 e4m3
   return _mm512_cvtph_ps(_mm256_or_si256(sign, mag));
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void fp8_rows_avx512(
-    const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y, int64_t N,
-    int64_t n0, int64_t n1) {
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
+
+template <int R>
+AVX512_TARGET inline void fp8_row_avx512(const float* x, int64_t K, const uint8_t* wr, const float* sr, float* y,
+                                         int64_t N) {
   const float* lut = tables().e4m3;
+  __m512 acc[R];
+  float tail[R];
+  for (int i = 0; i < R; ++i) { acc[i] = _mm512_setzero_ps(); tail[i] = 0.0f; }
+  for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 16) * 16;
+    __m512 part[R];
+    for (int i = 0; i < R; ++i) part[i] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < kv; k += 16) {
+      const __m512 wv = e4m3x16_avx512(wr + k);
+      for (int i = 0; i < R; ++i) part[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), part[i]);
+    }
+    const float sc = sr[k0 / FP8_BLOCK];
+    const __m512 scv = _mm512_set1_ps(sc * 256.0f);
+    for (int i = 0; i < R; ++i) {
+      acc[i] = _mm512_fmadd_ps(part[i], scv, acc[i]);
+      for (int64_t k = kv; k < k1; ++k) tail[i] = std::fma(lut[wr[k]] * sc, x[i * K + k], tail[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+}
+
+AVX512_TARGET void fp8_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s,
+                                   int64_t kb, float* y, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * K;
     const float* sr = s + (n / FP8_BLOCK) * kb;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
-      float acc[MT] = {0.0f, 0.0f, 0.0f, 0.0f};
-      for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
-        int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK);
-        int64_t kv = k0 + ((k1 - k0) / 16) * 16;
-        __m512 part[MT];
-        for (int i = 0; i < MT; ++i) part[i] = _mm512_setzero_ps();
-        for (int64_t k = k0; k < kv; k += 16) {
-          __m512 wv = e4m3x16_avx512(wr + k);
-          for (int i = 0; i < mt; ++i) part[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + (m0 + i) * K + k), part[i]);
-        }
-        float sc = sr[k0 / FP8_BLOCK];
-        for (int i = 0; i < mt; ++i) {
-          float p = _mm512_reduce_add_ps(part[i]) * 256.0f;
-          for (int64_t k = kv; k < k1; ++k) p = std::fma(lut[wr[k]], x[(m0 + i) * K + k], p);
-          acc[i] = std::fma(p, sc, acc[i]);
-        }
-      }
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = acc[i];
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) fp8_row_avx512<4>(x + m * K, K, wr, sr, y + m * N + n, N);
+    switch (M - m) {
+      case 3: fp8_row_avx512<3>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 2: fp8_row_avx512<2>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 1: fp8_row_avx512<1>(x + m * K, K, wr, sr, y + m * N + n, N); break;
+      default: break;
     }
   }
 }
@@ -234,72 +259,93 @@ void fp4_rows_scalar(const float* xd, int64_t M, int64_t K, const uint8_t* w, co
   }
 }
 
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) inline void fp4_row_avx2(const float* xd, int64_t K, const uint8_t* wr,
+                                                                  const uint8_t* sr, float* y, int64_t N) {
+  const int64_t G = K / FP4_GROUP;
+  const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
+  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8), fifteen = _mm256_set1_epi32(15);
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m256 sc = _mm256_set1_ps(e8m0(sr[g]));
+    __m256 wv[4];  // low codes 0-7, low 8-15, high 0-7, high 8-15
+    for (int half = 0; half < 2; ++half) {
+      __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + g * 16 + half * 8)));
+      __m256i codes[2] = {_mm256_and_si256(b, fifteen), _mm256_srli_epi32(b, 4)};
+      for (int c = 0; c < 2; ++c) {
+        __m256 mag = _mm256_permutevar8x32_ps(mags, _mm256_and_si256(codes[c], seven));
+        __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[c], eight), 28);
+        wv[c * 2 + half] = _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      const float* xr = xd + i * K + g * 32;
+      __m256 p = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xr));
+      p = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xr + 8), p);
+      p = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xr + 16), p);
+      p = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xr + 24), p);
+      acc[i] = _mm256_fmadd_ps(p, sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(acc[i]);
+}
+
 __attribute__((target("avx2,fma,f16c"))) void fp4_rows_avx2(const float* xd, int64_t M, int64_t K,
                                                              const uint8_t* w, const uint8_t* s, float* y,
                                                              int64_t N, int64_t n0, int64_t n1) {
   const int64_t G = K / FP4_GROUP;
-  const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
-  const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8), fifteen = _mm256_set1_epi32(15);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const uint8_t* sr = s + n * G;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
-      __m256 acc[MT];
-      for (int i = 0; i < MT; ++i) acc[i] = _mm256_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 sc = _mm256_set1_ps(e8m0(sr[g]));
-        __m256 wv[4];  // lo codes 0-7, lo 8-15, hi 0-7, hi 8-15
-        for (int half = 0; half < 2; ++half) {
-          __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + g * 16 + half * 8)));
-          __m256i codes[2] = {_mm256_and_si256(b, fifteen), _mm256_srli_epi32(b, 4)};
-          for (int c = 0; c < 2; ++c) {
-            __m256 mag = _mm256_permutevar8x32_ps(mags, _mm256_and_si256(codes[c], seven));
-            __m256i sign = _mm256_slli_epi32(_mm256_and_si256(codes[c], eight), 28);
-            wv[c * 2 + half] = _mm256_xor_ps(mag, _mm256_castsi256_ps(sign));
-          }
-        }
-        for (int i = 0; i < mt; ++i) {
-          const float* xr = xd + (m0 + i) * K + g * 32;
-          __m256 p = _mm256_mul_ps(wv[0], _mm256_loadu_ps(xr));
-          p = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xr + 8), p);
-          p = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xr + 16), p);
-          p = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xr + 24), p);
-          acc[i] = _mm256_fmadd_ps(p, sc, acc[i]);
-        }
-      }
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = hsum_avx2(acc[i]);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) fp4_row_avx2<4>(xd + m * K, K, wr, sr, y + m * N + n, N);
+    switch (M - m) {
+      case 3: fp4_row_avx2<3>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 2: fp4_row_avx2<2>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 1: fp4_row_avx2<1>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      default: break;
     }
   }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) void fp4_rows_avx512(
-    const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s, float* y, int64_t N, int64_t n0,
-    int64_t n1) {
+template <int R>
+AVX512_TARGET inline void fp4_row_avx512(const float* xd, int64_t K, const uint8_t* wr, const uint8_t* sr, float* y,
+                                         int64_t N) {
   const int64_t G = K / FP4_GROUP;
   const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
                                     -2.0f, -3.0f, -4.0f, -6.0f);
   const __m512i fifteen = _mm512_set1_epi32(15);
+  __m512 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * 16)));
+    const __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
+    const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+    const __m512 sc = _mm512_set1_ps(e8m0(sr[g]));
+    for (int i = 0; i < R; ++i) {
+      const float* xr = xd + i * K + g * 32;
+      __m512 p = _mm512_mul_ps(wlo, _mm512_loadu_ps(xr));
+      p = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xr + 16), p);
+      acc[i] = _mm512_fmadd_ps(p, sc, acc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(acc[i]);
+}
+
+AVX512_TARGET void fp4_rows_avx512(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s,
+                                   float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t G = K / FP4_GROUP;
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const uint8_t* sr = s + n * G;
-    for (int64_t m0 = 0; m0 < M; m0 += MT) {
-      int mt = static_cast<int>(std::min<int64_t>(MT, M - m0));
-      __m512 acc[MT];
-      for (int i = 0; i < MT; ++i) acc[i] = _mm512_setzero_ps();
-      for (int64_t g = 0; g < G; ++g) {
-        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * 16)));
-        __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
-        __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
-        __m512 sc = _mm512_set1_ps(e8m0(sr[g]));
-        for (int i = 0; i < mt; ++i) {
-          const float* xr = xd + (m0 + i) * K + g * 32;
-          __m512 p = _mm512_mul_ps(wlo, _mm512_loadu_ps(xr));
-          p = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xr + 16), p);
-          acc[i] = _mm512_fmadd_ps(p, sc, acc[i]);
-        }
-      }
-      for (int i = 0; i < mt; ++i) y[(m0 + i) * N + n] = _mm512_reduce_add_ps(acc[i]);
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) fp4_row_avx512<4>(xd + m * K, K, wr, sr, y + m * N + n, N);
+    switch (M - m) {
+      case 3: fp4_row_avx512<3>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 2: fp4_row_avx512<2>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      case 1: fp4_row_avx512<1>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      default: break;
     }
   }
 }

@@ -1,0 +1,85 @@
+"""Compute on weights at their storage precision: FP8 block-scaled linears, FP4 experts, fused MoE.
+
+Every op has a plain-torch reference (`reference.py`) and a native CPU path (`native/quant_ops.cpp`,
+loaded by `build.py` as `torch.ops.moeflash.*`) that picks AVX-512, AVX2 or scalar code from the CPU's
+features at run time. The native path is used for CPU tensors when the library could be built; the
+reference otherwise (and on other devices). Both accumulate in fp32 and return fp32.
+
+Decode (up to `ROW_KERNEL_MAX_ROWS` input rows) runs the row kernel, which reads each weight byte once
+per call and computes every output element in the same order whatever the number of rows (batch
+invariance). Larger inputs (prefill) decode the weight tile by tile into fp32 and use torch's GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from .build import load as _load_native
+from .build import status
+
+__all__ = ["fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+           "ROW_KERNEL_MAX_ROWS"]
+
+# Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
+ROW_KERNEL_MAX_ROWS = 16
+_TILE_ROWS = 256  # output rows decoded to fp32 at a time on the GEMM path (bounded scratch memory)
+
+
+def native(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and _load_native()
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1]).float().contiguous()
+
+
+def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    if native(weight):
+        return torch.ops.moeflash.dequant_fp8(weight.view(torch.uint8), scale.float())
+    return reference.dequant_fp8(weight, scale)
+
+
+def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return reference.dequant_fp4(packed, scale)
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W.T for W = e4m3 weight [N, K] x fp32 block scale [ceil(N/128), ceil(K/128)] -> fp32 [..., N]."""
+    x2 = _rows(x)
+    n = weight.shape[0]
+    if not native(weight):
+        y = reference.fp8_linear(x2, weight, scale)
+    elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
+        y = torch.ops.moeflash.fp8_linear(x2, weight.view(torch.uint8), scale.float())
+    else:
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        w8, s = weight.view(torch.uint8), scale.float()
+        for r0 in range(0, n, _TILE_ROWS):  # _TILE_ROWS is a multiple of the 128-row scale block
+            r1 = min(n, r0 + _TILE_ROWS)
+            tile = torch.ops.moeflash.dequant_fp8(w8[r0:r1], s[r0 // 128: -(-r1 // 128)])
+            torch.mm(x2, tile.t(), out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], n)
+
+
+def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ W.T for W = e2m1 codes [N, K/2] x UE8M0 scale [N, K/32] -> fp32 [..., N]."""
+    x2 = _rows(x)
+    n = packed.shape[0]
+    if native(packed) and x2.shape[1] % 32 == 0:
+        y = torch.ops.moeflash.fp4_linear(x2, packed.view(torch.uint8), scale.view(torch.uint8))
+    else:
+        y = reference.fp4_linear(x2, packed, scale)
+    return y.view(*x.shape[:-1], n)
+
+
+def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
+            w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+    """All (token, expert) pairs of one MoE layer in one call over packed FP4 experts: x [T, D], idx and
+    weights [T, k], w13 [E, 2I, D/2] (w1 rows then w3 rows), s13 [E, 2I, D/32], w2 [E, D, I/2],
+    s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]."""
+    if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
+        return torch.ops.moeflash.moe_fp4(x.float().contiguous(), idx, weights.float(), w13.view(torch.uint8),
+                                          s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
+                                          float(limit))
+    return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)

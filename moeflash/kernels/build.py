@@ -1,0 +1,127 @@
+"""Build and load the native kernels (native/quant_ops.cpp) as torch custom ops (`torch.ops.moeflash.*`).
+
+Why our own build: the project installs without ninja or a CUDA toolchain, and a small C++ file compiled
+once per (source, torch, compiler) into a cache folder is all the kernels need. `make install` builds it
+(`python -m moeflash.kernels.build`); a first use builds it if that did not happen. The library is
+compiled for the generic x86-64 baseline; its AVX2 and AVX-512 functions carry their own target
+attributes and are called only when the CPU reports the features, so one build runs on every x86 CPU.
+Without a compiler, or if the build fails, `load()` returns False and callers use the plain-torch
+references in `reference.py` (slower, same results within fp32 rounding).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native") / "quant_ops.cpp"
+_state: dict = {}
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MOEFLASH_KERNEL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "moeflash", "kernels")
+    return Path(base)
+
+
+def _compiler() -> str | None:
+    for cc in (os.environ.get("CXX"), "g++", "c++", "clang++"):
+        if cc and shutil.which(cc):
+            return cc
+    return None
+
+
+FLAGS = ["-O3", "-std=c++20", "-shared", "-fPIC", "-fopenmp"]
+
+
+def _key(cxx: str) -> str:
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        version = ""
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), torch.__version__.encode(), version.encode(), sys.version.encode(),
+                 " ".join(FLAGS).encode()):
+        h.update(part)
+    return h.hexdigest()[:16]
+
+
+def library_path() -> Path | None:
+    cxx = _compiler()
+    return None if cxx is None else _cache_dir() / _key(cxx) / "moeflash_kernels.so"
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the library if it is not in the cache; returns its path. Raises RuntimeError on failure."""
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler (g++, c++ or clang++) found; the plain-torch kernels are used")
+    out = library_path()
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    with open(out.parent / ".lock", "w") as lock:  # two processes may build at once (tests, servers)
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out.exists():
+            return out
+        tmp = out.with_suffix(f".{os.getpid()}.tmp")
+        abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+        cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp),
+               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{sysconfig.get_paths()['include']}"]
+        cmd += [f"-I{p}" for p in include_paths()]
+        cmd += [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
+        cmd += ["-lc10", "-ltorch", "-ltorch_cpu"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            tmp.unlink(missing_ok=True)
+            raise RuntimeError(f"building the native kernels failed ({' '.join(cmd[:3])} ...):\n{r.stderr[-3000:]}")
+        if verbose and r.stderr:
+            print(r.stderr, file=sys.stderr)
+        os.replace(tmp, out)
+    return out
+
+
+def load() -> bool:
+    """Load the native ops once per process (building them if needed); False if they cannot be had.
+    MOEFLASH_KERNELS=torch forces the plain-torch references."""
+    if "ok" in _state:
+        return _state["ok"]
+    ok = False
+    if os.environ.get("MOEFLASH_KERNELS", "").lower() != "torch":
+        try:
+            torch.ops.load_library(str(build()))
+            ok = True
+        except (RuntimeError, OSError) as e:
+            _state["error"] = str(e)
+    _state["ok"] = ok
+    return ok
+
+
+def status() -> dict:
+    """What the kernels run on: native (with its instruction-set path) or the torch references."""
+    if load():
+        return {"kernels": "native", "isa": torch.ops.moeflash.isa(), "library": str(library_path())}
+    return {"kernels": "torch", "why": _state.get("error", "MOEFLASH_KERNELS=torch")}
+
+
+if __name__ == "__main__":
+    import json
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        path = build(verbose=True)
+    except RuntimeError as e:
+        print(f"moeflash kernels: {e}", file=sys.stderr)
+        sys.exit(0)  # the install goes on: the plain-torch kernels work everywhere
+    print(json.dumps({**status(), "seconds": round(time.perf_counter() - t0, 1)}))

@@ -1,0 +1,63 @@
+"""Plain-torch references for the native kernels: the same maths, written for clarity, not speed.
+
+They define what the native ops must compute (tests compare the two), and they run wherever the native
+library cannot be built. Formats as in native/quant_ops.cpp: FP8 e4m3 bytes with fp32 multipliers per
+128x128 block; FP4 e2m1 codes two a byte (element 2k low nibble) with UE8M0 exponent bytes per 32 inputs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+FP8_BLOCK = 128
+FP4_GROUP = 32
+_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:
+    """UE8M0 exponent bytes -> fp32 multipliers 2**(b - 127) (255 = NaN)."""
+    b = s.view(torch.uint8).to(torch.int32)
+    m = torch.ldexp(torch.ones(b.shape, dtype=torch.float32, device=b.device), b - 127)
+    return torch.where(b == 255, torch.full_like(m, float("nan")), m)
+
+
+def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[N, K] e4m3 bytes (uint8 or float8_e4m3fn) x fp32 [ceil(N/128), ceil(K/128)] -> fp32 [N, K]."""
+    n, k = weight.shape
+    w = weight.view(torch.float8_e4m3fn).float()
+    s = scale.float().repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    return w * s
+
+
+def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[..., N, K/2] packed codes x UE8M0 [..., N, K/32] -> fp32 [..., N, K]."""
+    p = packed.view(torch.uint8).to(torch.int64)
+    codes = torch.stack((p & 0xF, p >> 4), dim=-1).flatten(-2)
+    w = _E2M1.to(packed.device)[codes]
+    return w * e8m0_to_float(scale).repeat_interleave(FP4_GROUP, -1)[..., : w.shape[-1]]
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), dequant_fp8(weight, scale))
+
+
+def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), dequant_fp4(packed, scale))
+
+
+def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
+            w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{idx[t, j]}(x[t]); expert(x) = w2(SwiGLU(w1 x, w3 x)) with w13 = [w1; w3]."""
+    x = x.float()
+    out = torch.zeros_like(x)
+    inter = w13.shape[1] // 2
+    for e in torch.unique(idx).tolist():
+        t, j = (idx == e).nonzero(as_tuple=True)
+        h = fp4_linear(x[t], w13[e], s13[e])
+        gate, up = h[:, :inter], h[:, inter:]
+        if limit > 0:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        y = fp4_linear(F.silu(gate) * up, w2[e], s2[e])
+        out.index_add_(0, t, y * weights[t, j].float()[:, None])
+    return out
