@@ -120,16 +120,25 @@ def matmul_probe(n: int = 2048, dtype: torch.dtype | str = torch.float32, iters:
 # ---------------------------------------------------------------------------------------------------
 # bytes a decode step reads
 
+QUANT_BUFFERS = (".qweight", ".scale", ".q13", ".s13", ".q2", ".s2")  # weights held at storage precision
+
+
 def is_routed_expert_param(name: str) -> bool:
-    return ".ffn.experts." in name
+    return ".ffn.experts." in name or name.endswith((".ffn.q13", ".ffn.s13", ".ffn.q2", ".ffn.s2"))
+
+
+def weight_tensors(model):
+    """(name, tensor) of every weight as stored: parameters, plus FP8 / FP4 weights kept as buffers."""
+    yield from model.named_parameters()
+    yield from ((n, b) for n, b in model.named_buffers() if n.endswith(QUANT_BUFFERS))
 
 
 def param_bytes(model) -> dict:
-    """Storage bytes of the main model's parameters (MTP excluded): dense (no routed experts, no
+    """Storage bytes of the main model's weights (MTP excluded): dense (no routed experts, no
     embedding), embedding table, head, one routed expert (mean), and the embedding row size."""
     dense = routed = embed = head = 0
     n_routed = 0
-    for name, p in model.named_parameters():
+    for name, p in weight_tensors(model):
         if name.startswith("mtp."):
             continue
         b = p.numel() * p.element_size()

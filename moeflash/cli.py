@@ -138,7 +138,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         else:
             from .weights.build import load_model
 
-            model, tokenizer = load_model(args.model, dtype=args.dtype)
+            # export reads per-expert weights: decode at load (a streaming converter is issue 12's item 6)
+            model, tokenizer = load_model(args.model, dtype=args.dtype, dequantize=True)
             if not isinstance(model, Transformer):
                 print("error: --to gguf exports DeepSeek-V4 checkpoints; this model already came from a "
                       "GGUF-compatible format", file=sys.stderr)
@@ -164,8 +165,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         from .weights.save import save_checkpoint
 
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-        out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)))
-        info["dtype"] = args.dtype
+        out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)), official=args.official)
+        info.update(dtype=args.dtype, official=args.official)
     print(json.dumps({"out": str(out), "to": args.to, **info,
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
@@ -275,7 +276,7 @@ class _Swallowed(list):
 
 def _expert_args(args) -> dict:
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
-            "prefetch": args.prefetch, "memory_limit": args.memory_limit}
+            "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize}
 
 
 def _add_expert_flags(p) -> None:
@@ -289,6 +290,9 @@ def _add_expert_flags(p) -> None:
     p.add_argument("--prefetch", action="store_true",
                    help="predict the next layer's experts and load them on a background thread (off by "
                         "default: measured slower here, see BENCHMARKS.md)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="decode FP8 / FP4 checkpoint weights to --dtype at load (the plain-torch reference path; "
+                        "default: keep them at storage precision and compute on them with the kernels)")
     p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
                    help="bound on dense weights + expert cache + sequence state; refused at start if the "
                         "weights alone exceed it")
@@ -467,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="safetensors storage dtype (mHC, sinks, position and router biases stay float32); "
                         "with --model, the dtype the checkpoint is read into")
     c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB (safetensors)")
+    c.add_argument("--official", action="store_true",
+                   help="safetensors in DeepSeek's official format: FP8 e4m3 attention / shared-expert "
+                        "linears with 128x128 block scales, FP4 e2m1 routed experts with per-32 scales")
     c.add_argument("--expert-type", choices=["mxfp4", "q8_0", "bf16", "f16", "f32"], default="mxfp4",
                    help="GGUF type of the routed experts (MXFP4: lossless from official FP4 experts)")
     c.add_argument("--dense-type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",

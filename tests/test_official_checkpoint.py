@@ -80,10 +80,20 @@ def test_official_fp8_fp4_checkpoint_matches_transformers(official):
     assert stored["layers.1.ffn.experts.0.w1.weight"].dtype == torch.int8
     assert stored["layers.1.attn.wq_a.weight"].dtype == torch.float8_e4m3fn
     assert stored["layers.1.attn.wq_a.scale"].shape == (1, 2)  # partial 128-blocks
-    model, tok = load_model(path, dtype="float32")
-    assert tok is None and model.config.num_nextn_predict_layers == 1
-    for name, t in model.state_dict().items():  # MTP included
+    reference, tok = load_model(path, dtype="float32", dequantize=True)  # decoded at load: the reference path
+    assert tok is None and reference.config.num_nextn_predict_layers == 1
+    for name, t in reference.state_dict().items():  # MTP included
         assert torch.equal(t, truth[name].to(t.dtype)), name
+    model, _ = load_model(path, dtype="float32")  # storage precision
+    held = decoded_state(model)
+    assert set(held) == set(truth)
+    for name, t in held.items():
+        assert torch.equal(t, truth[name].to(t.dtype)), name
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Fp8Linear" in kinds and all(layer.ffn.fp4 for layer in model.layers)
+    q = model.layers[1].attn.wq_a
+    assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 160)  # 1 byte a weight
+    assert model.layers[1].ffn.q13.shape == (CFG.n_routed_experts, 128, 80)  # 2 codes a byte
 
     hcfg = transformers.DeepseekV4Config(**CFG.to_hf_kwargs())
     hf = transformers.DeepseekV4ForCausalLM(hcfg).eval().float()
@@ -93,12 +103,36 @@ def test_official_fp8_fp4_checkpoint_matches_transformers(official):
     ids = torch.randint(0, CFG.vocab_size, (1, 48), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         ref = hf(ids, use_cache=False).logits
-        full = model(ids)
-        state = model.new_state(1)
-        chunked = torch.cat([model(ids[:, a:b], state) for a, b in ((0, 21), (21, 22), (22, 48))], 1)
-    diff = max((full - ref).abs().max().item(), (chunked - ref).abs().max().item())
-    print(f"[official] max|dlogit| vs transformers on dequantized weights = {diff:.3e}")
-    assert diff <= 1e-4
+        for label, m in (("decoded at load", reference), ("storage precision", model)):
+            full = m(ids)
+            state = m.new_state(1)
+            chunked = torch.cat([m(ids[:, a:b], state) for a, b in ((0, 21), (21, 22), (22, 48))], 1)
+            diff = max((full - ref).abs().max().item(), (chunked - ref).abs().max().item())
+            print(f"[official, {label}] max|dlogit| vs transformers on dequantized weights = {diff:.3e}")
+            assert diff <= 1e-4
+
+
+def decoded_state(model) -> dict:
+    """The model's weights under their internal names, FP8 / FP4 ones decoded (independently of the kernels)."""
+    from moeflash.kernels.linear import Fp8Linear
+    from moeflash.model.moe import MoE
+
+    out, skip = {}, set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, Fp8Linear):
+            out[f"{name}.weight"] = dequant_fp8(mod.qweight.view(torch.float8_e4m3fn), mod.scale)
+            skip.update({f"{name}.qweight", f"{name}.scale"})
+        elif isinstance(mod, MoE) and mod.fp4:
+            inter = mod.q13.shape[1] // 2
+            for j in range(mod.q13.shape[0]):
+                w13 = dequant_fp4(mod.q13[j].view(torch.int8), mod.s13[j].view(torch.float8_e8m0fnu))
+                out[f"{name}.experts.{j}.w1.weight"] = w13[:inter]
+                out[f"{name}.experts.{j}.w3.weight"] = w13[inter:]
+                out[f"{name}.experts.{j}.w2.weight"] = dequant_fp4(mod.q2[j].view(torch.int8),
+                                                                   mod.s2[j].view(torch.float8_e8m0fnu))
+            skip.update(f"{name}.{b}" for b in ("q13", "s13", "q2", "s2"))
+    out.update({n: t for n, t in model.state_dict().items() if n not in skip})
+    return out
 
 
 def test_cli_generate_from_official_checkpoint(official, capsys):

@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
+from ..kernels.linear import FP8_BLOCK, Fp8Linear
 from .layers import FusedLinears, RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
 
@@ -111,9 +112,16 @@ class Attention(nn.Module):
                 sl = slice(seg.offset + a, seg.offset + b)
                 out[sl] = self._attend({k: v[sl] for k, v in rows.items()}, st, seg.start + a, inv_freq)
         out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
-        wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
-        low = torch.einsum("sgi,gri->sgr", out.reshape(n, self.o_groups, -1), wo_a.to(out.dtype))
-        return self.wo_b(low.flatten(1))
+        grouped = out.reshape(n, self.o_groups, -1)
+        if isinstance(self.wo_a, Fp8Linear) and self.o_lora_rank % FP8_BLOCK == 0:
+            r = self.o_lora_rank  # each group's rows are whole scale blocks: one FP8 product per group
+            if "_wo_a_groups" not in self.__dict__:  # a plain list: views, not registered submodules
+                self.__dict__["_wo_a_groups"] = [self.wo_a.rows(g * r, (g + 1) * r) for g in range(self.o_groups)]
+            low = torch.cat([m(grouped[:, g]) for g, m in enumerate(self.__dict__["_wo_a_groups"])], 1)
+        else:
+            wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
+            low = torch.einsum("sgi,gri->sgr", grouped, wo_a.to(out.dtype)).flatten(1)
+        return self.wo_b(low)
 
     def _block_size(self, seg: Segment) -> int:
         """Query rows per block so that scores and gathered keys stay within SCORE_BUDGET."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.linear import Fp8Linear
+
 
 class RMSNorm(nn.Module):
     """Weighted RMSNorm; statistics and the weight multiply in fp32."""
@@ -108,14 +110,22 @@ class FusedLinears:
     A decode step is a long chain of small matrix-vector products whose fixed cost per call (tens of
     microseconds here) rivals their memory time; projections of the same input fused into one call
     pay it once. The modules' weights become row slices (views) of the fused matrix, so names, state
-    dicts and memory stay as they were; the fused matrix keeps the layout of the originals."""
+    dicts and memory stay as they were; the fused matrix keeps the layout of the originals.
+    FP8 layers (kernels.linear.Fp8Linear) fuse the same way when their 128-row scale blocks line up;
+    otherwise, or when the layers mix formats, each layer runs on its own."""
 
-    def __init__(self, mods: list[nn.Linear]):
+    def __init__(self, mods: list[nn.Module]):
+        self.sizes = [m.out_features for m in mods]
+        self.mods, self.fp8, self.weight = mods, None, None
+        if all(isinstance(m, Fp8Linear) for m in mods):
+            self.fp8 = Fp8Linear.fuse(mods)
+            return
+        if not all(isinstance(m, nn.Linear) for m in mods):
+            return  # mixed formats: run one by one
         ws = [m.weight.detach() for m in mods]
         fused = torch.cat(ws)
         if ws[0].dim() == 2 and ws[0].stride(0) == 1 and ws[0].shape[0] > 1:  # input-major storage
             fused = fused.t().contiguous().t()
-        self.sizes = [w.shape[0] for w in ws]
         start = 0
         for m, n in zip(mods, self.sizes):
             m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
@@ -123,4 +133,8 @@ class FusedLinears:
         self.weight = fused
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        if self.weight is not None:
+            return F.linear(x, self.weight).split(self.sizes, dim=-1)
+        if self.fp8 is not None:
+            return self.fp8(x).split(self.sizes, dim=-1)
+        return tuple(m(x) for m in self.mods)

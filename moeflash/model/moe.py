@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
+from ..kernels import moe_fp4
 from .layers import SwiGLU, clamped_swiglu
 
 # torch >= 2.10 has a grouped matmul with a CPU kernel: all of a layer's routed experts in one call
@@ -75,12 +76,27 @@ class MoE(nn.Module):
         self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
         self.w13: torch.Tensor | None = None  # [E, 2I, dim] packed w1|w3 (see pack_experts_)
         self.w2: torch.Tensor | None = None   # [E, dim, I]
+        self.limit = config.swiglu_limit
+        self.fp4 = False  # routed experts held as FP4 codes (see hold_fp4_)
+
+    @torch.no_grad()
+    def hold_fp4_(self, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> None:
+        """Hold the routed experts as the official checkpoint stores them: e2m1 codes two a byte with
+        UE8M0 scales per 32 inputs, w1 and w3 stacked (q13 [E, 2I, dim/2], s13 [E, 2I, dim/32]; q2
+        [E, dim, I/2], s2 [E, dim, I/32]). All (token, expert) pairs of a call then run in one fused
+        kernel (kernels.moe_fp4), and the per-expert modules are dropped: the buffers are the experts."""
+        self.register_buffer("q13", q13.view(torch.uint8))
+        self.register_buffer("s13", s13.view(torch.uint8))
+        self.register_buffer("q2", q2.view(torch.uint8))
+        self.register_buffer("s2", s2.view(torch.uint8))
+        self.experts = nn.ModuleList()
+        self.fp4 = True
 
     @torch.no_grad()
     def pack_experts_(self) -> None:
         """Store all routed experts in two stacked tensors (the per-expert parameters become views
         of them, so names, state dicts and memory stay the same) and use grouped matmuls."""
-        if GROUPED_MM is None or self.w13 is not None:
+        if GROUPED_MM is None or self.w13 is not None or self.fp4:
             return
         inter = self.experts[0].w1.weight.shape[0]
         w13 = torch.stack([torch.cat((e.w1.weight, e.w3.weight)) for e in self.experts])
@@ -98,6 +114,12 @@ class MoE(nn.Module):
         weights, idx = self.gate(flat, ids.reshape(-1))
         if self.on_route is not None:
             self.on_route(flat, ids.reshape(-1), idx)
+        if self.fp4 and self.provider is None:
+            self.last_experts = torch.unique(idx)
+            out = moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
+            if self.shared_experts is not None:
+                out = out + self.shared_experts(flat)
+            return out.view(shape)
         out = torch.zeros_like(flat)
         if self.w13 is not None and self.provider is None:
             self._grouped(flat, weights, idx, out)

@@ -36,7 +36,8 @@ def _available_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig,
+                  params_in_dtype: int | None = None) -> torch.dtype:
     """`auto`: float32 whenever fp32 weights fit in 40% of free RAM, bfloat16 only when they do not.
 
     Not by CPU: bf16 answers depend on which kernel rounds them. SmolLM2-135M, with residual channels
@@ -44,14 +45,15 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig) -
     with nonsense on an AMX Xeon and under AVX2 (the same weights, other bf16 kernels); in fp32 it
     answers Paris on all three, as llama.cpp does on the same file. fp32 also decodes faster than bf16
     where torch's bf16 matrix-vector products are slow (BENCHMARKS.md, "dtype auto"). The distance
-    each dtype moves the logits is measured by bench/dtype_tolerance.py."""
+    each dtype moves the logits is measured by bench/dtype_tolerance.py. `params_in_dtype`: how many
+    parameters will be held in this dtype (default: all of them; weights kept FP8 / FP4 do not count)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in DTYPES:
         return DTYPES[dtype]
     if dtype != "auto":
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
-    fp32_bytes = 4 * _total_parameters(config)
+    fp32_bytes = 4 * (params_in_dtype if params_in_dtype is not None else _total_parameters(config))
     return torch.float32 if fp32_bytes <= 0.4 * _available_ram() else torch.bfloat16
 
 
@@ -122,36 +124,48 @@ def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                           expert_policy: str = "lfu", prefetch: bool = False,
-                          memory_limit: float | None = None) -> Transformer:
+                          memory_limit: float | None = None, dequantize: bool = False) -> Transformer:
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
 
-    With `expert_memory` (GiB) the routed experts are not loaded: an `ExpertStore` serves them from
-    the checkpoint files through a cache of that size (engine/experts.py). `memory_limit` (GiB) bounds
-    dense weights + expert cache (+ the state the engine may hold, `model.state_budget_bytes`); a
-    limit the dense part alone exceeds is refused before anything is read."""
+    Quantized weights stay at their storage precision (weights/storage.py): FP8 linears as FP8 with
+    their block scales, FP4 routed experts packed; `dequantize=True` decodes them to `dtype` instead
+    (the plain-torch reference path). With `expert_memory` (GiB) the routed experts are not loaded: an
+    `ExpertStore` serves them from the checkpoint files through a cache of that size
+    (engine/experts.py). `memory_limit` (GiB) bounds dense weights + expert cache (+ the state the
+    engine may hold, `model.state_budget_bytes`); a limit the dense part alone exceeds is refused
+    before anything is read."""
     from .loader import Checkpoint, check
+    from .storage import check_materialised, load_quantized, plan, stored_bytes
 
     path = Path(path)
     cfg = ModelConfig.from_json(path)
     ckpt = Checkpoint.open(path)
     if cfg.num_nextn_predict_layers and not any(n.startswith("mtp.") for n in ckpt.names()):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # HF checkpoints carry no MTP weights
-    torch_dtype = resolve_dtype(dtype, cfg)
+    streamed = expert_memory is not None
+    if streamed and cfg.num_nextn_predict_layers:
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP's experts are not served by the store
     with torch.device("meta"):
         model = Transformer(cfg)
-    if expert_memory is not None and cfg.num_nextn_predict_layers:
-        cfg = cfg.replace(num_nextn_predict_layers=0)  # MTP's experts are not served by the store
-        with torch.device("meta"):
-            model = Transformer(cfg)
-    streamed = expert_memory is not None
-    expected = {n: t for n, t in model.state_dict().items()
-                if not (streamed and ".ffn.experts." in n)}  # names and shapes only (meta tensors)
+    meta = dict(model.state_dict())  # names and shapes only (meta tensors)
+    expected = {n: t for n, t in meta.items() if not (streamed and ".ffn.experts." in n)}
     budget = int(expert_memory * (1 << 30)) if streamed else 0
     if streamed and budget <= 0:
         raise ValueError(f"--expert-memory must be > 0 GiB, got {expert_memory}")
-    dense = dense_bytes(model, torch_dtype)
-    if not streamed:
-        dense += sum(p.numel() * torch_dtype.itemsize for n, p in model.named_parameters() if ".ffn.experts." in n)
+    skip = (["mtp."] + [f"layers.{i}.ffn.experts." for i in range(cfg.num_hidden_layers)]) if streamed else []
+    check(ckpt, expected, skip)
+    if streamed:  # the store reads the experts, whose shapes `check` skipped: check them here
+        check(ckpt, {n: t for n, t in meta.items() if ".ffn.experts." in n and not n.startswith("mtp.")},
+              [n for n in ckpt.names() if ".ffn.experts." not in n or n.startswith("mtp.")])
+    held = plan(ckpt, model, list(expected)) if not dequantize else None
+    # `auto` weighs only what is held in the compute dtype (not FP8 / FP4 weights, not streamed experts)
+    in_dtype = sum(t.numel() for n, t in expected.items() if not (held and held.quantized(n)))
+    torch_dtype = resolve_dtype(dtype, cfg, in_dtype)
+    dense = 0
+    for n, t in expected.items():
+        q = stored_bytes(ckpt, held, n, t.numel()) if held else None
+        dense += q if q is not None else t.numel() * (t.element_size() if not t.dtype.is_floating_point
+                                                      else 4 if keeps_fp32(n) else torch_dtype.itemsize)
     if memory_limit is not None:
         limit = int(memory_limit * (1 << 30))
         if dense + budget > limit:
@@ -159,25 +173,24 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
             raise ValueError(f"--memory-limit {memory_limit:g} GiB is too small: the {what} need "
                              f"{dense / 2**30:.2f} GiB" + (f" and the expert cache {budget / 2**30:.2f} GiB" if streamed
                                                            else "") + f", {(dense + budget) / 2**30:.2f} GiB in all")
-    skip = (["mtp."] + [f"layers.{i}.ffn.experts." for i in range(cfg.num_hidden_layers)]) if streamed else []
-    check(ckpt, expected, skip)
-    if streamed:  # the store reads the experts, whose shapes `check` skipped: check them here
-        check(ckpt, {n: t for n, t in model.state_dict().items() if ".ffn.experts." in n and not n.startswith("mtp.")},
-              [n for n in ckpt.names() if ".ffn.experts." not in n or n.startswith("mtp.")])
     state = {}
     for name, spec in expected.items():  # read and convert one tensor at a time
+        if held and held.quantized(name):
+            continue
         t = ckpt.get(name)
-        if t.dtype.is_floating_point:
-            t = t.to(torch.float32 if keeps_fp32(name) else torch_dtype)
-        elif t.dtype != spec.dtype:
-            t = t.to(spec.dtype)
-        state[name] = t
+        # copy=True: a tensor read without conversion would otherwise keep the whole file mapped
+        want = (torch.float32 if keeps_fp32(name) else torch_dtype) if t.dtype.is_floating_point else spec.dtype
+        state[name] = t.to(want, copy=not streamed)
     model.load_state_dict(state, strict=False, assign=True)
+    if held:
+        load_quantized(ckpt, model, held)
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
     model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
     model.state_budget_bytes = (int(memory_limit * (1 << 30)) - dense - budget) if memory_limit is not None else None
     if not streamed:
+        check_materialised(model)
+        ckpt.close()  # unmaps the files: their pages no longer count as this process's memory
         return _fast_layout(model.eval())
     from ..engine.experts import DiskExperts, ExpertStore
 
@@ -187,9 +200,10 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
-               expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None):
+               expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
+               dequantize: bool = False):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
-    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit`: see `load_checkpoint_model`
+    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit` / `dequantize`: see `load_checkpoint_model`
     (V4 checkpoint directories only)."""
     name = str(spec)
     if (expert_memory is not None or memory_limit is not None) and not Path(name).is_dir():
@@ -209,5 +223,5 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     if not path.is_dir():
         raise FileNotFoundError(f"--model {name!r} is neither a built-in model (tiny, smollm2), a .gguf "
                                 "file nor a checkpoint directory")
-    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit)
+    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize)
     return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)

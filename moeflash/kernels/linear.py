@@ -1,0 +1,59 @@
+"""A linear layer whose weight stays FP8 e4m3 with 128x128 block scales, as the official checkpoint holds it.
+
+Why: the weight is read at 1 byte per element on every call instead of 2 (bf16) or 4 (fp32) bytes, and
+the product accumulates in fp32 (kernels.fp8_linear). Buffers, not parameters: `qweight` (uint8 bits of
+e4m3, so dtype casts of the model leave it alone) and `scale` (fp32 multipliers); `model.to(device)`
+moves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import dequant_fp8, fp8_linear
+
+FP8_BLOCK = 128
+
+
+class Fp8Linear(nn.Module):
+    def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
+        super().__init__()
+        out_features, in_features = qweight.shape
+        want = (-(-out_features // FP8_BLOCK), -(-in_features // FP8_BLOCK))
+        if tuple(scale.shape) != want:
+            raise ValueError(f"FP8 weight {tuple(qweight.shape)} needs a scale grid {want}, got {tuple(scale.shape)}")
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", qweight.view(torch.uint8))
+        self.register_buffer("scale", scale.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.qweight, self.scale).to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The decoded fp32 weight [out, in] (a new tensor: for export and reference paths, not decode)."""
+        return dequant_fp8(self.qweight, self.scale)
+
+    def rows(self, start: int, end: int) -> "Fp8Linear":
+        """Output rows start..end (block-aligned) as a view sharing this layer's storage."""
+        if start % FP8_BLOCK or (end % FP8_BLOCK and end != self.out_features):
+            raise ValueError(f"rows {start}..{end} cut through {FP8_BLOCK}-row scale blocks")
+        return Fp8Linear(self.qweight[start:end], self.scale[start // FP8_BLOCK: -(-end // FP8_BLOCK)])
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 + 128x128 scales"
+
+    @staticmethod
+    def fuse(mods: list["Fp8Linear"]) -> "Fp8Linear | None":
+        """One layer computing all of `mods` (same input) at once, when their row blocks line up; the
+        modules' buffers become views of the fused ones. None when they cannot be fused."""
+        if len({m.in_features for m in mods}) != 1 or any(m.out_features % FP8_BLOCK for m in mods[:-1]):
+            return None
+        fused = Fp8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]))
+        start = 0
+        for m in mods:
+            view = fused.rows(start, start + m.out_features)
+            m.qweight, m.scale = view.qweight, view.scale
+            start += m.out_features
+        return fused

@@ -1,0 +1,127 @@
+"""Load a V4 checkpoint's quantized weights at their storage precision, tensor by tensor.
+
+Why: decoding FP8 to bf16 doubles those weights and FP4 experts grow 4x; V4-Flash's 160 GB of files
+would need about 570 GB. Here an FP8 linear weight stays 1 byte per element (kernels.linear.Fp8Linear)
+and a layer's FP4 routed experts stay packed with their UE8M0 scales in four stacked buffers
+(MoE.hold_fp4_), filled in place one expert tensor at a time. Everything else is read as before.
+A tensor that cannot be held this way (an FP8 expert half whose rows cut a scale block, FP4 with
+floating scales, a weight that is not a Linear's) is decoded as before.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..kernels.linear import Fp8Linear
+from .loader import Checkpoint, CheckpointError
+from .quant import scale_multiplier
+
+_EXPERT = re.compile(r"^(.*\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
+
+
+@dataclass
+class Plan:
+    """Which expected tensors are held quantized, decided from headers alone (no data read)."""
+
+    fp8: set[str] = field(default_factory=set)   # Linear weight names kept FP8
+    fp4: set[str] = field(default_factory=set)   # routed expert weight names kept FP4
+
+    def quantized(self, name: str) -> bool:
+        return name in self.fp8 or name in self.fp4
+
+
+def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
+    """The tensors of `names` (expected by the meta `model`) that can stay at storage precision."""
+    mods = dict(model.named_modules())
+    p = Plan()
+    for name in names:
+        info = ckpt.info(name)
+        if info.fmt == "fp8" and name.endswith(".weight") and isinstance(mods.get(name[:-7]), nn.Linear):
+            rows = info.half is not None
+            if not rows or info.shape[0] % 128 == 0:
+                p.fp8.add(name)
+        elif info.fmt == "fp4" and _EXPERT.match(name) and info.scale is not None and \
+                info.scale.dtype in ("F8_E8M0", "U8"):
+            p.fp4.add(name)
+    # A layer's experts are held packed only if all of them are FP4; otherwise they are decoded.
+    by_layer: dict[str, list[str]] = {}
+    for name in names:
+        m = _EXPERT.match(name)
+        if m:
+            by_layer.setdefault(m.group(1), []).append(name)
+    for layer, members in by_layer.items():
+        if not all(n in p.fp4 for n in members):
+            p.fp4.difference_update(members)
+    return p
+
+
+def stored_bytes(ckpt: Checkpoint, p: Plan, name: str, numel: int) -> int | None:
+    """Bytes a held-quantized tensor takes in memory (weight + scales); None if it is not held so."""
+    if name in p.fp8:
+        out, in_ = ckpt.info(name).shape[:2]
+        return numel + 4 * (-(-out // 128)) * (-(-in_ // 128))
+    if name in p.fp4:
+        return numel // 2 + numel // 32
+    return None
+
+
+@torch.no_grad()
+def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -> None:
+    """Read the planned tensors and install them: FP8 Linears replaced by Fp8Linear, FP4 experts packed
+    into their MoE. `progress(name)` is called after each tensor."""
+    for name in sorted(p.fp8):
+        w, s, _ = ckpt.get_quantized(name)
+        parent, _, attr = name[:-7].rpartition(".")
+        setattr(model.get_submodule(parent), attr, Fp8Linear(w.view(torch.uint8).clone(), scale_multiplier(s)))
+        if progress:
+            progress(name)
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    for name in sorted(p.fp4, key=_expert_key):
+        layer, j, proj = _parts(name)
+        moe = model.get_submodule(layer)
+        n_exp = len(moe.experts)
+        w, s, _ = ckpt.get_quantized(name)
+        w, s = w.view(torch.uint8), s.view(torch.uint8)
+        buf = layers.get(layer)
+        if buf is None:
+            inter = ckpt.info(f"{layer}.experts.0.w1.weight").shape[0]
+            dim = ckpt.info(f"{layer}.experts.0.w2.weight").shape[0]
+            buf = layers[layer] = {
+                "q13": torch.empty(n_exp, 2 * inter, dim // 2, dtype=torch.uint8),
+                "s13": torch.empty(n_exp, 2 * inter, dim // 32, dtype=torch.uint8),
+                "q2": torch.empty(n_exp, dim, inter // 2, dtype=torch.uint8),
+                "s2": torch.empty(n_exp, dim, inter // 32, dtype=torch.uint8),
+                "inter": torch.tensor(inter)}
+        inter = int(buf["inter"])
+        if proj == "w2":
+            buf["q2"][j].copy_(w)
+            buf["s2"][j].copy_(s)
+        else:
+            rows = slice(0, inter) if proj == "w1" else slice(inter, 2 * inter)
+            buf["q13"][j, rows].copy_(w)
+            buf["s13"][j, rows].copy_(s)
+        if progress:
+            progress(name)
+    for layer, buf in layers.items():
+        model.get_submodule(layer).hold_fp4_(buf["q13"], buf["s13"], buf["q2"], buf["s2"])
+
+
+def _parts(name: str) -> tuple[str, int, str]:
+    m = _EXPERT.match(name)
+    return m.group(1), int(m.group(2)), m.group(3)
+
+
+def _expert_key(name: str):
+    layer, j, proj = _parts(name)
+    return layer, j, proj
+
+
+def check_materialised(model: nn.Module) -> None:
+    """Every parameter and buffer holds real memory (none left on the meta device)."""
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if left:
+        raise CheckpointError(f"{len(left)} tensors were not loaded, e.g. {left[:3]}")
