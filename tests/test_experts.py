@@ -93,7 +93,10 @@ def test_fp4_experts_stay_packed(tmp_path):
     store = model.expert_store
     assert store.expert_bytes < 3 * CFG.hidden_size * CFG.moe_intermediate_size  # < 1 byte per weight
     assert generate(model) == generate(full)
-    w = full.layers[1].ffn.experts[3].w1.weight
+    assert full.layers[1].ffn.fp4  # all in memory: held packed too, as stored
+    decoded, _ = load_model(path, dtype="float32", dequantize=True)
+    assert generate(decoded) == generate(full)
+    w = decoded.layers[1].ffn.experts[3].w1.weight
     assert torch.equal(dequant_fp4(*quant_fp4(w)), w)  # the loaded weights are FP4-exact
     store.close()
 

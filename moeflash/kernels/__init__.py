@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+__all__ = ["bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
            "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
@@ -42,6 +42,22 @@ def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return reference.dequant_fp4(packed, scale)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] (any float dtype, computed in fp32) @ W.T for a bf16 weight [N, K] -> fp32 [..., N]."""
+    x2 = _rows(x)
+    n = weight.shape[0]
+    if not native(weight):
+        y = reference.bf16_linear(x2, weight)
+    elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
+        y = torch.ops.moeflash.bf16_linear(x2, weight)
+    else:
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        for r0 in range(0, n, _TILE_ROWS * 4):
+            r1 = min(n, r0 + _TILE_ROWS * 4)
+            torch.mm(x2, weight[r0:r1].float().t(), out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], n)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import dequant_fp8, fp8_linear
+from . import bf16_linear, dequant_fp8, fp8_linear
 
 FP8_BLOCK = 128
 
@@ -57,3 +57,36 @@ class Fp8Linear(nn.Module):
             m.qweight, m.scale = view.qweight, view.scale
             start += m.out_features
         return fused
+
+
+class Bf16Linear(nn.Module):
+    """A linear layer whose weight stays bfloat16, as the checkpoint stores it, while activations and sums
+    are fp32 (kernels.bf16_linear): the same products as an fp32 model on the stored values, at half the
+    bytes read. The buffer is `wbf16` (not `weight`), so dtype casts of the model leave it alone."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("wbf16", weight.to(torch.bfloat16))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return bf16_linear(x, self.wbf16).to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.wbf16.float()
+
+    @staticmethod
+    def fuse(mods: list["Bf16Linear"]) -> "Bf16Linear | None":
+        """One layer computing all of `mods` (same input); their buffers become views of the fused one."""
+        if len({m.in_features for m in mods}) != 1:
+            return None
+        fused = Bf16Linear(torch.cat([m.wbf16 for m in mods]))
+        start = 0
+        for m in mods:
+            m.wbf16 = fused.wbf16[start:start + m.out_features]
+            start += m.out_features
+        return fused
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weight, fp32 compute"

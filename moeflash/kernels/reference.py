@@ -38,6 +38,10 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return w * e8m0_to_float(scale).repeat_interleave(FP4_GROUP, -1)[..., : w.shape[-1]]
 
 
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(x.float(), weight.float())
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return F.linear(x.float(), dequant_fp8(weight, scale))
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.linear import Fp8Linear
+from ..kernels.linear import Bf16Linear, Fp8Linear
 
 
 class RMSNorm(nn.Module):
@@ -111,30 +111,57 @@ class FusedLinears:
     microseconds here) rivals their memory time; projections of the same input fused into one call
     pay it once. The modules' weights become row slices (views) of the fused matrix, so names, state
     dicts and memory stay as they were; the fused matrix keeps the layout of the originals.
-    FP8 layers (kernels.linear.Fp8Linear) fuse the same way when their 128-row scale blocks line up;
-    otherwise, or when the layers mix formats, each layer runs on its own."""
+    Layers held at storage precision (kernels.linear: Fp8Linear, Bf16Linear) fuse with their own kind
+    (FP8 ones when their 128-row scale blocks line up); each kind is one call, and the outputs come back
+    in the order of `mods`."""
 
     def __init__(self, mods: list[nn.Module]):
         self.sizes = [m.out_features for m in mods]
-        self.mods, self.fp8, self.weight = mods, None, None
-        if all(isinstance(m, Fp8Linear) for m in mods):
-            self.fp8 = Fp8Linear.fuse(mods)
-            return
-        if not all(isinstance(m, nn.Linear) for m in mods):
-            return  # mixed formats: run one by one
+        kinds: dict[type, list[int]] = {}
+        for i, m in enumerate(mods):
+            kinds.setdefault(type(m), []).append(i)
+        self.calls = []  # (callable, [indices into mods]) per kind
+        for kind, idx in kinds.items():
+            group = [mods[i] for i in idx]
+            fused = _fuse(kind, group) if len(group) > 1 else None
+            if fused is not None:
+                self.calls.append((fused, idx))
+            else:
+                self.calls.extend((mods[i], [i]) for i in idx)
+        self.weight = self.calls[0][0].weight if len(self.calls) == 1 and kinds.keys() == {nn.Linear} else None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out: list[torch.Tensor | None] = [None] * len(self.sizes)
+        for fn, idx in self.calls:
+            y = fn(x)
+            parts = y.split([self.sizes[i] for i in idx], dim=-1) if len(idx) > 1 else (y,)
+            for i, part in zip(idx, parts):
+                out[i] = part
+        return tuple(out)
+
+
+class _FusedPlain:
+    """Plain Linear layers as one matrix (views of it become the layers' weights)."""
+
+    def __init__(self, mods: list[nn.Linear]):
         ws = [m.weight.detach() for m in mods]
         fused = torch.cat(ws)
         if ws[0].dim() == 2 and ws[0].stride(0) == 1 and ws[0].shape[0] > 1:  # input-major storage
             fused = fused.t().contiguous().t()
         start = 0
-        for m, n in zip(mods, self.sizes):
+        for m in mods:
+            n = m.out_features
             m.weight = nn.Parameter(fused[start:start + n], requires_grad=False)
             start += n
         self.weight = fused
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.weight is not None:
-            return F.linear(x, self.weight).split(self.sizes, dim=-1)
-        if self.fp8 is not None:
-            return self.fp8(x).split(self.sizes, dim=-1)
-        return tuple(m(x) for m in self.mods)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+def _fuse(kind: type, mods: list[nn.Module]):
+    if kind is nn.Linear:
+        return _FusedPlain(mods)
+    if kind in (Fp8Linear, Bf16Linear):
+        return kind.fuse(mods)
+    return None

@@ -135,7 +135,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
     engine may hold, `model.state_budget_bytes`); a limit the dense part alone exceeds is refused
     before anything is read."""
     from .loader import Checkpoint, check
-    from .storage import check_materialised, load_quantized, plan, stored_bytes
+    from .storage import check_materialised, keep_bf16, load_quantized, plan, stored_bytes
 
     path = Path(path)
     cfg = ModelConfig.from_json(path)
@@ -161,6 +161,8 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
     # `auto` weighs only what is held in the compute dtype (not FP8 / FP4 weights, not streamed experts)
     in_dtype = sum(t.numel() for n, t in expected.items() if not (held and held.quantized(n)))
     torch_dtype = resolve_dtype(dtype, cfg, in_dtype)
+    if held and torch_dtype == torch.float32:
+        keep_bf16(held, ckpt, model, list(expected))
     dense = 0
     for n, t in expected.items():
         q = stored_bytes(ckpt, held, n, t.numel()) if held else None

@@ -3,7 +3,8 @@
 Why: decoding FP8 to bf16 doubles those weights and FP4 experts grow 4x; V4-Flash's 160 GB of files
 would need about 570 GB. Here an FP8 linear weight stays 1 byte per element (kernels.linear.Fp8Linear)
 and a layer's FP4 routed experts stay packed with their UE8M0 scales in four stacked buffers
-(MoE.hold_fp4_), filled in place one expert tensor at a time. Everything else is read as before.
+(MoE.hold_fp4_), filled in place one expert tensor at a time. Under fp32 compute, bf16 linear weights
+stay bf16 (kernels.linear.Bf16Linear). Everything else is read in the compute dtype.
 A tensor that cannot be held this way (an FP8 expert half whose rows cut a scale block, FP4 with
 floating scales, a weight that is not a Linear's) is decoded as before.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..kernels.linear import Fp8Linear
+from ..kernels.linear import Bf16Linear, Fp8Linear
 from .loader import Checkpoint, CheckpointError
 from .quant import scale_multiplier
 
@@ -29,9 +30,10 @@ class Plan:
 
     fp8: set[str] = field(default_factory=set)   # Linear weight names kept FP8
     fp4: set[str] = field(default_factory=set)   # routed expert weight names kept FP4
+    bf16: set[str] = field(default_factory=set)  # Linear weight names kept bf16 under fp32 compute
 
     def quantized(self, name: str) -> bool:
-        return name in self.fp8 or name in self.fp4
+        return name in self.fp8 or name in self.fp4 or name in self.bf16
 
 
 def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
@@ -59,6 +61,17 @@ def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
     return p
 
 
+def keep_bf16(p: Plan, ckpt: Checkpoint, model: nn.Module, names: list[str]) -> None:
+    """Under fp32 compute, Linear weights the checkpoint stores in bf16 stay bf16 (kernels.linear.Bf16Linear):
+    the same products on the same values at half the bytes of an fp32 copy."""
+    mods = dict(model.named_modules())
+    for name in names:
+        info = ckpt.info(name)
+        if info.fmt is None and info.source.dtype == "BF16" and name.endswith(".weight") and \
+                isinstance(mods.get(name[:-7]), nn.Linear) and info.expert is None:
+            p.bf16.add(name)
+
+
 def stored_bytes(ckpt: Checkpoint, p: Plan, name: str, numel: int) -> int | None:
     """Bytes a held-quantized tensor takes in memory (weight + scales); None if it is not held so."""
     if name in p.fp8:
@@ -66,6 +79,8 @@ def stored_bytes(ckpt: Checkpoint, p: Plan, name: str, numel: int) -> int | None
         return numel + 4 * (-(-out // 128)) * (-(-in_ // 128))
     if name in p.fp4:
         return numel // 2 + numel // 32
+    if name in p.bf16:
+        return 2 * numel
     return None
 
 
@@ -77,6 +92,11 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -
         w, s, _ = ckpt.get_quantized(name)
         parent, _, attr = name[:-7].rpartition(".")
         setattr(model.get_submodule(parent), attr, Fp8Linear(w.view(torch.uint8).clone(), scale_multiplier(s)))
+        if progress:
+            progress(name)
+    for name in sorted(p.bf16):
+        parent, _, attr = name[:-7].rpartition(".")
+        setattr(model.get_submodule(parent), attr, Bf16Linear(ckpt.get(name).to(torch.bfloat16, copy=True)))
         if progress:
             progress(name)
     layers: dict[str, dict[str, torch.Tensor]] = {}

@@ -127,6 +127,18 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 v) {
 // One output row n against R rows of x (R a compile-time constant, so accumulators stay in registers).
 // Per 128-block: lanes accumulate w * x, then the block's scale multiplies the lane vector into the
 // running sum; one horizontal sum at the end. The order is the same for every R.
+// 16 e4m3 bytes -> two vectors of 8 floats (times 2^-8), as e4m3x32_avx512.
+__attribute__((target("avx2,fma,f16c"))) inline void e4m3x16_avx2(const uint8_t* p, __m256& lo, __m256& hi) {
+  __m256i t = _mm256_slli_epi16(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 7);
+  t = _mm256_add_epi16(t, _mm256_and_si256(t, _mm256_set1_epi16(0x4000)));
+  lo = _mm256_cvtph_ps(_mm256_castsi256_si128(t));
+  hi = _mm256_cvtph_ps(_mm256_extracti128_si256(t, 1));
+}
+
+// One output row n against R rows of x (R a compile-time constant, so accumulators stay in registers).
+// Per 128-block: four partial sums per row (32 weights a step, so FMA latency does not bound one row),
+// then the block's scale multiplies their sum into the running total; one horizontal sum at the end.
+// The order is the same for every R.
 template <int R>
 __attribute__((target("avx2,fma,f16c"))) inline void fp8_row_avx2(const float* x, int64_t K, const uint8_t* wr,
                                                                   const float* sr, float* y, int64_t N) {
@@ -136,17 +148,31 @@ __attribute__((target("avx2,fma,f16c"))) inline void fp8_row_avx2(const float* x
   for (int i = 0; i < R; ++i) { acc[i] = _mm256_setzero_ps(); tail[i] = 0.0f; }
   for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
     const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 8) * 8;
-    __m256 part[R];
-    for (int i = 0; i < R; ++i) part[i] = _mm256_setzero_ps();
-    for (int64_t k = k0; k < kv; k += 8) {
+    __m256 p0[R], p1[R], p2[R], p3[R];
+    for (int i = 0; i < R; ++i) p0[i] = p1[i] = p2[i] = p3[i] = _mm256_setzero_ps();
+    int64_t k = k0;
+    for (; k + 32 <= kv; k += 32) {
+      __m256 a, b, c, d;
+      e4m3x16_avx2(wr + k, a, b);
+      e4m3x16_avx2(wr + k + 16, c, d);
+      for (int i = 0; i < R; ++i) {
+        const float* xr = x + i * K + k;
+        p0[i] = _mm256_fmadd_ps(a, _mm256_loadu_ps(xr), p0[i]);
+        p1[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xr + 8), p1[i]);
+        p2[i] = _mm256_fmadd_ps(c, _mm256_loadu_ps(xr + 16), p2[i]);
+        p3[i] = _mm256_fmadd_ps(d, _mm256_loadu_ps(xr + 24), p3[i]);
+      }
+    }
+    for (; k < kv; k += 8) {
       const __m256 wv = e4m3x8_avx2(wr + k);
-      for (int i = 0; i < R; ++i) part[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * K + k), part[i]);
+      for (int i = 0; i < R; ++i) p0[i] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + i * K + k), p0[i]);
     }
     const float sc = sr[k0 / FP8_BLOCK];
     const __m256 scv = _mm256_set1_ps(sc * 256.0f);
     for (int i = 0; i < R; ++i) {
-      acc[i] = _mm256_fmadd_ps(part[i], scv, acc[i]);
-      for (int64_t k = kv; k < k1; ++k) tail[i] = std::fma(lut[wr[k]] * sc, x[i * K + k], tail[i]);
+      const __m256 part = _mm256_add_ps(_mm256_add_ps(p0[i], p1[i]), _mm256_add_ps(p2[i], p3[i]));
+      acc[i] = _mm256_fmadd_ps(part, scv, acc[i]);
+      for (int64_t kk = kv; kk < k1; ++kk) tail[i] = std::fma(lut[wr[kk]] * sc, x[i * K + kk], tail[i]);
     }
   }
   for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(acc[i]) + tail[i];
@@ -159,13 +185,8 @@ __attribute__((target("avx2,fma,f16c"))) void fp8_rows_avx2(const float* x, int6
     const uint8_t* wr = w + n * K;
     const float* sr = s + (n / FP8_BLOCK) * kb;
     int64_t m = 0;
-    for (; m + 4 <= M; m += 4) fp8_row_avx2<4>(x + m * K, K, wr, sr, y + m * N + n, N);
-    switch (M - m) {
-      case 3: fp8_row_avx2<3>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      case 2: fp8_row_avx2<2>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      case 1: fp8_row_avx2<1>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      default: break;
-    }
+    for (; m + 2 <= M; m += 2) fp8_row_avx2<2>(x + m * K, K, wr, sr, y + m * N + n, N);
+    if (m < M) fp8_row_avx2<1>(x + m * K, K, wr, sr, y + m * N + n, N);
   }
 }
 
@@ -178,6 +199,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c"))) inline __m512 e4m3
 
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,fma,f16c")))
 
+// 32 e4m3 bytes -> two vectors of 16 floats (times 2^-8). The byte moves into fp16 bits with one shift
+// (the sign lands on bit 14) and one masked add (which carries the sign up to bit 15).
+AVX512_TARGET inline void e4m3x32_avx512(const uint8_t* p, __m512& lo, __m512& hi) {
+  __m512i t = _mm512_slli_epi16(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 7);
+  t = _mm512_add_epi16(t, _mm512_and_si512(t, _mm512_set1_epi16(0x4000)));
+  lo = _mm512_cvtph_ps(_mm512_castsi512_si256(t));
+  hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(t, 1));
+}
+
+// Four partial sums per row inside a block (64 weights a step) so that FMA latency does not bound one
+// row; the same for every R, so a row's arithmetic never depends on the other rows.
 template <int R>
 AVX512_TARGET inline void fp8_row_avx512(const float* x, int64_t K, const uint8_t* wr, const float* sr, float* y,
                                          int64_t N) {
@@ -187,17 +219,31 @@ AVX512_TARGET inline void fp8_row_avx512(const float* x, int64_t K, const uint8_
   for (int i = 0; i < R; ++i) { acc[i] = _mm512_setzero_ps(); tail[i] = 0.0f; }
   for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
     const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 16) * 16;
-    __m512 part[R];
-    for (int i = 0; i < R; ++i) part[i] = _mm512_setzero_ps();
-    for (int64_t k = k0; k < kv; k += 16) {
+    __m512 p0[R], p1[R], p2[R], p3[R];
+    for (int i = 0; i < R; ++i) p0[i] = p1[i] = p2[i] = p3[i] = _mm512_setzero_ps();
+    int64_t k = k0;
+    for (; k + 64 <= kv; k += 64) {
+      __m512 a, b, c, d;
+      e4m3x32_avx512(wr + k, a, b);
+      e4m3x32_avx512(wr + k + 32, c, d);
+      for (int i = 0; i < R; ++i) {
+        const float* xr = x + i * K + k;
+        p0[i] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), p0[i]);
+        p1[i] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), p1[i]);
+        p2[i] = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 32), p2[i]);
+        p3[i] = _mm512_fmadd_ps(d, _mm512_loadu_ps(xr + 48), p3[i]);
+      }
+    }
+    for (; k < kv; k += 16) {
       const __m512 wv = e4m3x16_avx512(wr + k);
-      for (int i = 0; i < R; ++i) part[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), part[i]);
+      for (int i = 0; i < R; ++i) p0[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), p0[i]);
     }
     const float sc = sr[k0 / FP8_BLOCK];
     const __m512 scv = _mm512_set1_ps(sc * 256.0f);
     for (int i = 0; i < R; ++i) {
-      acc[i] = _mm512_fmadd_ps(part[i], scv, acc[i]);
-      for (int64_t k = kv; k < k1; ++k) tail[i] = std::fma(lut[wr[k]] * sc, x[i * K + k], tail[i]);
+      const __m512 part = _mm512_add_ps(_mm512_add_ps(p0[i], p1[i]), _mm512_add_ps(p2[i], p3[i]));
+      acc[i] = _mm512_fmadd_ps(part, scv, acc[i]);
+      for (int64_t kk = kv; kk < k1; ++kk) tail[i] = std::fma(lut[wr[kk]] * sc, x[i * K + kk], tail[i]);
     }
   }
   for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(acc[i]) + tail[i];
@@ -265,10 +311,11 @@ __attribute__((target("avx2,fma,f16c"))) inline void fp4_row_avx2(const float* x
   const int64_t G = K / FP4_GROUP;
   const __m256 mags = _mm256_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f);
   const __m256i seven = _mm256_set1_epi32(7), eight = _mm256_set1_epi32(8), fifteen = _mm256_set1_epi32(15);
-  __m256 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  __m256 acc[2][R];  // even and odd groups: two independent chains per row
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m256 sc = _mm256_set1_ps(e8m0(sr[g]));
+    const int ch = g & 1;
     __m256 wv[4];  // low codes 0-7, low 8-15, high 0-7, high 8-15
     for (int half = 0; half < 2; ++half) {
       __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr + g * 16 + half * 8)));
@@ -285,10 +332,10 @@ __attribute__((target("avx2,fma,f16c"))) inline void fp4_row_avx2(const float* x
       p = _mm256_fmadd_ps(wv[1], _mm256_loadu_ps(xr + 8), p);
       p = _mm256_fmadd_ps(wv[2], _mm256_loadu_ps(xr + 16), p);
       p = _mm256_fmadd_ps(wv[3], _mm256_loadu_ps(xr + 24), p);
-      acc[i] = _mm256_fmadd_ps(p, sc, acc[i]);
+      acc[ch][i] = _mm256_fmadd_ps(p, sc, acc[ch][i]);
     }
   }
-  for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(acc[i]);
+  for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(_mm256_add_ps(acc[0][i], acc[1][i]));
 }
 
 __attribute__((target("avx2,fma,f16c"))) void fp4_rows_avx2(const float* xd, int64_t M, int64_t K,
@@ -316,21 +363,22 @@ AVX512_TARGET inline void fp4_row_avx512(const float* xd, int64_t K, const uint8
   const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
                                     -2.0f, -3.0f, -4.0f, -6.0f);
   const __m512i fifteen = _mm512_set1_epi32(15);
-  __m512 acc[R];
-  for (int i = 0; i < R; ++i) acc[i] = _mm512_setzero_ps();
+  __m512 acc[2][R];  // even and odd groups: two independent chains per row
+  for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * 16)));
     const __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
     const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
     const __m512 sc = _mm512_set1_ps(e8m0(sr[g]));
+    const int c = g & 1;
     for (int i = 0; i < R; ++i) {
       const float* xr = xd + i * K + g * 32;
       __m512 p = _mm512_mul_ps(wlo, _mm512_loadu_ps(xr));
       p = _mm512_fmadd_ps(whi, _mm512_loadu_ps(xr + 16), p);
-      acc[i] = _mm512_fmadd_ps(p, sc, acc[i]);
+      acc[c][i] = _mm512_fmadd_ps(p, sc, acc[c][i]);
     }
   }
-  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(acc[i]);
+  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
 }
 
 AVX512_TARGET void fp4_rows_avx512(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s,
@@ -345,6 +393,94 @@ AVX512_TARGET void fp4_rows_avx512(const float* xd, int64_t M, int64_t K, const 
       case 3: fp4_row_avx512<3>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
       case 2: fp4_row_avx512<2>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
       case 1: fp4_row_avx512<1>(xd + m * K, K, wr, sr, y + m * N + n, N); break;
+      default: break;
+    }
+  }
+}
+
+// ---- bf16 rows (weights stored bf16, activations and sums fp32) -----------------------------------
+// bf16 -> fp32 is exact (a 16-bit shift), so this equals an fp32 product on the stored values.
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+constexpr int BF16_CHUNK = 64;  // weights per step: four chains of 16 (AVX-512) or 8 x 2 (AVX2)
+
+void bf16_rows_scalar(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0,
+                      int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc = std::fma(bf16_to_float(w[n * K + k]), x[m * K + k], acc);
+      y[m * N + n] = acc;
+    }
+}
+
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) inline void bf16_row_avx2(const float* x, int64_t K, const uint16_t* wr,
+                                                                   float* y, int64_t N) {
+  __m256 p[4][R];
+  float tail[R];
+  for (int i = 0; i < R; ++i) { p[0][i] = p[1][i] = p[2][i] = p[3][i] = _mm256_setzero_ps(); tail[i] = 0.0f; }
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    __m256 wv[4];
+    for (int c = 0; c < 4; ++c)
+      wv[c] = _mm256_castsi256_ps(_mm256_slli_epi32(
+          _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + k + 8 * c))), 16));
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) p[c][i] = _mm256_fmadd_ps(wv[c], _mm256_loadu_ps(x + i * K + k + 8 * c), p[c][i]);
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int64_t kk = k; kk < K; ++kk) tail[i] = std::fma(bf16_to_float(wr[kk]), x[i * K + kk], tail[i]);
+    y[i * N] = hsum_avx2(_mm256_add_ps(_mm256_add_ps(p[0][i], p[1][i]), _mm256_add_ps(p[2][i], p[3][i]))) + tail[i];
+  }
+}
+
+template <int R>
+AVX512_TARGET inline void bf16_row_avx512(const float* x, int64_t K, const uint16_t* wr, float* y, int64_t N) {
+  __m512 p[4][R];
+  float tail[R];
+  for (int i = 0; i < R; ++i) { p[0][i] = p[1][i] = p[2][i] = p[3][i] = _mm512_setzero_ps(); tail[i] = 0.0f; }
+  int64_t k = 0;
+  for (; k + BF16_CHUNK <= K; k += BF16_CHUNK) {
+    __m512 wv[4];
+    for (int c = 0; c < 4; ++c)
+      wv[c] = _mm512_castsi512_ps(_mm512_slli_epi32(
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + k + 16 * c))), 16));
+    for (int i = 0; i < R; ++i)
+      for (int c = 0; c < 4; ++c) p[c][i] = _mm512_fmadd_ps(wv[c], _mm512_loadu_ps(x + i * K + k + 16 * c), p[c][i]);
+  }
+  for (int i = 0; i < R; ++i) {
+    for (int64_t kk = k; kk < K; ++kk) tail[i] = std::fma(bf16_to_float(wr[kk]), x[i * K + kk], tail[i]);
+    y[i * N] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(p[0][i], p[1][i]), _mm512_add_ps(p[2][i], p[3][i]))) +
+               tail[i];
+  }
+}
+
+__attribute__((target("avx2,fma,f16c"))) void bf16_rows_avx2(const float* x, int64_t M, int64_t K,
+                                                              const uint16_t* w, float* y, int64_t N, int64_t n0,
+                                                              int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 2 <= M; m += 2) bf16_row_avx2<2>(x + m * K, K, w + n * K, y + m * N + n, N);
+    if (m < M) bf16_row_avx2<1>(x + m * K, K, w + n * K, y + m * N + n, N);
+  }
+}
+
+AVX512_TARGET void bf16_rows_avx512(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N,
+                                    int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) bf16_row_avx512<4>(x + m * K, K, w + n * K, y + m * N + n, N);
+    switch (M - m) {
+      case 3: bf16_row_avx512<3>(x + m * K, K, w + n * K, y + m * N + n, N); break;
+      case 2: bf16_row_avx512<2>(x + m * K, K, w + n * K, y + m * N + n, N); break;
+      case 1: bf16_row_avx512<1>(x + m * K, K, w + n * K, y + m * N + n, N); break;
       default: break;
     }
   }
@@ -367,6 +503,14 @@ void fp4_rows(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uin
     case AVX512: return fp4_rows_avx512(xd, M, K, w, s, y, N, n0, n1);
     case AVX2: return fp4_rows_avx2(xd, M, K, w, s, y, N, n0, n1);
     default: return fp4_rows_scalar(xd, M, K, w, s, y, N, n0, n1);
+  }
+}
+
+void bf16_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y, int64_t N, int64_t n0, int64_t n1) {
+  switch (isa()) {
+    case AVX512: return bf16_rows_avx512(x, M, K, w, y, N, n0, n1);
+    case AVX2: return bf16_rows_avx2(x, M, K, w, y, N, n0, n1);
+    default: return bf16_rows_scalar(x, M, K, w, y, N, n0, n1);
   }
 }
 
@@ -424,6 +568,21 @@ at::Tensor fp4_linear(const at::Tensor& x_in, const at::Tensor& w_in, const at::
   return y;
 }
 
+at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
+  TORCH_CHECK(w_in.dim() == 2 && w_in.scalar_type() == at::kBFloat16, "bf16_linear: weight must be bfloat16 [N, K]");
+  const int64_t N = w_in.size(0), K = w_in.size(1);
+  check_x(x_in, K, "bf16_linear");
+  at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  const float* xp = x.data_ptr<float>();
+  const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { bf16_rows(xp, M, K, wp, yp, N, n0, n1); });
+  return y;
+}
+
 // Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
 // x [T, D]; idx [T, k] expert ids; wts [T, k] route weights; w13 [E, 2I, D/2] (w1 rows then w3 rows),
 // s13 [E, 2I, D/32]; w2 [E, D, I/2], s2 [E, D, I/32]; limit: the SwiGLU clamp (<= 0: none).
@@ -464,32 +623,50 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
   const uint8_t* s13p = static_cast<const uint8_t*>(s13c.data_ptr());
   const uint8_t* w2p = static_cast<const uint8_t*>(w2c.data_ptr());
   const uint8_t* s2p = static_cast<const uint8_t*>(s2c.data_ptr());
-  std::vector<float> xs, xd, h, act, actd, y;
-  const float lim = static_cast<float>(limit);
-  for (int64_t e = 0; e < E; ++e) {
-    const auto& r = rows[e];
-    const int64_t m = static_cast<int64_t>(r.size());
-    if (m == 0) continue;
-    xs.resize(m * D); xd.resize(m * D); h.resize(m * I2); act.resize(m * I); actd.resize(m * I); y.resize(m * D);
-    for (int64_t i = 0; i < m; ++i) std::memcpy(&xs[i * D], xp + r[i].first * D, D * sizeof(float));
-    deinterleave(xs.data(), m, D, xd.data());
-    const uint8_t* we = w13p + e * I2 * (D / 2);
-    const uint8_t* se = s13p + e * I2 * (D / FP4_GROUP);
-    at::parallel_for(0, I2, grain(I2, m, D), [&](int64_t n0, int64_t n1) { fp4_rows(xd.data(), m, D, we, se, h.data(), I2, n0, n1); });
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t c = 0; c < I; ++c) {
-        float g = h[i * I2 + c], u = h[i * I2 + I + c];
-        if (lim > 0) { g = std::min(g, lim); u = std::max(-lim, std::min(u, lim)); }
-        act[i * I + c] = g / (1.0f + std::exp(-g)) * u;
+  // The active experts and their rows, laid out back to back: one parallel region for every expert's
+  // w1|w3 rows and one for every expert's w2 rows (fork/join once per layer, not once per expert).
+  std::vector<int64_t> active, off;  // off[a]: first row (token slot) of active expert a
+  int64_t total = 0;
+  for (int64_t e = 0; e < E; ++e)
+    if (!rows[e].empty()) { active.push_back(e); off.push_back(total); total += static_cast<int64_t>(rows[e].size()); }
+  off.push_back(total);
+  const int64_t A = static_cast<int64_t>(active.size());
+  std::vector<float> xs(total * D), xd(total * D), h(total * I2), act(total * I), actd(total * I), y(total * D);
+  for (int64_t a = 0; a < A; ++a)
+    for (int64_t i = 0; i < off[a + 1] - off[a]; ++i)
+      std::memcpy(&xs[(off[a] + i) * D], xp + rows[active[a]][i].first * D, D * sizeof(float));
+  deinterleave(xs.data(), total, D, xd.data());
+  // a "row" of the region is (active expert a, output row n): index a * rows_per_expert + n
+  auto region = [&](int64_t per_expert, int64_t in, const float* src, const uint8_t* wbase, const uint8_t* sbase,
+                    float* dst) {
+    const int64_t wrow = in / 2, srow = in / FP4_GROUP;
+    at::parallel_for(0, A * per_expert, grain(per_expert, total / std::max<int64_t>(A, 1), in), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1;) {
+        const int64_t a = r / per_expert, n0 = r % per_expert, n1 = std::min(per_expert, n0 + (r1 - r));
+        const int64_t e = active[a], m = off[a + 1] - off[a];
+        fp4_rows(src + off[a] * in, m, in, wbase + e * per_expert * wrow, sbase + e * per_expert * srow,
+                 dst + off[a] * per_expert, per_expert, n0, n1);
+        r += n1 - n0;
       }
-    deinterleave(act.data(), m, I, actd.data());
-    const uint8_t* w2e = w2p + e * D * (I / 2);
-    const uint8_t* s2e = s2p + e * D * (I / FP4_GROUP);
-    at::parallel_for(0, D, grain(D, m, I), [&](int64_t n0, int64_t n1) { fp4_rows(actd.data(), m, I, w2e, s2e, y.data(), D, n0, n1); });
-    for (int64_t i = 0; i < m; ++i) {
+    });
+  };
+  region(I2, D, xd.data(), w13p, s13p, h.data());
+  const float lim = static_cast<float>(limit);
+  for (int64_t i = 0; i < total; ++i)
+    for (int64_t c = 0; c < I; ++c) {
+      float g = h[i * I2 + c], u = h[i * I2 + I + c];
+      if (lim > 0) { g = std::min(g, lim); u = std::max(-lim, std::min(u, lim)); }
+      act[i * I + c] = g / (1.0f + std::exp(-g)) * u;
+    }
+  deinterleave(act.data(), total, I, actd.data());
+  region(D, I, actd.data(), w2p, s2p, y.data());
+  for (int64_t a = 0; a < A; ++a) {  // experts in increasing id order, whatever else is in the call
+    const auto& r = rows[active[a]];
+    for (int64_t i = 0; i < off[a + 1] - off[a]; ++i) {
       float* o = op + r[i].first * D;
       const float wt = r[i].second;
-      for (int64_t c = 0; c < D; ++c) o[c] = std::fma(wt, y[i * D + c], o[c]);
+      const float* yr = &y[(off[a] + i) * D];
+      for (int64_t c = 0; c < D; ++c) o[c] = std::fma(wt, yr[c], o[c]);
     }
   }
   return out;
@@ -529,6 +706,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("fp4_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit) -> Tensor");
   m.def("dequant_fp8(Tensor weight, Tensor scale) -> Tensor");
+  m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -537,4 +715,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("fp4_linear", &fp4_linear);
   m.impl("moe_fp4", &moe_fp4);
   m.impl("dequant_fp8", &dequant_fp8);
+  m.impl("bf16_linear", &bf16_linear);
 }

@@ -1,0 +1,172 @@
+"""The native kernels against their plain-torch references, on every instruction-set path of this CPU.
+
+Each path (scalar, AVX2, AVX-512 where the CPU has it) runs in its own subprocess with MOEFLASH_ISA set,
+since the path is chosen once per process. Shapes include partial 128-blocks, K not a multiple of the
+vector width, and 1..17 input rows (decode, the row kernel) as well as the tiled-GEMM prefill path.
+Also checked: batch invariance (a row's output does not depend on the other rows in the call), the
+references against weights/quant.py's independent decoders, and clear errors for bad shapes.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from moeflash import kernels as K
+from moeflash.kernels import reference as R
+from moeflash.weights.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
+
+needs_native = pytest.mark.skipif(not K.build.load(), reason=f"native kernels unavailable: {K.status()}")
+
+
+def fp8_weight(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, s = quant_fp8(torch.randn(n, k, generator=g) * 0.05)
+    return q, s.float() if s.dtype.is_floating_point else R.e8m0_to_float(s)
+
+
+def fp4_weight(shape, seed=0):
+    """FP4 codes and scales for a random [N, K] weight, or [E, N, K] experts (quantized one by one)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g) * 0.05
+    if w.dim() == 2:
+        return quant_fp4(w)
+    parts = [quant_fp4(e) for e in w]
+    return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
+
+
+def test_references_agree_with_the_checkpoint_decoders():
+    q, s = quant_fp8(torch.randn(200, 300) * 0.1)
+    assert torch.equal(R.dequant_fp8(q, R.e8m0_to_float(s) if not s.dtype.is_floating_point else s), dequant_fp8(q, s))
+    q4, s4 = fp4_weight((3, 64, 96))
+    assert torch.equal(R.dequant_fp4(q4, s4), dequant_fp4(q4, s4))
+
+
+CHECK = r"""
+import json, sys, torch
+from moeflash import kernels as K
+from moeflash.kernels import reference as R
+from tests.test_kernels import fp8_weight, fp4_weight
+torch.manual_seed(0)
+worst = {}
+def rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+for m, n, k in [(1, 256, 512), (3, 300, 200), (5, 130, 1000), (17, 384, 256), (40, 260, 384), (1, 7, 5)]:
+    q, s = fp8_weight(n, k)
+    x = torch.randn(m, k)
+    worst["fp8"] = max(worst.get("fp8", 0), rel(K.fp8_linear(x, q, s), R.fp8_linear(x, q, s)))
+for m, n, k in [(1, 256, 512), (3, 100, 70), (17, 130, 1024), (40, 64, 128)]:
+    w = torch.randn(n, k).bfloat16()
+    x = torch.randn(m, k)
+    worst["bf16"] = max(worst.get("bf16", 0), rel(K.bf16_linear(x, w), R.bf16_linear(x, w)))
+for m, n, k in [(1, 256, 512), (4, 100, 64), (9, 130, 1024)]:
+    q, s = fp4_weight((n, k))
+    x = torch.randn(m, k)
+    worst["fp4"] = max(worst.get("fp4", 0), rel(K.fp4_linear(x, q, s), R.fp4_linear(x, q, s)))
+E, D, I, T, k = 8, 160, 64, 6, 3
+w13, s13 = fp4_weight((E, 2 * I, D), 1)
+w2, s2 = fp4_weight((E, D, I), 2)
+x = torch.randn(T, D)
+idx = torch.stack([torch.randperm(E)[:k] for _ in range(T)])
+wt = torch.rand(T, k)
+for limit in (0.0, 0.02):
+    worst["moe"] = max(worst.get("moe", 0), rel(K.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit),
+                                                  R.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit)))
+print(json.dumps({"isa": torch.ops.moeflash.isa(), "worst": worst}))
+"""
+
+
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as f:
+        return set(next(line for line in f if line.startswith("flags")).split())
+
+
+@needs_native
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_path_matches_the_reference(isa):
+    flags = _cpu_flags()
+    if isa == "avx2" and not {"avx2", "fma", "f16c"} <= flags:
+        pytest.skip("no AVX2/FMA/F16C here")
+    if isa == "avx512" and not {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        pytest.skip("no AVX-512 here")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", CHECK], env={**os.environ, "MOEFLASH_ISA": isa}, cwd=root,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["isa"] == isa
+    print(f"\n[kernels {isa}] worst relative error vs reference: {out['worst']}")
+    assert all(v < 1e-5 for v in out["worst"].values()), out
+
+
+@needs_native
+def test_a_forced_path_never_exceeds_the_cpu():
+    r = subprocess.run([sys.executable, "-c", "import torch; from moeflash.kernels import build; build.load(); "
+                        "print(torch.ops.moeflash.isa())"], env={**os.environ, "MOEFLASH_ISA": "nonsense"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() in ("scalar", "avx2", "avx512")
+
+
+@needs_native
+@pytest.mark.parametrize("op", ["fp8", "fp4", "bf16"])
+def test_rows_do_not_depend_on_the_batch(op):
+    """Batch invariance on the decode path: row i of a 1..16-row call equals the same row computed alone."""
+    k = 512
+    if op == "fp8":
+        q, s = fp8_weight(384, k)
+        f = lambda x: K.fp8_linear(x, q, s)  # noqa: E731
+    elif op == "fp4":
+        q, s = fp4_weight((384, k))
+        f = lambda x: K.fp4_linear(x, q, s)  # noqa: E731
+    else:
+        w = torch.randn(384, k).bfloat16()
+        f = lambda x: K.bf16_linear(x, w)  # noqa: E731
+    x = torch.randn(K.ROW_KERNEL_MAX_ROWS, k)
+    alone = torch.cat([f(x[i:i + 1]) for i in range(x.shape[0])])
+    for m in range(1, K.ROW_KERNEL_MAX_ROWS + 1):
+        assert torch.equal(f(x[:m]), alone[:m]), m
+
+
+@needs_native
+def test_moe_tokens_do_not_depend_on_the_batch():
+    E, D, I = 8, 128, 64
+    w13, s13 = fp4_weight((E, 2 * I, D), 1)
+    w2, s2 = fp4_weight((E, D, I), 2)
+    x = torch.randn(10, D)
+    idx = torch.stack([torch.randperm(E)[:2] for _ in range(10)])
+    wt = torch.rand(10, 2)
+    together = K.moe_fp4(x, idx, wt, w13, s13, w2, s2, 0.0)
+    for t in range(10):
+        assert torch.equal(K.moe_fp4(x[t:t + 1], idx[t:t + 1], wt[t:t + 1], w13, s13, w2, s2, 0.0), together[t:t + 1])
+
+
+@needs_native
+def test_bad_shapes_are_clear_errors():
+    q, s = fp8_weight(256, 256)
+    with pytest.raises(RuntimeError, match="columns but the weight has 256 inputs"):
+        torch.ops.moeflash.fp8_linear(torch.randn(1, 128), q.view(torch.uint8), s)
+    with pytest.raises(RuntimeError, match="scale must be float32"):
+        torch.ops.moeflash.fp8_linear(torch.randn(1, 256), q.view(torch.uint8), s[:1])
+    q4, s4 = fp4_weight((4, 64, 64))  # 4 experts, 2I = 64, D = 64
+    w2, s2 = torch.zeros(4, 64, 16, dtype=torch.uint8), torch.zeros(4, 64, 1, dtype=torch.uint8)
+    args = (q4.view(torch.uint8), s4.view(torch.uint8), w2, s2, 0.0)
+    with pytest.raises(RuntimeError, match="outside"):
+        torch.ops.moeflash.moe_fp4(torch.randn(1, 64), torch.tensor([[9]]), torch.ones(1, 1), *args)
+    with pytest.raises(RuntimeError, match="shapes disagree"):
+        torch.ops.moeflash.moe_fp4(torch.randn(1, 96), torch.tensor([[1]]), torch.ones(1, 1), *args)
+
+
+def test_reference_path_when_native_is_off():
+    """MOEFLASH_KERNELS=torch: the references run, and give the same results."""
+    code = ("import torch; from moeflash import kernels as K; from tests.test_kernels import fp8_weight; "
+            "q, s = fp8_weight(130, 200); x = torch.randn(2, 200); "
+            "print(K.status()['kernels'], float((K.fp8_linear(x, q, s) - x @ K.dequant_fp8(q, s).t()).abs().max()))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEFLASH_KERNELS": "torch"}, cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    kind, err = r.stdout.split()
+    assert kind == "torch" and float(err) < 1e-5
