@@ -75,6 +75,9 @@ wt = torch.rand(T, k)
 for limit in (0.0, 0.02):
     worst["moe"] = max(worst.get("moe", 0), rel(K.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit),
                                                   R.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit)))
+for n in (2, 4):
+    logits = torch.randn(5, n, n) * 3
+    worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))
 print(json.dumps({"isa": torch.ops.moeflash.isa(), "worst": worst}))
 """
 

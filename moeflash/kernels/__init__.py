@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+__all__ = ["sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
            "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
@@ -99,3 +99,10 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
                                           float(limit))
     return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """mHC's doubly-stochastic mix (reference.sinkhorn) in one call on the CPU (~60 tiny ops otherwise)."""
+    if native(logits) and logits.dtype == torch.float32 and not logits.requires_grad:
+        return torch.ops.moeflash.sinkhorn(logits, iters, eps)
+    return reference.sinkhorn(logits, iters, eps)

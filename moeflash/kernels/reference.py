@@ -65,3 +65,13 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
         y = fp4_linear(F.silu(gate) * up, w2[e], s2[e])
         out.index_add_(0, t, y * weights[t, j].float()[:, None])
     return out
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Row-softmax (+ eps), then alternate column / row normalisation (column first); [..., n, n]."""
+    c = torch.softmax(logits, dim=-1) + eps
+    c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(dim=-1, keepdim=True) + eps)
+        c = c / (c.sum(dim=-2, keepdim=True) + eps)
+    return c

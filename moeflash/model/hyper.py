@@ -8,9 +8,10 @@ The residual mix is applied *transposed*: X'_k = post_k * y + sum_j comb[j, k] *
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .. import kernels
 
 
 def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
@@ -22,25 +23,8 @@ def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.T
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Row-softmax, then alternate column / row normalisation (column first); [..., n, n].
-
-    On the CPU the ~60 tiny normalisation steps run in NumPy (in place, fp32): per-op dispatch there
-    costs a fraction of torch's, and this loop is most of mHC's per-token overhead at decode."""
-    if logits.device.type == "cpu" and logits.dtype == torch.float32 and not logits.requires_grad:
-        a = logits.numpy()
-        c = np.exp(a - a.max(-1, keepdims=True))
-        c /= c.sum(-1, keepdims=True)
-        c += np.float32(eps)
-        c /= c.sum(-2, keepdims=True) + np.float32(eps)
-        for _ in range(iters - 1):
-            c /= c.sum(-1, keepdims=True) + np.float32(eps)
-            c /= c.sum(-2, keepdims=True) + np.float32(eps)
-        return torch.from_numpy(c)
-    c = torch.softmax(logits, dim=-1) + eps
-    c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        c = c / (c.sum(dim=-1, keepdim=True) + eps)
-        c = c / (c.sum(dim=-2, keepdim=True) + eps)
-    return c
+    One native call on the CPU (kernels.sinkhorn); this loop was most of mHC's per-token overhead."""
+    return kernels.sinkhorn(logits, iters, eps)
 
 
 def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -691,6 +691,47 @@ at::Tensor dequant_fp8(const at::Tensor& w_in, const at::Tensor& s_in) {
   return out;
 }
 
+// mHC's Sinkhorn on [..., n, n] fp32 logits: row softmax + eps, column normalisation, then (iters - 1)
+// rounds of row and column normalisation (each divides by sum + eps). One call instead of ~60 tiny ops.
+at::Tensor sinkhorn(const at::Tensor& logits_in, int64_t iters, double eps_d) {
+  TORCH_CHECK(logits_in.dim() >= 2 && logits_in.size(-1) == logits_in.size(-2) && logits_in.scalar_type() == at::kFloat,
+              "sinkhorn: logits must be float32 [..., n, n]");
+  TORCH_CHECK(iters >= 1, "sinkhorn: iters must be >= 1");
+  at::Tensor c = logits_in.contiguous().clone();
+  const int64_t n = c.size(-1), B = c.numel() / (n * n);
+  const float eps = static_cast<float>(eps_d);
+  float* p = c.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float* m = p + b * n * n;
+    for (int64_t i = 0; i < n; ++i) {
+      float mx = m[i * n];
+      for (int64_t j = 1; j < n; ++j) mx = std::max(mx, m[i * n + j]);
+      float sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) { m[i * n + j] = std::exp(m[i * n + j] - mx); sum += m[i * n + j]; }
+      for (int64_t j = 0; j < n; ++j) m[i * n + j] = m[i * n + j] / sum + eps;
+    }
+    auto cols = [&]() {
+      for (int64_t j = 0; j < n; ++j) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < n; ++i) sum += m[i * n + j];
+        sum += eps;
+        for (int64_t i = 0; i < n; ++i) m[i * n + j] /= sum;
+      }
+    };
+    cols();
+    for (int64_t it = 1; it < iters; ++it) {
+      for (int64_t i = 0; i < n; ++i) {
+        float sum = 0.0f;
+        for (int64_t j = 0; j < n; ++j) sum += m[i * n + j];
+        sum += eps;
+        for (int64_t j = 0; j < n; ++j) m[i * n + j] /= sum;
+      }
+      cols();
+    }
+  }
+  return c;
+}
+
 std::string isa_name() {
   switch (isa()) {
     case AVX512: return "avx512";
@@ -707,6 +748,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit) -> Tensor");
   m.def("dequant_fp8(Tensor weight, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -716,4 +758,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("moe_fp4", &moe_fp4);
   m.impl("dequant_fp8", &dequant_fp8);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("sinkhorn", &sinkhorn);
 }
