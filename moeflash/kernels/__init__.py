@@ -26,8 +26,15 @@ ROW_KERNEL_MAX_ROWS = 16
 _TILE_ROWS = 256  # output rows decoded to fp32 at a time on the GEMM path (bounded scratch memory)
 
 
+_NATIVE: list[bool] = []  # cached: load() once per process
+
+
 def native(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and _load_native()
+    if t.device.type != "cpu":
+        return False
+    if not _NATIVE:
+        _NATIVE.append(_load_native())
+    return _NATIVE[0]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

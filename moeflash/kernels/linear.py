@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import bf16_linear, dequant_fp8, fp8_linear
+from . import ROW_KERNEL_MAX_ROWS, bf16_linear, dequant_fp8, fp8_linear, native
 
 FP8_BLOCK = 128
 
@@ -28,6 +28,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+            return torch.ops.moeflash.fp8_linear(x, self.qweight, self.scale)  # the decode fast path
         return fp8_linear(x, self.qweight, self.scale).to(x.dtype)
 
     @property
@@ -70,6 +72,8 @@ class Bf16Linear(nn.Module):
         self.register_buffer("wbf16", weight.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+            return torch.ops.moeflash.bf16_linear(x, self.wbf16)  # the decode fast path
         return bf16_linear(x, self.wbf16).to(x.dtype)
 
     @property
