@@ -75,6 +75,11 @@ wt = torch.rand(T, k)
 for limit in (0.0, 0.02):
     worst["moe"] = max(worst.get("moe", 0), rel(K.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit),
                                                   R.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit)))
+for m, g, r, k in [(1, 4, 256, 256), (3, 2, 128, 200), (16, 8, 128, 64)]:
+    q, s = fp8_weight(g * r, k)
+    x = torch.randn(m, g, k)
+    ref = torch.cat([R.fp8_linear(x[:, i], q[i * r:(i + 1) * r], s[i * r // 128:(i + 1) * r // 128]) for i in range(g)], -1)
+    worst["fp8_grouped"] = max(worst.get("fp8_grouped", 0), rel(K.fp8_grouped_linear(x, q, s), ref))
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))

@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+__all__ = ["fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
            "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
@@ -83,6 +83,18 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
             tile = torch.ops.moeflash.dequant_fp8(w8[r0:r1], s[r0 // 128: -(-r1 // 128)])
             torch.mm(x2, tile.t(), out=y[:, r0:r1])
     return y.view(*x.shape[:-1], n)
+
+
+def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, G, Kg], FP8 weight [G * R, Kg] (group g owns rows g*R..g*R+R-1, R a multiple of 128) ->
+    fp32 [M, G * R] with out[:, g*R + r] = x[:, g] . w[g*R + r]: V4's grouped output projection."""
+    m, g, k = x.shape
+    if native(weight) and x.shape[0] <= ROW_KERNEL_MAX_ROWS:
+        return torch.ops.moeflash.fp8_grouped_linear(x.float(), weight.view(torch.uint8), scale.float())
+    r = weight.shape[0] // g
+    rows = scale.shape[0] // g
+    return torch.cat([fp8_linear(x[:, i], weight[i * r:(i + 1) * r], scale[i * rows:(i + 1) * rows])
+                      for i in range(g)], dim=-1)
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

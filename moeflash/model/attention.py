@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
+from ..kernels import fp8_grouped_linear
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
 from .layers import FusedLinears, RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
@@ -114,10 +115,8 @@ class Attention(nn.Module):
         out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
         grouped = out.reshape(n, self.o_groups, -1)
         if isinstance(self.wo_a, Fp8Linear) and self.o_lora_rank % FP8_BLOCK == 0:
-            r = self.o_lora_rank  # each group's rows are whole scale blocks: one FP8 product per group
-            if "_wo_a_groups" not in self.__dict__:  # a plain list: views, not registered submodules
-                self.__dict__["_wo_a_groups"] = [self.wo_a.rows(g * r, (g + 1) * r) for g in range(self.o_groups)]
-            low = torch.cat([m(grouped[:, g]) for g, m in enumerate(self.__dict__["_wo_a_groups"])], 1)
+            # each group's rows are whole scale blocks: all groups in one grouped FP8 product
+            low = fp8_grouped_linear(grouped, self.wo_a.qweight, self.wo_a.scale).to(out.dtype)
         else:
             wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
             low = torch.einsum("sgi,gri->sgr", grouped, wo_a.to(out.dtype)).flatten(1)
