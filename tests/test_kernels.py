@@ -75,6 +75,11 @@ wt = torch.rand(T, k)
 for limit in (0.0, 0.02):
     worst["moe"] = max(worst.get("moe", 0), rel(K.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit),
                                                   R.moe_fp4(x, idx, wt, w13, s13, w2, s2, limit)))
+# prefill: 40 tokens over 4 experts, so experts get more than 16 rows (the decode-then-GEMM path)
+xp = torch.randn(40, D)
+idxp = torch.stack([torch.randperm(4)[:2] for _ in range(40)])
+wtp = torch.rand(40, 2)
+worst["moe_prefill"] = rel(K.moe_fp4(xp, idxp, wtp, w13, s13, w2, s2, 0.0), R.moe_fp4(xp, idxp, wtp, w13, s13, w2, s2, 0.0))
 for m, g, r, k in [(1, 4, 256, 256), (3, 2, 128, 200), (16, 8, 128, 64)]:
     q, s = fp8_weight(g * r, k)
     x = torch.randn(m, g, k)

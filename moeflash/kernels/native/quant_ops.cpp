@@ -486,6 +486,44 @@ AVX512_TARGET void bf16_rows_avx512(const float* x, int64_t M, int64_t K, const 
   }
 }
 
+// ---- FP4 rows decoded to fp32, in the de-interleaved column order of `deinterleave` ------------------
+// For the prefill path: an expert with many rows is decoded once and multiplied by torch's GEMM. The
+// columns come out per 32-group as [16 even elements][16 odd elements], matching the de-interleaved x,
+// so the products are the same sums over a permuted K and no shuffle back is needed.
+
+void fp4_decode_scalar(const uint8_t* w, const uint8_t* s, int64_t K, int64_t n0, int64_t n1, float* out) {
+  const float* lut = tables().e2m1;
+  const int64_t G = K / FP4_GROUP;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const float sc = e8m0(s[n * G + g]);
+      const uint8_t* b = w + n * (K / 2) + g * 16;
+      float* o = out + n * K + g * 32;
+      for (int j = 0; j < 16; ++j) { o[j] = lut[b[j] & 0xF] * sc; o[16 + j] = lut[b[j] >> 4] * sc; }
+    }
+}
+
+AVX512_TARGET void fp4_decode_avx512(const uint8_t* w, const uint8_t* s, int64_t K, int64_t n0, int64_t n1,
+                                     float* out) {
+  const int64_t G = K / FP4_GROUP;
+  const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
+                                    -2.0f, -3.0f, -4.0f, -6.0f);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      const __m512 sc = _mm512_set1_ps(e8m0(s[n * G + g]));
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16)));
+      float* o = out + n * K + g * 32;
+      _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut), sc));
+      _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), sc));
+    }
+}
+
+void fp4_decode(const uint8_t* w, const uint8_t* s, int64_t K, int64_t n0, int64_t n1, float* out) {
+  if (isa() == AVX512) return fp4_decode_avx512(w, s, K, n0, n1, out);
+  return fp4_decode_scalar(w, s, K, n0, n1, out);
+}
+
 // ---- dispatch helpers ----------------------------------------------------------------------------
 
 void fp8_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y,
@@ -666,13 +704,21 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
     for (int64_t i = 0; i < off[a + 1] - off[a]; ++i)
       std::memcpy(&xs[(off[a] + i) * D], xp + rows[active[a]][i].first * D, D * sizeof(float));
   deinterleave(xs.data(), total, D, xd.data());
-  // a "row" of the region is (active expert a, output row n): index a * rows_per_expert + n
+  // Experts with more than kRowKernelMaxRows rows (prefill) are decoded and multiplied by torch's GEMM;
+  // the others run the row kernel. Decode steps of up to 16 sequences never reach the GEMM path, so their
+  // rows stay batch-invariant.
+  constexpr int64_t kRowKernelMaxRows = 16;
+  std::vector<int64_t> small, big;
+  for (int64_t a = 0; a < A; ++a) (off[a + 1] - off[a] > kRowKernelMaxRows ? big : small).push_back(a);
+  const int64_t S = static_cast<int64_t>(small.size());
+  // a "row" of the region is (small expert j, output row n): index j * rows_per_expert + n
   auto region = [&](int64_t per_expert, int64_t in, const float* src, const uint8_t* wbase, const uint8_t* sbase,
                     float* dst) {
     const int64_t wrow = in / 2, srow = in / FP4_GROUP;
-    at::parallel_for(0, A * per_expert, grain(per_expert, total / std::max<int64_t>(A, 1), in), [&](int64_t r0, int64_t r1) {
+    if (S == 0) return;
+    at::parallel_for(0, S * per_expert, grain(per_expert, total / std::max<int64_t>(A, 1), in), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1;) {
-        const int64_t a = r / per_expert, n0 = r % per_expert, n1 = std::min(per_expert, n0 + (r1 - r));
+        const int64_t a = small[r / per_expert], n0 = r % per_expert, n1 = std::min(per_expert, n0 + (r1 - r));
         const int64_t e = active[a], m = off[a + 1] - off[a];
         fp4_rows(src + off[a] * in, m, in, wbase + e * per_expert * wrow, sbase + e * per_expert * srow,
                  dst + off[a] * per_expert, per_expert, n0, n1);
@@ -680,7 +726,20 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
       }
     });
   };
+  auto gemm = [&](int64_t a, int64_t per_expert, int64_t in, float* src, const uint8_t* wbase, const uint8_t* sbase,
+                  float* dst) {
+    const int64_t e = active[a], m = off[a + 1] - off[a];
+    at::Tensor wf = at::empty({per_expert, in}, at::TensorOptions().dtype(at::kFloat));
+    const uint8_t* we = wbase + e * per_expert * (in / 2);
+    const uint8_t* se = sbase + e * per_expert * (in / FP4_GROUP);
+    float* wp = wf.data_ptr<float>();
+    at::parallel_for(0, per_expert, 16, [&](int64_t n0, int64_t n1) { fp4_decode(we, se, in, n0, n1, wp); });
+    at::Tensor xin = at::from_blob(src + off[a] * in, {m, in}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor res = at::from_blob(dst + off[a] * per_expert, {m, per_expert}, at::TensorOptions().dtype(at::kFloat));
+    at::mm_out(res, xin, wf.t());
+  };
   region(I2, D, xd.data(), w13p, s13p, h.data());
+  for (int64_t a : big) gemm(a, I2, D, xd.data(), w13p, s13p, h.data());
   const float lim = static_cast<float>(limit);
   for (int64_t i = 0; i < total; ++i)
     for (int64_t c = 0; c < I; ++c) {
@@ -690,6 +749,7 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
     }
   deinterleave(act.data(), total, I, actd.data());
   region(D, I, actd.data(), w2p, s2p, y.data());
+  for (int64_t a : big) gemm(a, D, I, actd.data(), w2p, s2p, y.data());
   for (int64_t a = 0; a < A; ++a) {  // experts in increasing id order, whatever else is in the call
     const auto& r = rows[active[a]];
     for (int64_t i = 0; i < off[a + 1] - off[a]; ++i) {
