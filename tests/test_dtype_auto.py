@@ -1,7 +1,8 @@
 """`--dtype auto` keeps the embedded model's answers on every CPU.
 
 auto picks float32 whenever fp32 weights fit (weights/build.py: bf16 answers depend on the CPU's bf16
-kernels). Each instruction-set path that auto can take is run here in a subprocess capped by environment
+kernels); SmolLM2's Q4_1 / Q8_0 matrices then stay packed and run moeflash's native kernels, whose
+instruction-set path follows ATEN_CPU_CAPABILITY too. Each instruction-set path that auto can take is run here in a subprocess capped by environment
 (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, MKL_ENABLE_INSTRUCTIONS), so one machine checks what AVX2-only
 and AVX-512 CPUs compute: the README's prompts must give llama.cpp's greedy tokens on an F32 copy of the
 same GGUF file, with logits within fp32 noise. The cap is verified inside the subprocess, so a cap that
@@ -48,7 +49,10 @@ with torch.no_grad():
     for i, (p, r) in enumerate(zip(ids, res)):
         logits[str(i)] = model(torch.tensor([p + r.token_ids[:-1]]))[0].numpy()
 np.savez(out, **logits)
+from moeflash.kernels import build
+build.load()
 print(json.dumps({"dtype": str(model.embed.weight.dtype), "capability": torch.backends.cpu.get_cpu_capability(),
+                  "kernels": torch.ops.moeflash.isa(),
                   "ids": ids, "greedy": [r.token_ids for r in res],
                   "text": [tok.decode(r.token_ids, skip_special_tokens=True) for r in res]}))
 """
@@ -111,6 +115,7 @@ def test_auto_keeps_llama_cpp_answers_under_each_instruction_set(cap, reference,
     got = json.loads(r.stdout.strip().splitlines()[-1])
     if capability:
         assert got["capability"] == capability, got["capability"]  # the cap took effect
+        assert got["kernels"] == capability.lower()  # moeflash's own kernels follow ATen's cap
     assert got["dtype"] == "torch.float32"
     logits = np.load(out)
     for i, (ids, ref_greedy, ref_logits) in enumerate(reference):

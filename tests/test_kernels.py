@@ -38,6 +38,29 @@ def fp4_weight(shape, seed=0):
     return torch.stack([q for q, _ in parts]), torch.stack([s for _, s in parts])
 
 
+def gguf_blocks(n, k, qtype, seed=0):
+    """Random raw GGUF blocks [n, k/32 * block bytes] with sane fp16 scales (and Q4_1 minimums)."""
+    g = torch.Generator().manual_seed(seed)
+    bb = {2: 18, 3: 20, 8: 34}[qtype]
+    raw = torch.randint(0, 256, (n, k // 32, bb), generator=g, dtype=torch.uint8)
+    raw[..., 0:2] = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 0.001).half().view(torch.uint8)
+    if qtype == 3:
+        raw[..., 2:4] = (torch.randn(n, k // 32, 1, generator=g) * 0.05).half().view(torch.uint8)
+    return raw.reshape(n, -1)
+
+
+def test_gguf_reference_decodes_as_ggml():
+    """kernels.reference.gguf_dequant against gguf-py's decoder (which tests/test_gguf_llama.py checks
+    bit for bit against ggml's own C decoder)."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    for name, qtype in (("Q4_0", 2), ("Q4_1", 3), ("Q8_0", 8)):
+        blocks = gguf_blocks(16, 128, qtype, seed=qtype)
+        ref = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[name])
+        assert np.array_equal(R.gguf_dequant(blocks, qtype).numpy(), np.asarray(ref, dtype=np.float32).reshape(16, 128)), name
+
+
 def test_references_agree_with_the_checkpoint_decoders():
     q, s = quant_fp8(torch.randn(200, 300) * 0.1)
     assert torch.equal(R.dequant_fp8(q, R.e8m0_to_float(s) if not s.dtype.is_floating_point else s), dequant_fp8(q, s))
@@ -49,7 +72,7 @@ CHECK = r"""
 import json, sys, torch
 from moeflash import kernels as K
 from moeflash.kernels import reference as R
-from tests.test_kernels import fp8_weight, fp4_weight
+from tests.test_kernels import fp8_weight, fp4_weight, gguf_blocks
 torch.manual_seed(0)
 worst = {}
 def rel(a, b):
@@ -85,6 +108,13 @@ for m, g, r, k in [(1, 4, 256, 256), (3, 2, 128, 200), (16, 8, 128, 64)]:
     x = torch.randn(m, g, k)
     ref = torch.cat([R.fp8_linear(x[:, i], q[i * r:(i + 1) * r], s[i * r // 128:(i + 1) * r // 128]) for i in range(g)], -1)
     worst["fp8_grouped"] = max(worst.get("fp8_grouped", 0), rel(K.fp8_grouped_linear(x, q, s), ref))
+for qtype, bb in ((2, 18), (3, 20), (8, 34)):
+    for m, n, k in [(1, 100, 576), (5, 64, 64), (20, 48, 128)]:
+        blocks = gguf_blocks(n, k, qtype)
+        x = torch.randn(m, k)
+        worst[f"gguf{qtype}"] = max(worst.get(f"gguf{qtype}", 0),
+                                    rel(K.gguf_linear(x, blocks, qtype), R.gguf_linear(x, blocks, qtype)))
+        assert torch.equal(K.gguf_dequant(blocks, qtype), R.gguf_dequant(blocks, qtype)) or qtype == 3
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))
@@ -124,7 +154,7 @@ def test_a_forced_path_never_exceeds_the_cpu():
 
 
 @needs_native
-@pytest.mark.parametrize("op", ["fp8", "fp4", "bf16"])
+@pytest.mark.parametrize("op", ["fp8", "fp4", "bf16", "q4_1"])
 def test_rows_do_not_depend_on_the_batch(op):
     """Batch invariance on the decode path: row i of a 1..16-row call equals the same row computed alone."""
     k = 512
@@ -134,9 +164,12 @@ def test_rows_do_not_depend_on_the_batch(op):
     elif op == "fp4":
         q, s = fp4_weight((384, k))
         f = lambda x: K.fp4_linear(x, q, s)  # noqa: E731
-    else:
+    elif op == "bf16":
         w = torch.randn(384, k).bfloat16()
         f = lambda x: K.bf16_linear(x, w)  # noqa: E731
+    else:
+        blocks = gguf_blocks(384, k, 3)
+        f = lambda x: K.gguf_linear(x, blocks, 3)  # noqa: E731
     x = torch.randn(K.ROW_KERNEL_MAX_ROWS, k)
     alone = torch.cat([f(x[i:i + 1]) for i in range(x.shape[0])])
     for m in range(1, K.ROW_KERNEL_MAX_ROWS + 1):

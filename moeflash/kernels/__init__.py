@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+__all__ = ["gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
            "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
@@ -95,6 +95,28 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     rows = scale.shape[0] // g
     return torch.cat([fp8_linear(x[:, i], weight[i * r:(i + 1) * r], scale[i * rows:(i + 1) * rows])
                       for i in range(g)], dim=-1)
+
+
+def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    if native(blocks):
+        return torch.ops.moeflash.gguf_dequant(blocks, qtype)
+    return reference.gguf_dequant(blocks, qtype)
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """x [..., K] @ W.T for W held as raw GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 -> fp32 [..., N]."""
+    x2 = _rows(x)
+    n = blocks.shape[0]
+    if not native(blocks):
+        y = reference.gguf_linear(x2, blocks, qtype)
+    elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
+        y = torch.ops.moeflash.gguf_linear(x2, blocks, qtype)
+    else:
+        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+        for r0 in range(0, n, _TILE_ROWS * 4):
+            r1 = min(n, r0 + _TILE_ROWS * 4)
+            torch.mm(x2, torch.ops.moeflash.gguf_dequant(blocks[r0:r1], qtype).t(), out=y[:, r0:r1])
+    return y.view(*x.shape[:-1], n)
 
 
 def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ROW_KERNEL_MAX_ROWS, bf16_linear, dequant_fp8, fp8_linear, native
+from . import ROW_KERNEL_MAX_ROWS, bf16_linear, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear, native
+from .reference import GGUF_BLOCK_BYTES
 
 FP8_BLOCK = 128
 
@@ -94,3 +95,42 @@ class Bf16Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weight, fp32 compute"
+
+
+class GgufLinear(nn.Module):
+    """A linear layer whose weight stays in its GGUF block format (Q4_0, Q4_1 or Q8_0: 32 weights a block
+    with fp16 scales), as the file stores it; products in fp32 (kernels.gguf_linear) on the exact decoded
+    values. `qblocks` is the raw bytes [out, row bytes]; `qtype` the ggml type id."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: int):
+        super().__init__()
+        if qtype not in GGUF_BLOCK_BYTES:
+            raise ValueError(f"ggml type {qtype} is not held packed (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)")
+        self.qtype = qtype
+        self.out_features = blocks.shape[0]
+        self.in_features = 32 * (blocks.shape[1] // GGUF_BLOCK_BYTES[qtype])
+        self.register_buffer("qblocks", blocks.view(torch.uint8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+            return torch.ops.moeflash.gguf_linear(x, self.qblocks, self.qtype)  # the decode fast path
+        return gguf_linear(x, self.qblocks, self.qtype).to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return gguf_dequant(self.qblocks, self.qtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, ggml type {self.qtype}"
+
+    @staticmethod
+    def fuse(mods: list["GgufLinear"]) -> "GgufLinear | None":
+        """One layer for several of the same type and input; their buffers become views of the fused one."""
+        if len({(m.qtype, m.in_features) for m in mods}) != 1:
+            return None
+        fused = GgufLinear(torch.cat([m.qblocks for m in mods]), mods[0].qtype)
+        start = 0
+        for m in mods:
+            m.qblocks = fused.qblocks[start:start + m.out_features]
+            start += m.out_features
+        return fused

@@ -75,3 +75,28 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
         c = c / (c.sum(dim=-1, keepdim=True) + eps)
         c = c / (c.sum(dim=-2, keepdim=True) + eps)
     return c
+
+
+GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids of the block formats held packed
+GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+
+
+def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    """Raw GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 -> fp32 [N, K] (ggml's definitions: Q4_0
+    d * (q - 8), Q4_1 d * q + m, Q8_0 d * q; a 4-bit byte j holds element j low and j + 16 high)."""
+    bb = GGUF_BLOCK_BYTES[qtype]
+    b = blocks.view(torch.uint8).reshape(blocks.shape[0], -1, bb)
+    d = b[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
+    if qtype == 8:
+        q = b[..., 2:].contiguous().view(torch.int8).float()
+        return (d * q).reshape(blocks.shape[0], -1)
+    qs = b[..., (4 if qtype == 3 else 2):].to(torch.int64)
+    q = torch.cat((qs & 0xF, qs >> 4), dim=-1).float()  # elements 0..15, then 16..31
+    if qtype == 3:
+        m = b[..., 2:4].contiguous().view(torch.float16).float()
+        return (d * q + m).reshape(blocks.shape[0], -1)
+    return (d * (q - 8)).reshape(blocks.shape[0], -1)
+
+
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    return F.linear(x.float(), gguf_dequant(blocks, qtype))

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..kernels.linear import Bf16Linear, Fp8Linear
+from ..kernels.linear import Bf16Linear, Fp8Linear, GgufLinear
 
 
 class RMSNorm(nn.Module):
@@ -162,6 +162,6 @@ class _FusedPlain:
 def _fuse(kind: type, mods: list[nn.Module]):
     if kind is nn.Linear:
         return _FusedPlain(mods)
-    if kind in (Fp8Linear, Bf16Linear):
+    if kind in (Fp8Linear, Bf16Linear, GgufLinear):
         return kind.fuse(mods)
     return None

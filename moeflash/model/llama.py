@@ -199,7 +199,7 @@ class Llama(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.norm(x).to(self.head.weight.dtype))
+        return self.head(self.norm(x).to(self.embed.weight.dtype))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids [B, S] -> logits [B, S, V], a stateless full forward (fresh caches)."""

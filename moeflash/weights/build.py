@@ -87,7 +87,8 @@ def load_gguf_model(path: str | Path, dtype: str | torch.dtype = "auto"):
 
     f = GGUFFile(path)  # opened once: parsing a large vocabulary takes seconds
     torch_dtype = resolve_dtype(dtype, llama_config(f))
-    model, tokenizer = load_llama_gguf(f, torch_dtype)
+    # fp32 compute keeps Q4_0 / Q4_1 / Q8_0 matrices in their blocks (exact values, fp32 products)
+    model, tokenizer = load_llama_gguf(f, torch_dtype, packed=torch_dtype == torch.float32)
     if model.embed.weight.device.type == "cpu" and torch_dtype == torch.float32:
         input_major_(model)
     return model.fuse_projections_(), tokenizer

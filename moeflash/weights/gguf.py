@@ -87,6 +87,12 @@ class GGUFFile:
     def tensor_type(self, name: str) -> str:
         return self._tensor(name).tensor_type.name
 
+    def blocks(self, name: str) -> torch.Tensor:
+        """The raw bytes of a block-quantized matrix as uint8 [rows, row bytes] (a copy), undecoded."""
+        t = self._tensor(name)
+        arr = np.array(t.data, dtype=np.uint8).reshape(self.shape(name)[0], -1)
+        return torch.from_numpy(arr)
+
     def shape(self, name: str) -> tuple[int, ...]:
         """Torch order: slowest dimension first."""
         return tuple(int(d) for d in reversed(self._tensor(name).shape))
@@ -161,8 +167,14 @@ def llama_tensor_names(config: LlamaConfig) -> dict[str, str]:
     return names
 
 
-def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32):
-    """(Llama model, its GGUF tokenizer): every tensor decoded once into `dtype` (norms stay fp32)."""
+def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, packed: bool = False):
+    """(Llama model, its GGUF tokenizer): every tensor decoded once into `dtype` (norms stay fp32).
+
+    `packed`: matrices in Q4_0 / Q4_1 / Q8_0 stay in their blocks (kernels.linear.GgufLinear, fp32
+    products on the exact values), the LM head included (a packed copy of a tied embedding; the
+    embedding itself is decoded for row lookups)."""
+    from ..kernels.linear import GgufLinear
+    from ..kernels.reference import GGUF_TYPES
     from ..model.llama import Llama
     from ..tokenizer import GGUFTokenizer
 
@@ -171,16 +183,28 @@ def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.floa
     with torch.device("meta"):
         model = Llama(cfg)
     expected = dict(model.named_parameters())
-    state = {}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    state, held = {}, {}
     for ours, theirs in llama_tensor_names(cfg).items():
         want = tuple(expected[ours].shape)
         if f.shape(theirs) != want:
             raise GGUFError(f"{f.path.name}: tensor {theirs} has shape {f.shape(theirs)}, the config "
                             f"implies {want}")
+        qtype = f.tensor_type(theirs)
+        if packed and qtype in GGUF_TYPES and ours[:-len(".weight")] in linears:
+            held[ours[:-len(".weight")]] = GgufLinear(f.blocks(theirs), GGUF_TYPES[qtype])
+            continue
         state[ours] = f.get(theirs, torch.float32 if ours.endswith("norm.weight") else dtype)
     model.load_state_dict(state, strict=False, assign=True)
+    for name, mod in held.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, mod)
+    emb_type = f.tensor_type("token_embd.weight")
     if cfg.tie_word_embeddings:
-        model.head.weight = model.embed.weight
+        if packed and emb_type in GGUF_TYPES:
+            model.head = GgufLinear(f.blocks("token_embd.weight"), GGUF_TYPES[emb_type])
+        else:
+            model.head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)  # the meta buffer, rebuilt
     return model.eval(), GGUFTokenizer(f.reader)
 

@@ -7,10 +7,12 @@
 // All products accumulate in fp32. Each output element is computed by the same sequence of operations
 // whatever M (the number of input rows) is, so a row's result does not depend on which other rows share
 // the call (batch invariance). The code path (AVX-512, AVX2+FMA+F16C, scalar) is chosen at run time from
-// the CPU's features; MOEFLASH_ISA=scalar|avx2|avx512 can lower it (never raise it past the CPU).
+// the CPU's features; MOEFLASH_ISA=scalar|avx2|avx512 (or ATen's ATEN_CPU_CAPABILITY) can lower it, never
+// raise it past the CPU.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
@@ -35,10 +37,12 @@ Isa detect_isa() {
       __builtin_cpu_supports("avx512vl"))
     best = AVX512;
 #endif
-  const char* env = std::getenv("MOEFLASH_ISA");
-  if (env) {
+  // MOEFLASH_ISA, and ATen's own cap ATEN_CPU_CAPABILITY (default / avx2 / avx512), can only lower it.
+  for (const char* var : {"MOEFLASH_ISA", "ATEN_CPU_CAPABILITY"}) {
+    const char* env = std::getenv(var);
+    if (!env) continue;
     std::string s(env);
-    int want = s == "scalar" ? SCALAR : s == "avx2" ? AVX2 : s == "avx512" ? AVX512 : best;
+    int want = (s == "scalar" || s == "default") ? SCALAR : s == "avx2" ? AVX2 : s == "avx512" ? AVX512 : best;
     if (want < best) best = want;
   }
   return static_cast<Isa>(best);
@@ -524,6 +528,169 @@ void fp4_decode(const uint8_t* w, const uint8_t* s, int64_t K, int64_t n0, int64
   return fp4_decode_scalar(w, s, K, n0, n1, out);
 }
 
+// ---- GGUF blocks of 32: Q4_0 (fp16 d, 16 bytes: d * (q - 8)), Q4_1 (fp16 d, fp16 m, 16 bytes: d * q + m),
+// Q8_0 (fp16 d, 32 int8: d * q). A 4-bit byte j holds element j (low nibble) and j + 16 (high nibble).
+// For the 4-bit types a block's product is d * sum(q x) + m * sum(x) (Q4_0: m = -8 d), with sum(x) per
+// block computed once per call.
+
+constexpr int GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
+
+inline int64_t block_bytes(int qtype) { return qtype == GGML_Q4_0 ? 18 : qtype == GGML_Q4_1 ? 20 : 34; }
+
+inline float half_at(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return c10::detail::fp16_ieee_to_fp32_value(h);
+}
+
+inline void q4_dm(const uint8_t* blk, int qtype, float& d, float& m) {
+  d = half_at(blk);
+  m = qtype == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d;
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline float half_f16c(const uint8_t* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+__attribute__((target("avx2,fma,f16c"))) inline void q4_dm_f16c(const uint8_t* blk, int qtype, float& d, float& m) {
+  d = half_f16c(blk);
+  m = qtype == GGML_Q4_1 ? half_f16c(blk + 2) : -8.0f * d;
+}
+
+void block_sums(const float* x, int64_t M, int64_t K, float* out) {
+  const int64_t nb = K / 32;
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t b = 0; b < nb; ++b) {
+      float acc = 0.0f;
+      for (int j = 0; j < 32; ++j) acc += x[i * K + b * 32 + j];
+      out[i * nb + b] = acc;
+    }
+}
+
+void gguf_rows_scalar(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* w, int qtype, float* y,
+                      int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / 32, bb = block_bytes(qtype);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t i = 0; i < M; ++i) {
+      const float* xr = x + i * K;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = w + (n * nb + b) * bb;
+        float p = 0.0f;
+        if (qtype == GGML_Q8_0) {
+          const int8_t* q = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < 32; ++j) p = std::fma(static_cast<float>(q[j]), xr[b * 32 + j], p);
+          acc = std::fma(p, half_at(blk), acc);
+        } else {
+          float d, m;
+          q4_dm(blk, qtype, d, m);
+          const uint8_t* q = blk + (qtype == GGML_Q4_1 ? 4 : 2);
+          for (int j = 0; j < 16; ++j) {
+            p = std::fma(static_cast<float>(q[j] & 0xF), xr[b * 32 + j], p);
+            p = std::fma(static_cast<float>(q[j] >> 4), xr[b * 32 + 16 + j], p);
+          }
+          acc = std::fma(p, d, acc);
+          acc = std::fma(m, xs[i * nb + b], acc);
+        }
+      }
+      y[i * N + n] = acc;
+    }
+}
+
+template <int R>
+AVX512_TARGET inline void gguf_row_avx512(const float* x, const float* xs, int64_t K, const uint8_t* wr, int qtype,
+                                          float* y, int64_t N) {
+  const int64_t nb = K / 32, bb = block_bytes(qtype);
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  __m512 acc[2][R];
+  float macc[R];
+  for (int i = 0; i < R; ++i) { acc[0][i] = acc[1][i] = _mm512_setzero_ps(); macc[i] = 0.0f; }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wr + b * bb;
+    __m512 q0, q1;
+    float d, m = 0.0f;
+    if (qtype == GGML_Q8_0) {
+      d = half_f16c(blk);
+      q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 2))));
+      q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
+    } else {
+      q4_dm_f16c(blk, qtype, d, m);
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (qtype == GGML_Q4_1 ? 4 : 2))));
+      q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, fifteen));
+      q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+    }
+    const __m512 dv = _mm512_set1_ps(d);
+    const int c = b & 1;
+    for (int i = 0; i < R; ++i) {
+      const float* xr = x + i * K + b * 32;
+      __m512 p = _mm512_mul_ps(q0, _mm512_loadu_ps(xr));
+      p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xr + 16), p);
+      acc[c][i] = _mm512_fmadd_ps(p, dv, acc[c][i]);
+      if (qtype != GGML_Q8_0) macc[i] = std::fma(m, xs[i * nb + b], macc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i])) + macc[i];
+}
+
+template <int R>
+__attribute__((target("avx2,fma,f16c"))) inline void gguf_row_avx2(const float* x, const float* xs, int64_t K,
+                                                                   const uint8_t* wr, int qtype, float* y, int64_t N) {
+  const int64_t nb = K / 32, bb = block_bytes(qtype);
+  const __m256i fifteen = _mm256_set1_epi32(15);
+  __m256 acc[2][R];
+  float macc[R];
+  for (int i = 0; i < R; ++i) { acc[0][i] = acc[1][i] = _mm256_setzero_ps(); macc[i] = 0.0f; }
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wr + b * bb;
+    __m256 q[4];
+    float d, m = 0.0f;
+    if (qtype == GGML_Q8_0) {
+      d = half_f16c(blk);
+      for (int h = 0; h < 4; ++h)
+        q[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * h))));
+    } else {
+      q4_dm_f16c(blk, qtype, d, m);
+      const uint8_t* qs = blk + (qtype == GGML_Q4_1 ? 4 : 2);
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * h)));
+        q[h] = _mm256_cvtepi32_ps(_mm256_and_si256(v, fifteen));      // elements 8h .. 8h+7
+        q[2 + h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));       // elements 16+8h .. 16+8h+7
+      }
+    }
+    const __m256 dv = _mm256_set1_ps(d);
+    const int c = b & 1;
+    for (int i = 0; i < R; ++i) {
+      const float* xr = x + i * K + b * 32;
+      __m256 p = _mm256_mul_ps(q[0], _mm256_loadu_ps(xr));
+      p = _mm256_fmadd_ps(q[1], _mm256_loadu_ps(xr + 8), p);
+      p = _mm256_fmadd_ps(q[2], _mm256_loadu_ps(xr + 16), p);
+      p = _mm256_fmadd_ps(q[3], _mm256_loadu_ps(xr + 24), p);
+      acc[c][i] = _mm256_fmadd_ps(p, dv, acc[c][i]);
+      if (qtype != GGML_Q8_0) macc[i] = std::fma(m, xs[i * nb + b], macc[i]);
+    }
+  }
+  for (int i = 0; i < R; ++i) y[i * N] = hsum_avx2(_mm256_add_ps(acc[0][i], acc[1][i])) + macc[i];
+}
+
+void gguf_rows(const float* x, const float* xs, int64_t M, int64_t K, const uint8_t* w, int qtype, float* y, int64_t N,
+               int64_t n0, int64_t n1) {
+  const int64_t row_bytes = (K / 32) * block_bytes(qtype), nb = K / 32;
+  if (isa() == SCALAR) return gguf_rows_scalar(x, xs, M, K, w, qtype, y, N, n0, n1);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    int64_t m = 0;
+    if (isa() == AVX512) {
+      for (; m + 4 <= M; m += 4) gguf_row_avx512<4>(x + m * K, xs + m * nb, K, wr, qtype, y + m * N + n, N);
+      for (; m < M; ++m) gguf_row_avx512<1>(x + m * K, xs + m * nb, K, wr, qtype, y + m * N + n, N);
+    } else {
+      for (; m + 2 <= M; m += 2) gguf_row_avx2<2>(x + m * K, xs + m * nb, K, wr, qtype, y + m * N + n, N);
+      for (; m < M; ++m) gguf_row_avx2<1>(x + m * K, xs + m * nb, K, wr, qtype, y + m * N + n, N);
+    }
+  }
+}
+
 // ---- dispatch helpers ----------------------------------------------------------------------------
 
 void fp8_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y,
@@ -649,6 +816,61 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { bf16_rows(xp, M, K, wp, yp, N, n0, n1); });
   return y;
+}
+
+at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& w_in, int64_t qtype) {
+  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0,
+              "gguf_linear: type ", qtype, " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+  TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1, "gguf_linear: weight must be raw blocks [N, row bytes]");
+  TORCH_CHECK(w_in.size(1) % block_bytes(qtype) == 0, "gguf_linear: row bytes ", w_in.size(1), " are not whole blocks");
+  const int64_t N = w_in.size(0), K = 32 * (w_in.size(1) / block_bytes(qtype));
+  check_x(x_in, K, "gguf_linear");
+  at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
+  const int64_t M = x.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  std::vector<float> xs(M * (K / 32));
+  block_sums(x.data_ptr<float>(), M, K, xs.data());
+  const float* xp = x.data_ptr<float>();
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  float* yp = y.data_ptr<float>();
+  const int q = static_cast<int>(qtype);
+  at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { gguf_rows(xp, xs.data(), M, K, wp, q, yp, N, n0, n1); });
+  return y;
+}
+
+// Decode GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 to float32 [N, K] (the prefill path).
+at::Tensor gguf_dequant(const at::Tensor& w_in, int64_t qtype) {
+  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0, "gguf_dequant: unsupported type ", qtype);
+  TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1 && w_in.size(1) % block_bytes(qtype) == 0,
+              "gguf_dequant: weight must be raw blocks [N, row bytes]");
+  at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), nb = w.size(1) / block_bytes(qtype), K = 32 * nb, bb = block_bytes(qtype);
+  at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+  const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+  float* op = out.data_ptr<float>();
+  const int q = static_cast<int>(qtype);
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = wp + (n * nb + b) * bb;
+        float* o = op + n * K + b * 32;
+        if (q == GGML_Q8_0) {
+          const float d = half_at(blk);
+          const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
+          for (int j = 0; j < 32; ++j) o[j] = d * static_cast<float>(qs[j]);
+        } else {
+          float d, m;
+          q4_dm(blk, q, d, m);
+          const uint8_t* qs = blk + (q == GGML_Q4_1 ? 4 : 2);
+          for (int j = 0; j < 16; ++j) {
+            o[j] = std::fma(d, static_cast<float>(qs[j] & 0xF), m);
+            o[16 + j] = std::fma(d, static_cast<float>(qs[j] >> 4), m);
+          }
+        }
+      }
+  });
+  return out;
 }
 
 // Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
@@ -838,6 +1060,8 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit) -> Tensor");
   m.def("dequant_fp8(Tensor weight, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("gguf_linear(Tensor x, Tensor weight, int qtype) -> Tensor");
+  m.def("gguf_dequant(Tensor weight, int qtype) -> Tensor");
   m.def("fp8_grouped_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("isa", &isa_name);
@@ -849,6 +1073,8 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("moe_fp4", &moe_fp4);
   m.impl("dequant_fp8", &dequant_fp8);
   m.impl("bf16_linear", &bf16_linear);
+  m.impl("gguf_linear", &gguf_linear);
+  m.impl("gguf_dequant", &gguf_dequant);
   m.impl("fp8_grouped_linear", &fp8_grouped_linear);
   m.impl("sinkhorn", &sinkhorn);
 }
