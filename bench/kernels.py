@@ -21,21 +21,14 @@ import time
 import torch
 
 from common import (add_common_args, apply_common_args, machine_info, print_json, read_bandwidth_probe,
-                    rounded)
+                    rounded, timed)
 
 from moeflash import kernels as K
 from moeflash.weights.quant import quant_fp4, quant_fp8
 
 
 def median_time(fn, iters: int = 30) -> float:
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return timed(fn, warmup=3, iters=iters)["median"]
 
 
 def products(n: int, rounds: int) -> dict:

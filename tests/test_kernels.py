@@ -216,3 +216,21 @@ def test_reference_path_when_native_is_off():
     assert r.returncode == 0, r.stderr
     kind, err = r.stdout.split()
     assert kind == "torch" and float(err) < 1e-5
+
+
+@pytest.mark.slow
+def test_models_run_on_the_references_without_the_native_library():
+    """A machine without a compiler runs every op's plain-torch reference: SmolLM2 (packed Q4_1 / Q8_0)
+    still answers as with the native kernels."""
+    code = ("import json, torch; from moeflash.weights.build import load_model; from moeflash.cli import _encode_prompt; "
+            "from moeflash.engine import LLMEngine, SamplingParams; from moeflash import kernels as K; "
+            "m, tok = load_model('smollm2'); ids = _encode_prompt(tok, 'What is the capital of France?', chat=True, system=None); "
+            "out = LLMEngine(m, tok).generate([ids], SamplingParams(max_tokens=8, temperature=0.0))[0]; "
+            "print(json.dumps({'kernels': K.status()['kernels'], 'text': out.text, 'head': type(m.head).__name__}))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MOEFLASH_KERNELS": "torch"}, cwd=root,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["kernels"] == "torch" and out["head"] == "GgufLinear"
+    assert "Paris" in out["text"], out
