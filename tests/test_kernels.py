@@ -115,6 +115,10 @@ for qtype, bb in ((2, 18), (3, 20), (8, 34)):
         worst[f"gguf{qtype}"] = max(worst.get(f"gguf{qtype}", 0),
                                     rel(K.gguf_linear(x, blocks, qtype), R.gguf_linear(x, blocks, qtype)))
         assert torch.equal(K.gguf_dequant(blocks, qtype), R.gguf_dequant(blocks, qtype)) or qtype == 3
+for t, n, d in [(1, 4, 64), (7, 2, 96), (3, 3, 40)]:
+    f = n * (n + 2)
+    args = (torch.randn(t, n, d) * 5, torch.randn(f, n * d) * 0.05, torch.randn(f), torch.rand(3) + 0.5, 20, 1e-6, 1e-6)
+    worst["hc_weights"] = max([worst.get("hc_weights", 0)] + [rel(a, b) for a, b in zip(K.hc_weights(*args), R.hc_weights(*args))])
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))

@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
+__all__ = ["hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
            "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
@@ -147,3 +147,13 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     if native(logits) and logits.dtype == torch.float32 and not logits.requires_grad:
         return torch.ops.moeflash.sinkhorn(logits, iters, eps)
     return reference.sinkhorn(logits, iters, eps)
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
+               hc_eps: float, norm_eps: float):
+    """mHC's pre / post / comb for streams x [..., n, d] (model/hyper.py): one native call for CPU
+    tensors of shape [T, n, d] without autograd, the plain-torch reference otherwise."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, fn, base, scale))
+    if x.dim() == 3 and native(x) and not needs_grad:
+        return torch.ops.moeflash.hc_weights(x.float(), fn, base, scale, iters, hc_eps, norm_eps)
+    return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)

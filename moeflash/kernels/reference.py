@@ -100,3 +100,20 @@ def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     return F.linear(x.float(), gguf_dequant(blocks, qtype))
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
+               hc_eps: float, norm_eps: float):
+    """mHC (V4-SPEC 2.2): mix logits = fn @ rmsnorm(flatten(x)) in fp32, split into pre / post / comb parts;
+    pre = sigmoid(m * s0 + b) + eps, post = 2 sigmoid(m * s1 + b), comb = Sinkhorn(m * s2 + b)."""
+    n = x.shape[-2]
+    flat = x.flatten(-2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    mix = F.linear(flat, fn.float())
+    m_pre, m_post, m_comb = mix.split([n, n, n * n], dim=-1)
+    b_pre, b_post, b_comb = base.float().split([n, n, n * n])
+    s = scale.float()
+    pre = torch.sigmoid(m_pre * s[0] + b_pre) + hc_eps
+    post = 2 * torch.sigmoid(m_post * s[1] + b_post)
+    comb = sinkhorn((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
+    return pre, post, comb

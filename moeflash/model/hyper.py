@@ -29,16 +29,10 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
                iters: int, hc_eps: float, norm_eps: float):
-    """pre [..., n], post [..., n], comb [..., n, n] (all fp32) for streams x [..., n, d]."""
-    n = x.shape[-2]
-    mix = hc_mix_logits(x, fn, norm_eps)
-    m_pre, m_post, m_comb = mix.split([n, n, n * n], dim=-1)
-    b_pre, b_post, b_comb = base.float().split([n, n, n * n])
-    s = scale.float()
-    pre = torch.sigmoid(m_pre * s[0] + b_pre) + hc_eps
-    post = 2 * torch.sigmoid(m_post * s[1] + b_post)
-    comb = sinkhorn((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
-    return pre, post, comb
+    """pre [..., n], post [..., n], comb [..., n, n] (all fp32) for streams x [..., n, d]: from the
+    mix logits, pre = sigmoid(.) + eps, post = 2 sigmoid(.), comb = Sinkhorn(.). One native call on the
+    CPU (kernels.hc_weights; its plain-torch reference is kernels.reference.hc_weights)."""
+    return kernels.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
 
 
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:

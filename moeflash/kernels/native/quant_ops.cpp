@@ -22,6 +22,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -1044,6 +1045,47 @@ at::Tensor sinkhorn(const at::Tensor& logits_in, int64_t iters, double eps_d) {
   return c;
 }
 
+// mHC's per-site weights in one call (model/hyper.py hc_weights): x [T, n, d] fp32 streams, fn
+// [n(n+2), n d], base [n(n+2)], scale [3] -> pre [T, n], post [T, n], comb [T, n, n]. The RMS
+// normalisation and the small epilogue run here; the projection is torch's matmul.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_weights(const at::Tensor& x_in, const at::Tensor& fn_in,
+                                                          const at::Tensor& base_in, const at::Tensor& scale_in,
+                                                          int64_t iters, double hc_eps, double norm_eps) {
+  TORCH_CHECK(x_in.dim() == 3 && x_in.scalar_type() == at::kFloat, "hc_weights: x must be float32 [T, n, d]");
+  const int64_t T = x_in.size(0), n = x_in.size(1), d = x_in.size(2), F = n * (n + 2);
+  TORCH_CHECK(fn_in.dim() == 2 && fn_in.size(0) == F && fn_in.size(1) == n * d && base_in.numel() == F &&
+              scale_in.numel() == 3, "hc_weights: fn must be [", F, ", ", n * d, "], base [", F, "], scale [3]");
+  at::Tensor flat = x_in.reshape({T, n * d}).contiguous().clone();
+  float* fp = flat.data_ptr<float>();
+  for (int64_t t = 0; t < T; ++t) {
+    float* r = fp + t * n * d;
+    float ss = 0.0f;
+    for (int64_t j = 0; j < n * d; ++j) ss += r[j] * r[j];
+    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n * d) + static_cast<float>(norm_eps));
+    for (int64_t j = 0; j < n * d; ++j) r[j] *= inv;
+  }
+  at::Tensor mix = at::mm(flat, fn_in.to(at::kFloat).t()).contiguous();  // [T, F]
+  at::Tensor base = base_in.to(at::kFloat).contiguous(), scale = scale_in.to(at::kFloat).contiguous();
+  const float* mp = mix.data_ptr<float>();
+  const float* bp = base.data_ptr<float>();
+  const float* sp = scale.data_ptr<float>();
+  at::Tensor pre = at::empty({T, n}, flat.options()), post = at::empty({T, n}, flat.options());
+  at::Tensor logits = at::empty({T, n, n}, flat.options());
+  float* pr = pre.data_ptr<float>();
+  float* po = post.data_ptr<float>();
+  float* lg = logits.data_ptr<float>();
+  const float he = static_cast<float>(hc_eps);
+  for (int64_t t = 0; t < T; ++t) {
+    const float* m = mp + t * F;
+    for (int64_t j = 0; j < n; ++j) {
+      pr[t * n + j] = 1.0f / (1.0f + std::exp(-(m[j] * sp[0] + bp[j]))) + he;
+      po[t * n + j] = 2.0f / (1.0f + std::exp(-(m[n + j] * sp[1] + bp[n + j])));
+    }
+    for (int64_t j = 0; j < n * n; ++j) lg[t * n * n + j] = m[2 * n + j] * sp[2] + bp[2 * n + j];
+  }
+  return {pre, post, sinkhorn(logits, iters, hc_eps)};
+}
+
 std::string isa_name() {
   switch (isa()) {
     case AVX512: return "avx512";
@@ -1064,6 +1106,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("gguf_dequant(Tensor weight, int qtype) -> Tensor");
   m.def("fp8_grouped_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
+  m.def("hc_weights(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float hc_eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
   m.def("isa", &isa_name);
 }
 
@@ -1077,4 +1120,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("gguf_dequant", &gguf_dequant);
   m.impl("fp8_grouped_linear", &fp8_grouped_linear);
   m.impl("sinkhorn", &sinkhorn);
+  m.impl("hc_weights", &hc_weights);
 }
