@@ -120,7 +120,7 @@ def matmul_probe(n: int = 2048, dtype: torch.dtype | str = torch.float32, iters:
 # ---------------------------------------------------------------------------------------------------
 # bytes a decode step reads
 
-QUANT_BUFFERS = (".qweight", ".scale", ".q13", ".s13", ".q2", ".s2")  # weights held at storage precision
+QUANT_BUFFERS = (".qweight", ".scale", ".q13", ".s13", ".q2", ".s2", ".qblocks", ".weight")  # weights held as buffers
 
 
 def is_routed_expert_param(name: str) -> bool:

@@ -91,7 +91,7 @@ def test_official_fp8_fp4_checkpoint_matches_transformers(official):
         assert torch.equal(t, truth[name].to(t.dtype)), name
     kinds = {type(m).__name__ for m in model.modules()}
     assert "Fp8Linear" in kinds and all(layer.ffn.fp4 for layer in model.layers)
-    assert model.head.wbf16.dtype == torch.bfloat16  # stored bf16: kept so under fp32 compute
+    assert type(model.head).__name__ == "Bf16Linear" and model.head.weight.dtype == torch.bfloat16  # as stored
     q = model.layers[1].attn.wq_a
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 160)  # 1 byte a weight
     assert model.layers[1].ffn.q13.shape == (CFG.n_routed_experts, 128, 80)  # 2 codes a byte
@@ -115,15 +115,12 @@ def test_official_fp8_fp4_checkpoint_matches_transformers(official):
 
 def decoded_state(model) -> dict:
     """The model's weights under their internal names, FP8 / FP4 ones decoded (independently of the kernels)."""
-    from moeflash.kernels.linear import Bf16Linear, Fp8Linear
+    from moeflash.kernels.linear import Fp8Linear
     from moeflash.model.moe import MoE
 
     out, skip = {}, set()
     for name, mod in model.named_modules():
-        if isinstance(mod, Bf16Linear):
-            out[f"{name}.weight"] = mod.wbf16.float()
-            skip.add(f"{name}.wbf16")
-        elif isinstance(mod, Fp8Linear):
+        if isinstance(mod, Fp8Linear):
             out[f"{name}.weight"] = dequant_fp8(mod.qweight.view(torch.float8_e4m3fn), mod.scale)
             skip.update({f"{name}.qweight", f"{name}.scale"})
         elif isinstance(mod, MoE) and mod.fp4:

@@ -65,36 +65,32 @@ class Fp8Linear(nn.Module):
 class Bf16Linear(nn.Module):
     """A linear layer whose weight stays bfloat16, as the checkpoint stores it, while activations and sums
     are fp32 (kernels.bf16_linear): the same products as an fp32 model on the stored values, at half the
-    bytes read. The buffer is `wbf16` (not `weight`), so dtype casts of the model leave it alone."""
+    bytes read. The weight is a buffer named `weight`, so state dicts keep the checkpoint's names."""
 
     def __init__(self, weight: torch.Tensor):
         super().__init__()
         self.out_features, self.in_features = weight.shape
-        self.register_buffer("wbf16", weight.to(torch.bfloat16))
+        self.register_buffer("weight", weight.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
-            return torch.ops.moeflash.bf16_linear(x, self.wbf16)  # the decode fast path
-        return bf16_linear(x, self.wbf16).to(x.dtype)
+            return torch.ops.moeflash.bf16_linear(x, self.weight)  # the decode fast path
+        return bf16_linear(x, self.weight).to(x.dtype)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.wbf16.float()
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weight, fp32 compute"
 
     @staticmethod
     def fuse(mods: list["Bf16Linear"]) -> "Bf16Linear | None":
         """One layer computing all of `mods` (same input); their buffers become views of the fused one."""
         if len({m.in_features for m in mods}) != 1:
             return None
-        fused = Bf16Linear(torch.cat([m.wbf16 for m in mods]))
+        fused = Bf16Linear(torch.cat([m.weight for m in mods]))
         start = 0
         for m in mods:
-            m.wbf16 = fused.wbf16[start:start + m.out_features]
+            m.weight = fused.weight[start:start + m.out_features]
             start += m.out_features
         return fused
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 weight, fp32 compute"
 
 
 class GgufLinear(nn.Module):
