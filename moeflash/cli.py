@@ -276,7 +276,25 @@ class _Swallowed(list):
 
 def _expert_args(args) -> dict:
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
-            "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize}
+            "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize,
+            "progress": _load_progress()}
+
+
+def _load_progress():
+    """A tqdm bar on a terminal's stderr for checkpoint loading (tensor by tensor); nothing otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar: list = []
+
+    def progress(done: int, total: int) -> None:
+        if not bar:
+            bar.append(tqdm(total=total, desc="loading", unit="tensor", file=sys.stderr, leave=False))
+        bar[0].update(done - bar[0].n)
+        if done >= total:
+            bar[0].close()
+    return progress
 
 
 def _add_expert_flags(p) -> None:

@@ -243,3 +243,11 @@ def test_block_aligned_layers_take_the_fused_fp8_paths(tmp_path):
     err = max((got - ref).abs().max().item(), (stepped - ref).abs().max().item())
     print(f"[official, fused FP8 paths] max|dlogit| vs decoded at load = {err:.3e}")
     assert err <= 1e-4
+
+
+def test_loading_reports_progress_tensor_by_tensor(official):
+    path, stored, _ = official
+    seen = []
+    load_model(path, dtype="float32", progress=lambda done, total: seen.append((done, total)))
+    total = seen[-1][1]
+    assert [d for d, _ in seen] == list(range(1, total + 1)) and total > 100

@@ -125,7 +125,8 @@ def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                           expert_policy: str = "lfu", prefetch: bool = False,
-                          memory_limit: float | None = None, dequantize: bool = False) -> Transformer:
+                          memory_limit: float | None = None, dequantize: bool = False,
+                          progress=None) -> Transformer:
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
 
     Quantized weights stay at their storage precision (weights/storage.py): FP8 linears as FP8 with
@@ -134,7 +135,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
     `ExpertStore` serves them from the checkpoint files through a cache of that size
     (engine/experts.py). `memory_limit` (GiB) bounds dense weights + expert cache (+ the state the
     engine may hold, `model.state_budget_bytes`); a limit the dense part alone exceeds is refused
-    before anything is read."""
+    before anything is read. `progress(done, total)` is called after each tensor read (a progress bar)."""
     from .loader import Checkpoint, check
     from .storage import check_materialised, keep_bf16, load_quantized, plan, stored_bytes
 
@@ -177,16 +178,24 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
                              f"{dense / 2**30:.2f} GiB" + (f" and the expert cache {budget / 2**30:.2f} GiB" if streamed
                                                            else "") + f", {(dense + budget) / 2**30:.2f} GiB in all")
     state = {}
+    done = [0]
+
+    def tick(_name: str = "") -> None:
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], len(expected))
+
     for name, spec in expected.items():  # read and convert one tensor at a time
         if held and held.quantized(name):
             continue
+        tick()
         t = ckpt.get(name)
         # copy=True: a tensor read without conversion would otherwise keep the whole file mapped
         want = (torch.float32 if keeps_fp32(name) else torch_dtype) if t.dtype.is_floating_point else spec.dtype
         state[name] = t.to(want, copy=not streamed)
     model.load_state_dict(state, strict=False, assign=True)
     if held:
-        load_quantized(ckpt, model, held)
+        load_quantized(ckpt, model, held, tick)
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
     model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
@@ -204,9 +213,10 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
-               dequantize: bool = False):
+               dequantize: bool = False, progress=None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
-    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit` / `dequantize`: see `load_checkpoint_model`
+    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit` / `dequantize` / `progress`: see
+    `load_checkpoint_model`
     (V4 checkpoint directories only)."""
     name = str(spec)
     if (expert_memory is not None or memory_limit is not None) and not Path(name).is_dir():
@@ -226,5 +236,6 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     if not path.is_dir():
         raise FileNotFoundError(f"--model {name!r} is neither a built-in model (tiny, smollm2), a .gguf "
                                 "file nor a checkpoint directory")
-    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize)
+    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize,
+                                  progress)
     return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
