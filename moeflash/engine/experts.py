@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from ..model.layers import clamped_swiglu
-from ..weights.quant import dequant_fp4, dequant_fp8
+from ..kernels import fp4_linear
+from ..weights.quant import dequant_fp8
 from .expert_policy import make_policy
 
 def _unmap_large_frees() -> None:
@@ -116,7 +117,7 @@ class DiskExperts:
 
 class ResidentExpert:
     """A routed expert held by the store, callable like the model's SwiGLU. FP4 weights stay packed
-    and are decoded on each call."""
+    and the products run on the codes (kernels.fp4_linear)."""
 
     __slots__ = ("parts", "w13", "limit", "dtype", "nbytes")
 
@@ -137,16 +138,18 @@ class ResidentExpert:
         if self.w13 is not None:
             self.nbytes += self.w13.numel() * self.w13.element_size()
 
-    def _w(self, name: str) -> torch.Tensor:
+    def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         t, scale, fmt = self.parts[name]
-        return dequant_fp4(t, scale).to(self.dtype) if fmt == "fp4" else t
+        if fmt == "fp4":  # computed on the packed codes (kernels.fp4_linear), never decoded to a full matrix
+            return fp4_linear(x, t, scale).to(x.dtype)
+        return F.linear(x, t)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.w13 is not None:
             gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
         else:
-            gate, up = F.linear(x, self._w("w1")), F.linear(x, self._w("w3"))
-        return F.linear(clamped_swiglu(gate, up, self.limit), self._w("w2"))
+            gate, up = self._linear(x, "w1"), self._linear(x, "w3")
+        return self._linear(clamped_swiglu(gate, up, self.limit), "w2")
 
 
 @dataclass
