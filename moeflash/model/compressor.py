@@ -41,6 +41,10 @@ class Compressor(nn.Module):
         and return the entries closed now [k, width] (already normalised and rotated)."""
         m, w = self.ratio, self.width
         r = start_pos % m
+        if r + kv.shape[0] < m:  # no window closes (most decode steps): only the pending rows grow
+            st.pending_kv[r: r + kv.shape[0]] = kv
+            st.pending_gate[r: r + kv.shape[0]] = gate
+            return kv.new_zeros((0, w))
         if r:
             kv = torch.cat((st.pending_kv[:r].to(kv.dtype), kv))
             gate = torch.cat((st.pending_gate[:r].to(gate.dtype), gate))
