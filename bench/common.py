@@ -60,6 +60,15 @@ def rounded(x, nd: int = 4):
     return x
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def machine_info() -> dict:
     """Versions and threads, plus the load average at the end of the run: other processes on this
     small machine (tests running in parallel) skew timings, so read numbers with this in mind."""

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log, machine_info, print_json, rounded  # noqa: E402
+from common import cpu_flags, log, machine_info, print_json, rounded  # noqa: E402
 
 CAPS = {
     "native": {},
@@ -56,14 +56,6 @@ def real_text(n_chars: int) -> str:
         if size >= n_chars:
             break
     return "\n".join(parts)[:n_chars]
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return set(next(line for line in f if line.startswith("flags")).split())
-    except (OSError, StopIteration):
-        return set()
 
 
 # ---- worker: one moeflash path in its own process ------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,15 @@ HASH_MOE = "hash_moe"
 MOE = "moe"
 MLP_LAYER_TYPES = (HASH_MOE, MOE)
 SCORING_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")
+
+# How DeepSeek's official V4 checkpoints store each tensor (V4-SPEC 5.2-5.3), by internal name: linear
+# weights FP8 (e4m3 + UE8M0 128x128 block scales), routed experts FP4 (e2m1 + UE8M0 per 32 inputs), the
+# tensors kept in FP32 (mHC mixing weights, sinks, compressor position biases, router biases), and
+# everything else floating in BF16. The loader, the writer and the planner all read these.
+OFFICIAL_FP8_LINEAR = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
+                                 r"e_proj|h_proj)\.weight$")
+OFFICIAL_FP4_EXPERT = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
+FP32_KEPT_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
 
 # DeepSeek's `inference/config.json` key -> HF key.
 OFFICIAL_KEYS = {

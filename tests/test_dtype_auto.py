@@ -21,6 +21,8 @@ from moeflash.config import ModelConfig
 from moeflash.weights import build
 from moeflash.weights.build import resolve_dtype, smollm2_path
 
+from .cpu import cpu_flags
+
 PROMPTS = ["What is the capital of France?", "Give me three tips for staying healthy."]
 STEPS = 24
 
@@ -56,11 +58,6 @@ print(json.dumps({"dtype": str(model.embed.weight.dtype), "capability": torch.ba
                   "ids": ids, "greedy": [r.token_ids for r in res],
                   "text": [tok.decode(r.token_ids, skip_special_tokens=True) for r in res]}))
 """
-
-
-def _cpu_flags() -> set[str]:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).split())
 
 
 def test_auto_is_float32_when_it_fits_and_bfloat16_when_it_does_not(monkeypatch):
@@ -104,7 +101,7 @@ def reference(tmp_path_factory):
 @pytest.mark.parametrize("cap", list(CAPS))
 def test_auto_keeps_llama_cpp_answers_under_each_instruction_set(cap, reference, tmp_path):
     env_cap, capability = CAPS[cap]
-    if cap == "avx512" and "avx512f" not in _cpu_flags():
+    if cap == "avx512" and "avx512f" not in cpu_flags():
         pytest.skip("this CPU has no AVX-512")
     import os
 

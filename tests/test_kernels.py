@@ -19,6 +19,8 @@ from moeflash import kernels as K
 from moeflash.kernels import reference as R
 from moeflash.weights.quant import dequant_fp4, dequant_fp8, quant_fp4, quant_fp8
 
+from .cpu import cpu_flags
+
 needs_native = pytest.mark.skipif(not K.build.load(), reason=f"native kernels unavailable: {K.status()}")
 
 
@@ -126,15 +128,10 @@ print(json.dumps({"isa": torch.ops.moeflash.isa(), "worst": worst}))
 """
 
 
-def _cpu_flags() -> set:
-    with open("/proc/cpuinfo") as f:
-        return set(next(line for line in f if line.startswith("flags")).split())
-
-
 @needs_native
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_path_matches_the_reference(isa):
-    flags = _cpu_flags()
+    flags = cpu_flags()
     if isa == "avx2" and not {"avx2", "fma", "f16c"} <= flags:
         pytest.skip("no AVX2/FMA/F16C here")
     if isa == "avx512" and not {"avx512f", "avx512bw", "avx512vl"} <= flags:

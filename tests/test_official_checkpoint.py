@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from moeflash.config import CSA, HASH_MOE, HCA, MOE, SLIDING, ModelConfig
+from moeflash.config import CSA, HASH_MOE, HCA, MOE, OFFICIAL_FP4_EXPERT, OFFICIAL_FP8_LINEAR, SLIDING, ModelConfig
 from moeflash.model.init import randomize_
 from moeflash.model.v4 import Transformer
 from moeflash.weights.build import load_model
@@ -28,8 +28,7 @@ CFG = ModelConfig.preset("tiny").replace(
     compress_rates={CSA: 4, HCA: 8}, index_n_heads=16, index_topk=4, num_nextn_predict_layers=1,
     expert_dtype="fp4")
 
-FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|e_proj|h_proj)\.weight$")
-FP4 = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
+FP8, FP4 = OFFICIAL_FP8_LINEAR, OFFICIAL_FP4_EXPERT  # what the official checkpoints store quantized
 F32 = re.compile(r"(hc_\w+|attn_sink|ape|gate\.bias)$")
 
 

@@ -18,8 +18,9 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear", "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "status",
-           "ROW_KERNEL_MAX_ROWS"]
+__all__ = ["hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+           "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
+           "status", "ROW_KERNEL_MAX_ROWS"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
 ROW_KERNEL_MAX_ROWS = 16
@@ -41,6 +42,22 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
 
+def decode_rows(x: torch.Tensor) -> bool:
+    """True when x can go straight to a native row kernel: fp32 [M <= ROW_KERNEL_MAX_ROWS, K] on the CPU
+    with the library loaded (the layers' decode fast path, which skips the wrappers' reshapes)."""
+    return x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x)
+
+
+def _tiled_gemm(x2: torch.Tensor, n: int, tile_rows: int, decode) -> torch.Tensor:
+    """The prefill path: x2 [M, K] @ W.T with W decoded `tile_rows` output rows at a time into fp32
+    (`decode(r0, r1)` -> [r1 - r0, K]) and multiplied by torch's GEMM; scratch memory stays bounded."""
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    for r0 in range(0, n, tile_rows):
+        r1 = min(n, r0 + tile_rows)
+        torch.mm(x2, decode(r0, r1).t(), out=y[:, r0:r1])
+    return y
+
+
 def dequant_fp8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     if native(weight):
         return torch.ops.moeflash.dequant_fp8(weight.view(torch.uint8), scale.float())
@@ -60,10 +77,7 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
         y = torch.ops.moeflash.bf16_linear(x2, weight)
     else:
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, _TILE_ROWS * 4):
-            r1 = min(n, r0 + _TILE_ROWS * 4)
-            torch.mm(x2, weight[r0:r1].float().t(), out=y[:, r0:r1])
+        y = _tiled_gemm(x2, n, _TILE_ROWS * 4, lambda r0, r1: weight[r0:r1].float())
     return y.view(*x.shape[:-1], n)
 
 
@@ -76,12 +90,10 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
         y = torch.ops.moeflash.fp8_linear(x2, weight.view(torch.uint8), scale.float())
     else:
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
         w8, s = weight.view(torch.uint8), scale.float()
-        for r0 in range(0, n, _TILE_ROWS):  # _TILE_ROWS is a multiple of the 128-row scale block
-            r1 = min(n, r0 + _TILE_ROWS)
-            tile = torch.ops.moeflash.dequant_fp8(w8[r0:r1], s[r0 // 128: -(-r1 // 128)])
-            torch.mm(x2, tile.t(), out=y[:, r0:r1])
+        # _TILE_ROWS is a multiple of the 128-row scale block
+        y = _tiled_gemm(x2, n, _TILE_ROWS,
+                        lambda r0, r1: torch.ops.moeflash.dequant_fp8(w8[r0:r1], s[r0 // 128: -(-r1 // 128)]))
     return y.view(*x.shape[:-1], n)
 
 
@@ -112,10 +124,7 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tens
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
         y = torch.ops.moeflash.gguf_linear(x2, blocks, qtype)
     else:
-        y = torch.empty(x2.shape[0], n, dtype=torch.float32)
-        for r0 in range(0, n, _TILE_ROWS * 4):
-            r1 = min(n, r0 + _TILE_ROWS * 4)
-            torch.mm(x2, torch.ops.moeflash.gguf_dequant(blocks[r0:r1], qtype).t(), out=y[:, r0:r1])
+        y = _tiled_gemm(x2, n, _TILE_ROWS * 4, lambda r0, r1: torch.ops.moeflash.gguf_dequant(blocks[r0:r1], qtype))
     return y.view(*x.shape[:-1], n)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import ROW_KERNEL_MAX_ROWS, bf16_linear, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear, native
+from . import bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear
 from .reference import GGUF_BLOCK_BYTES
 
 FP8_BLOCK = 128
@@ -29,7 +29,7 @@ class Fp8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+        if decode_rows(x):
             return torch.ops.moeflash.fp8_linear(x, self.qweight, self.scale)  # the decode fast path
         return fp8_linear(x, self.qweight, self.scale).to(x.dtype)
 
@@ -73,7 +73,7 @@ class Bf16Linear(nn.Module):
         self.register_buffer("weight", weight.to(torch.bfloat16))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+        if decode_rows(x):
             return torch.ops.moeflash.bf16_linear(x, self.weight)  # the decode fast path
         return bf16_linear(x, self.weight).to(x.dtype)
 
@@ -108,7 +108,7 @@ class GgufLinear(nn.Module):
         self.register_buffer("qblocks", blocks.view(torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and x.dtype == torch.float32 and x.shape[0] <= ROW_KERNEL_MAX_ROWS and native(x):
+        if decode_rows(x):
             return torch.ops.moeflash.gguf_linear(x, self.qblocks, self.qtype)  # the decode fast path
         return gguf_linear(x, self.qblocks, self.qtype).to(x.dtype)
 

@@ -102,14 +102,19 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tens
     return F.linear(x.float(), gguf_dequant(blocks, qtype))
 
 
+def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
+    """x [..., n, d] -> fn @ rmsnorm(flatten(x)) in fp32, shape [..., fn.shape[0]] (mHC's mix logits)."""
+    flat = x.flatten(-2).float()
+    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(flat, fn.float())
+
+
 def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
                hc_eps: float, norm_eps: float):
     """mHC (V4-SPEC 2.2): mix logits = fn @ rmsnorm(flatten(x)) in fp32, split into pre / post / comb parts;
     pre = sigmoid(m * s0 + b) + eps, post = 2 sigmoid(m * s1 + b), comb = Sinkhorn(m * s2 + b)."""
     n = x.shape[-2]
-    flat = x.flatten(-2).float()
-    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-    mix = F.linear(flat, fn.float())
+    mix = hc_mix_logits(x, fn, norm_eps)
     m_pre, m_post, m_comb = mix.split([n, n, n * n], dim=-1)
     b_pre, b_post, b_comb = base.float().split([n, n, n * n])
     s = scale.float()

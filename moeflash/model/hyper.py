@@ -9,16 +9,9 @@ The residual mix is applied *transposed*: X'_k = post_k * y + sum_j comb[j, k] *
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
-
-
-def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tensor:
-    """x [..., n, d] -> fn @ rmsnorm(flatten(x)) in fp32, shape [..., fn.shape[0]]."""
-    flat = x.flatten(-2).float()
-    flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + norm_eps)
-    return F.linear(flat, fn.float())
+from ..kernels.reference import hc_mix_logits  # the head's collapse uses the same mix logits
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -128,6 +128,7 @@ class FusedLinears:
                 self.calls.append((fused, idx))
             else:
                 self.calls.extend((mods[i], [i]) for i in idx)
+        # the one fused matrix, when plain Linears became a single call (tests check the views share it)
         self.weight = self.calls[0][0].weight if len(self.calls) == 1 and kinds.keys() == {nn.Linear} else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..config import FP32_KEPT_SUFFIXES
+
 
 @torch.no_grad()
 def input_major_(model: nn.Module) -> nn.Module:
@@ -27,7 +29,7 @@ def input_major_(model: nn.Module) -> nn.Module:
 # Parameters DeepSeek keeps in fp32 whatever the storage dtype (V4-SPEC §5.2): mHC mixing weights,
 # attention sinks, compressor position biases, router biases. Rounding them to bf16 changes the
 # Sinkhorn mix and the routing; keeping them costs a few hundred KB per layer.
-FP32_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
+FP32_SUFFIXES = FP32_KEPT_SUFFIXES
 
 
 def keeps_fp32(name: str) -> bool:

@@ -114,12 +114,16 @@ class MoE(nn.Module):
         weights, idx = self.gate(flat, ids.reshape(-1))
         if self.on_route is not None:
             self.on_route(flat, ids.reshape(-1), idx)
-        if self.fp4 and self.provider is None:
+        out = self._routed(flat, weights, idx)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.view(shape)
+
+    def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed experts' weighted sum for each row of flat [N, dim]; records `last_experts`."""
+        if self.fp4 and self.provider is None:  # every (token, expert) pair in one fused call
             self.last_experts = torch.unique(idx)
-            out = moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
-            if self.shared_experts is not None:
-                out = out + self.shared_experts(flat)
-            return out.view(shape)
+            return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
         out = torch.zeros_like(flat)
         if self.w13 is not None and self.provider is None:
             self._grouped(flat, weights, idx, out)
@@ -144,9 +148,7 @@ class MoE(nn.Module):
                 expert = self.provider(self.experts, e) if self.provider else self.experts[e]
                 out.index_add_(0, sel, expert(flat[sel]) * wsorted[start:start + n, None])
                 start += n
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out
 
     def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
         """All routed experts in two grouped matmuls over the (token, slot) rows sorted by expert."""
@@ -159,6 +161,6 @@ class MoE(nn.Module):
         rows = flat[tokens].to(self.w13.dtype)
         h = GROUPED_MM(rows, self.w13.transpose(-2, -1), offs=offs)
         gate, up = h.chunk(2, dim=-1)
-        act = clamped_swiglu(gate, up, self.experts[0].limit)
+        act = clamped_swiglu(gate, up, self.limit)
         y = GROUPED_MM(act, self.w2.transpose(-2, -1), offs=offs)
         out.index_add_(0, tokens, (y * weights.reshape(-1)[order, None].to(y.dtype)).to(out.dtype))

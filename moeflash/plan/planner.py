@@ -30,11 +30,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import CSA, HCA, PRESETS, SLIDING, ModelConfig
+from ..config import CSA, FP32_KEPT_SUFFIXES, HCA, OFFICIAL_FP8_LINEAR, PRESETS, SLIDING, ModelConfig
 from .hardware import Hardware
 
 GIB = 2 ** 30
@@ -59,11 +58,9 @@ DENSE_FORMATS = ("bf16", "fp32", "fp8")
 EXPERT_FORMATS = ("bf16", "fp32", "fp8", "fp4")
 STATE_DTYPES = ("bf16", "fp32", "fp8")
 
-# Linear weights stored FP8 (e4m3 + UE8M0 128x128 block scales) in the official checkpoints
-# (V4-SPEC §5.2); everything else floating is BF16, except the tensors DeepSeek keeps in FP32.
-FP8_LINEAR = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|attn\.indexer\.wq_b|shared_experts\.w[123]|"
-                        r"e_proj|h_proj)\.weight$")
-FP32_SUFFIXES = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")  # = model.layout.keeps_fp32
+# The official checkpoints' formats (config.py): FP8 linears, FP32-kept tensors, BF16 for the rest.
+FP8_LINEAR = OFFICIAL_FP8_LINEAR
+FP32_SUFFIXES = FP32_KEPT_SUFFIXES
 
 COMPONENTS = ["embedding", "attention", "compressors", "lightning indexer", "mHC + norms", "router",
               "shared expert", "routed experts", "head (+ final norm, hyper head)", "rope tables", "mtp"]

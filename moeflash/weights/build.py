@@ -115,11 +115,15 @@ def _fast_layout(model: Transformer, pack_experts: bool = True) -> Transformer:
     return model
 
 
+def decoded_bytes(name: str, t: torch.Tensor, dtype: torch.dtype) -> int:
+    """Bytes of one tensor read into `dtype` (integer buffers keep their size, fp32-kept ones 4 bytes)."""
+    return t.numel() * (t.element_size() if not t.dtype.is_floating_point else 4 if keeps_fp32(name)
+                        else dtype.itemsize)
+
+
 def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
-    """Bytes of every weight except the routed experts, as `load_checkpoint_model` stores them."""
-    return sum(p.numel() * (p.element_size() if not p.dtype.is_floating_point else 4 if keeps_fp32(n)
-                            else dtype.itemsize)
-               for n, p in list(model.named_parameters()) + list(model.named_buffers())
+    """Bytes of every weight except the routed experts, as `load_checkpoint_model(dequantize=True)` stores them."""
+    return sum(decoded_bytes(n, p, dtype) for n, p in list(model.named_parameters()) + list(model.named_buffers())
                if ".ffn.experts." not in n)
 
 
@@ -168,8 +172,7 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
     dense = 0
     for n, t in expected.items():
         q = stored_bytes(ckpt, held, n, t.numel()) if held else None
-        dense += q if q is not None else t.numel() * (t.element_size() if not t.dtype.is_floating_point
-                                                      else 4 if keeps_fp32(n) else torch_dtype.itemsize)
+        dense += q if q is not None else decoded_bytes(n, t, torch_dtype)
     if memory_limit is not None:
         limit = int(memory_limit * (1 << 30))
         if dense + budget > limit:

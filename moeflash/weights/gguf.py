@@ -200,11 +200,10 @@ def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.floa
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, mod)
     emb_type = f.tensor_type("token_embd.weight")
-    if cfg.tie_word_embeddings:
-        if packed and emb_type in GGUF_TYPES:
-            model.head = GgufLinear(f.blocks("token_embd.weight"), GGUF_TYPES[emb_type])
-        else:
-            model.head.weight = model.embed.weight
+    if cfg.tie_word_embeddings and packed and emb_type in GGUF_TYPES:
+        model.head = GgufLinear(f.blocks("token_embd.weight"), GGUF_TYPES[emb_type])
+    elif cfg.tie_word_embeddings:
+        model.head.weight = model.embed.weight
     model.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta)  # the meta buffer, rebuilt
     return model.eval(), GGUFTokenizer(f.reader)
 

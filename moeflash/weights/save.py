@@ -4,38 +4,32 @@ config.json, so any loader (moeflash, or transformers via its official-name conv
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from ..config import OFFICIAL_FP4_EXPERT, OFFICIAL_FP8_LINEAR
 from ..model.layout import keeps_fp32
 from ..model.v4 import Transformer
 from .quant import quant_fp4, quant_fp8
-
-# What DeepSeek's official V4 checkpoints store quantized (V4-SPEC 5.3): FP8 e4m3 with 128x128 block
-# scales for the attention projections, the indexer's query projection, the shared experts and the MTP
-# projections; FP4 e2m1 with per-32 scales for the routed experts; bf16 / fp32 for the rest.
-OFFICIAL_FP8 = re.compile(r"(attn\.(wq_a|wq_b|wkv|wo_a|wo_b)|indexer\.wq_b|shared_experts\.w[123]|e_proj|h_proj)\.weight$")
-OFFICIAL_FP4 = re.compile(r"ffn\.experts\.\d+\.w[123]\.weight$")
 
 
 
 def save_checkpoint(model: Transformer, out: str | Path, dtype: torch.dtype = torch.bfloat16,
                     shard_bytes: int = 2 << 30, official: bool = False) -> Path:
     """Save `model` to directory `out` (created); returns the path. `official`: quantize as DeepSeek's
-    official checkpoints are (OFFICIAL_FP8 / OFFICIAL_FP4 with their `.scale` tensors, the rest in
+    official checkpoints are (config.OFFICIAL_FP8_LINEAR / OFFICIAL_FP4_EXPERT with their `.scale` tensors, the rest in
     `dtype`), one tensor at a time."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, t in model.state_dict().items():
         base = name[: -len(".weight")]
-        if official and OFFICIAL_FP8.search(name):
+        if official and OFFICIAL_FP8_LINEAR.search(name):
             tensors[name], tensors[base + ".scale"] = quant_fp8(t.float())
             continue
-        if official and OFFICIAL_FP4.search(name):
+        if official and OFFICIAL_FP4_EXPERT.search(name):
             tensors[name], tensors[base + ".scale"] = quant_fp4(t.float())
             continue
         if t.dtype.is_floating_point and not keeps_fp32(name):

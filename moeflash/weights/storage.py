@@ -19,7 +19,7 @@ from torch import nn
 
 from ..kernels.linear import Bf16Linear, Fp8Linear
 from .loader import Checkpoint, CheckpointError
-from .quant import scale_multiplier
+from .quant import FP8_BLOCK, scale_multiplier
 
 _EXPERT = re.compile(r"^(.*\.ffn)\.experts\.(\d+)\.(w[123])\.weight$")
 
@@ -36,26 +36,28 @@ class Plan:
         return name in self.fp8 or name in self.fp4 or name in self.bf16
 
 
+def _linear_weights(model: nn.Module, names: list[str]) -> set[str]:
+    """The names that are the weight of an nn.Linear of the (meta) model."""
+    mods = dict(model.named_modules())
+    return {n for n in names if n.endswith(".weight") and isinstance(mods.get(n[: -len(".weight")]), nn.Linear)}
+
+
 def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
     """The tensors of `names` (expected by the meta `model`) that can stay at storage precision."""
-    mods = dict(model.named_modules())
+    linear = _linear_weights(model, names)
     p = Plan()
+    by_layer: dict[str, list[str]] = {}  # routed expert weights per MoE layer
     for name in names:
         info = ckpt.info(name)
-        if info.fmt == "fp8" and name.endswith(".weight") and isinstance(mods.get(name[:-7]), nn.Linear):
-            rows = info.half is not None
-            if not rows or info.shape[0] % 128 == 0:
-                p.fp8.add(name)
-        elif info.fmt == "fp4" and _EXPERT.match(name) and info.scale is not None and \
-                info.scale.dtype in ("F8_E8M0", "U8"):
-            p.fp4.add(name)
-    # A layer's experts are held packed only if all of them are FP4; otherwise they are decoded.
-    by_layer: dict[str, list[str]] = {}
-    for name in names:
         m = _EXPERT.match(name)
         if m:
             by_layer.setdefault(m.group(1), []).append(name)
-    for layer, members in by_layer.items():
+        if info.fmt == "fp8" and name in linear and (info.half is None or info.shape[0] % FP8_BLOCK == 0):
+            p.fp8.add(name)  # a merged HF expert's half only when it does not cut a scale block
+        elif info.fmt == "fp4" and m and info.scale is not None and info.scale.dtype in ("F8_E8M0", "U8"):
+            p.fp4.add(name)
+    # A layer's experts are held packed only if all of them are FP4; otherwise they are decoded.
+    for members in by_layer.values():
         if not all(n in p.fp4 for n in members):
             p.fp4.difference_update(members)
     return p
@@ -64,11 +66,9 @@ def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
 def keep_bf16(p: Plan, ckpt: Checkpoint, model: nn.Module, names: list[str]) -> None:
     """Under fp32 compute, Linear weights the checkpoint stores in bf16 stay bf16 (kernels.linear.Bf16Linear):
     the same products on the same values at half the bytes of an fp32 copy."""
-    mods = dict(model.named_modules())
-    for name in names:
+    for name in _linear_weights(model, names):
         info = ckpt.info(name)
-        if info.fmt is None and info.source.dtype == "BF16" and name.endswith(".weight") and \
-                isinstance(mods.get(name[:-7]), nn.Linear) and info.expert is None:
+        if info.fmt is None and info.source.dtype == "BF16" and info.expert is None:
             p.bf16.add(name)
 
 
@@ -76,7 +76,7 @@ def stored_bytes(ckpt: Checkpoint, p: Plan, name: str, numel: int) -> int | None
     """Bytes a held-quantized tensor takes in memory (weight + scales); None if it is not held so."""
     if name in p.fp8:
         out, in_ = ckpt.info(name).shape[:2]
-        return numel + 4 * (-(-out // 128)) * (-(-in_ // 128))
+        return numel + 4 * (-(-out // FP8_BLOCK)) * (-(-in_ // FP8_BLOCK))
     if name in p.fp4:
         return numel // 2 + numel // 32
     if name in p.bf16:
@@ -100,7 +100,7 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -
         if progress:
             progress(name)
     layers: dict[str, dict[str, torch.Tensor]] = {}
-    for name in sorted(p.fp4, key=_expert_key):
+    for name in sorted(p.fp4, key=_parts):
         layer, j, proj = _parts(name)
         moe = model.get_submodule(layer)
         n_exp = len(moe.experts)
@@ -114,9 +114,8 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -
                 "q13": torch.empty(n_exp, 2 * inter, dim // 2, dtype=torch.uint8),
                 "s13": torch.empty(n_exp, 2 * inter, dim // 32, dtype=torch.uint8),
                 "q2": torch.empty(n_exp, dim, inter // 2, dtype=torch.uint8),
-                "s2": torch.empty(n_exp, dim, inter // 32, dtype=torch.uint8),
-                "inter": torch.tensor(inter)}
-        inter = int(buf["inter"])
+                "s2": torch.empty(n_exp, dim, inter // 32, dtype=torch.uint8)}
+        inter = buf["q13"].shape[1] // 2
         if proj == "w2":
             buf["q2"][j].copy_(w)
             buf["s2"][j].copy_(s)
@@ -133,11 +132,6 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -
 def _parts(name: str) -> tuple[str, int, str]:
     m = _EXPERT.match(name)
     return m.group(1), int(m.group(2)), m.group(3)
-
-
-def _expert_key(name: str):
-    layer, j, proj = _parts(name)
-    return layer, j, proj
 
 
 def check_materialised(model: nn.Module) -> None:
