@@ -136,27 +136,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 _check_gguf(cfg, args)
             model = randomize_(Transformer(cfg), seed=args.seed)
         else:
-            from .weights.build import load_model
+            cfg = ModelConfig.from_json(args.model)
+            _check_gguf(cfg, args)
+            counts = count_parameters(cfg)
+            model = None  # streamed: tensor by tensor from the files (export_checkpoint_gguf)
+            from .tokenizer import load_tokenizer
 
-            # export reads per-expert weights: decode at load (a streaming converter is issue 12's item 6)
-            model, tokenizer = load_model(args.model, dtype=args.dtype, dequantize=True)
-            if not isinstance(model, Transformer):
-                print("error: --to gguf exports DeepSeek-V4 checkpoints; this model already came from a "
-                      "GGUF-compatible format", file=sys.stderr)
-                return 2
-            _check_gguf(model.config, args)
-            counts = count_parameters(model.config)
+            tokenizer = load_tokenizer(Path(args.model), cfg.bos_token_id, cfg.eos_token_id)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = {"preset": args.preset, "model": args.model, "seed": args.seed if args.preset else None,
             "total_params": counts["total"], "activated_params": counts["activated"]}
     if args.to == "gguf":
-        from .weights.gguf_export import export_gguf
+        from .weights.gguf_export import export_checkpoint_gguf, export_gguf
 
+        kw = dict(expert_type=args.expert_type, dense_type=args.dense_type, tokenizer=tokenizer,
+                  progress=_bar("converting"))
         try:
-            out = export_gguf(model, args.out, expert_type=args.expert_type, dense_type=args.dense_type,
-                              tokenizer=tokenizer)
+            out = (export_gguf(model, args.out, **kw) if model is not None
+                   else export_checkpoint_gguf(args.model, args.out, **kw))
         except (ValueError, FileNotFoundError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
@@ -282,6 +281,11 @@ def _expert_args(args) -> dict:
 
 def _load_progress():
     """A tqdm bar on a terminal's stderr for checkpoint loading (tensor by tensor); nothing otherwise."""
+    return _bar("loading")
+
+
+def _bar(desc: str):
+    """progress(done, total) drawing a tqdm bar on a terminal's stderr, or None off a terminal."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -290,7 +294,7 @@ def _load_progress():
 
     def progress(done: int, total: int) -> None:
         if not bar:
-            bar.append(tqdm(total=total, desc="loading", unit="tensor", file=sys.stderr, leave=False))
+            bar.append(tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr, leave=False))
         bar[0].update(done - bar[0].n)
         if done >= total:
             bar[0].close()
@@ -481,13 +485,13 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="write a V4 model as a safetensors checkpoint or a llama.cpp GGUF")
     c.add_argument("--preset", default=None, help="seeded random weights for a preset: mini, flash-shaped, "
                    "mini-overhead or tiny")
-    c.add_argument("--model", default=None, help="a V4 checkpoint directory to convert (with --to gguf)")
+    c.add_argument("--model", default=None, help="a V4 checkpoint directory to convert (with --to gguf), "
+                   "streamed tensor by tensor: peak memory is about one tensor, not the model")
     c.add_argument("--out", required=True, help="output directory (safetensors) or file (gguf)")
     c.add_argument("--to", choices=["safetensors", "gguf"], default="safetensors")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
-                   help="safetensors storage dtype (mHC, sinks, position and router biases stay float32); "
-                        "with --model, the dtype the checkpoint is read into")
+                   help="safetensors storage dtype (mHC, sinks, position and router biases stay float32)")
     c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB (safetensors)")
     c.add_argument("--official", action="store_true",
                    help="safetensors in DeepSeek's official format: FP8 e4m3 attention / shared-expert "

@@ -24,7 +24,6 @@ turns each into a ValueError naming the field before anything is written.
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -398,65 +397,190 @@ def _write_metadata(w: Any, config: ModelConfig) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# tensors
+# tensors: planned from shapes first (the header lists every tensor), then encoded and written one at
+# a time (routed experts one expert at a time), so a conversion never holds more than one tensor.
 
 
-def _expert_stacks(model: Transformer, expert_type: str):
-    """(GGUF name, array, raw type) of every layer's routed experts, stacked [E, out, ...]; encoded one
-    expert at a time so no fp32 copy of a whole layer's experts is ever made."""
-    for i, layer in enumerate(model.layers):
-        for proj, gname in _EXPERT_NAMES.items():
-            parts = [_encode(getattr(e, proj).weight, expert_type) for e in layer.ffn.experts]
-            yield f"blk.{i}.{gname}", np.stack([a for a, _ in parts]), parts[0][1]
+_SLAB_VALUES = 1 << 22  # dense tensors are encoded 4M values at a time: fp32 temporaries stay ~16 MB
+_GGML = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "mxfp4": "MXFP4", "i32": "I32"}
 
 
-def _dense_tensors(model: Transformer, dense_type: str):
-    """(GGUF name, array, raw type) of every non-expert tensor of the main model (MTP skipped)."""
-    for name, t in model.state_dict().items():
+def _ggml_type(kind: str):
+    import gguf
+
+    return getattr(gguf.GGMLQuantizationType, _GGML[kind])
+
+
+def _encoded_bytes(shape: tuple[int, ...], kind: str) -> int:
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[_ggml_type(kind)]
+    numel = int(np.prod(shape)) if shape else 1
+    return numel // block * size
+
+
+class _Stream:
+    """What `GGUFWriter.write_tensor_data` needs of an array (`nbytes`, `tofile`), produced chunk by
+    chunk: a stacked expert tensor is written one expert at a time."""
+
+    def __init__(self, name: str, nbytes: int, chunks):
+        self.name, self.nbytes, self._chunks = name, nbytes, chunks
+
+    def tofile(self, f) -> None:
+        written = 0
+        for arr in self._chunks():
+            arr = np.ascontiguousarray(arr)
+            arr.tofile(f)
+            written += arr.nbytes
+        if written != self.nbytes:
+            raise RuntimeError(f"{self.name}: wrote {written} bytes, planned {self.nbytes}")
+
+
+class _ModelSource:
+    """Tensors of a model in memory (a seeded preset)."""
+
+    def __init__(self, model: Transformer):
+        self.config = model.config
+        self._model = model
+        self._state = model.state_dict()
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return {n: tuple(t.shape) for n, t in self._state.items()}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._state[name]
+
+    def expert(self, layer: int, j: int, proj: str, kind: str):
+        return _encode(getattr(self._model.layers[layer].ffn.experts[j], proj).weight, kind)[0]
+
+
+class _CheckpointSource:
+    """Tensors of a checkpoint on disk, read one at a time. FP4 experts exported as MXFP4 are repacked
+    from their stored codes and scales without being decoded."""
+
+    def __init__(self, ckpt: Any, config: ModelConfig):
+        self.config, self._ckpt = config, ckpt
+        with torch.device("meta"):
+            self.meta = Transformer(config.replace(num_nextn_predict_layers=0)).state_dict()
+        self._shapes = {n: tuple(t.shape) for n, t in self.meta.items()}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        return self._shapes
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._ckpt.get(name, expected_shape=self._shapes[name])
+
+    def expert(self, layer: int, j: int, proj: str, kind: str):
+        name = f"layers.{layer}.ffn.experts.{j}.{proj}.weight"
+        if kind == "mxfp4" and self._ckpt.info(name).fmt == "fp4":
+            packed, scale, _ = self._ckpt.get_quantized(name)
+            return fp4_to_mxfp4(packed, scale)
+        return _encode(self._ckpt.get(name, expected_shape=self._shapes[name]), kind)[0]
+
+
+def _plan(source, expert_type: str, dense_type: str) -> list[tuple[str, tuple[int, ...], str, Any]]:
+    """(GGUF name, numpy-order element shape, kind, chunk producer) of every tensor, in file order."""
+    shapes = source.shapes()
+    entries = []
+    for name, shape in shapes.items():
         if name.startswith("mtp.") or ".ffn.experts." in name:
             continue
-        gname = gguf_name(name)
         if name.endswith("tid2eid"):
-            yield gname, t.detach().to(torch.int32).cpu().contiguous().numpy(), None
-            continue
-        arr, raw = _encode(t, _dense_kind(name, t, dense_type))
-        yield gname, arr, raw
+            kind = "i32"
+
+            def chunks(name=name):
+                yield source.tensor(name).detach().to(torch.int32).cpu().contiguous().numpy()
+        else:
+            kind = _dense_kind(name, torch.empty(shape, device="meta"), dense_type)
+
+            def chunks(name=name, kind=kind):
+                t = source.tensor(name)  # as stored (FP8 decoded); encoded a slab of rows at a time
+                step = max(1, _SLAB_VALUES // max(1, t[0].numel())) if t.dim() >= 2 else max(1, len(t))
+                for r in range(0, max(1, len(t)), step):
+                    yield _encode(t[r:r + step] if t.dim() else t, kind)[0]
+        entries.append((gguf_name(name), shape, kind, chunks))
+    config = source.config
+    for i in range(config.num_hidden_layers):
+        for proj, gname in _EXPERT_NAMES.items():
+            shape = (config.n_routed_experts, *shapes[f"layers.{i}.ffn.experts.0.{proj}.weight"])
+
+            def chunks(i=i, proj=proj):
+                for j in range(config.n_routed_experts):
+                    yield source.expert(i, j, proj, expert_type)
+            entries.append((f"blk.{i}.{gname}", shape, expert_type, chunks))
+    return entries
 
 
-def export_gguf(model: Transformer, out_path: str | Path, *, expert_type: str = "mxfp4",
-                dense_type: str = "f32", tokenizer: Any = None) -> Path:
-    """Write `model` as a llama.cpp `deepseek4` GGUF file at `out_path`; returns the path.
-
-    expert_type: "mxfp4" (default; lossless for FP4 expert weights, others are quantized to FP4 with
-    `quant_fp4`), "q8_0", "bf16", "f16" or "f32". dense_type: "f32", "f16", "bf16" or "q8_0" for the
-    other matrices. tokenizer: None or a ByteTokenizer (byte-level vocabulary: ids 0..255 are bytes,
-    DeepSeek's special tokens after them) or an HFTokenizer (its BPE vocabulary and merges).
-    Raises ValueError before writing anything when llama.cpp cannot run the model as moeflash does.
-    """
-    config = model.config
+def _write(source, out_path: str | Path, expert_type: str, dense_type: str, tokenizer: Any,
+           progress=None) -> Path:
+    config = source.config
     check_llama_cpp_compatible(config, expert_type, dense_type)
     import gguf
 
     out = Path(out_path)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"directory {out.parent} does not exist; create it first")
-    w = gguf.GGUFWriter(str(out), ARCH, use_temp_file=True)  # tensors spool to disk, not RAM
-    w.add_name("moeflash DeepSeek-V4")
-    _write_metadata(w, config)
-    _write_tokenizer(w, config, tokenizer)
-    with torch.no_grad():
-        for gname, arr, raw in itertools.chain(_dense_tensors(model, dense_type),
-                                               _expert_stacks(model, expert_type)):
-            w.add_tensor(gname, arr, raw_dtype=raw)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    entries = _plan(source, expert_type, dense_type)
+    tmp = out.with_name(out.name + ".part")  # a crash leaves no file that looks complete
+    w = gguf.GGUFWriter(str(tmp), ARCH)
+    try:
+        w.add_name("moeflash DeepSeek-V4")
+        _write_metadata(w, config)
+        _write_tokenizer(w, config, tokenizer)
+        for gname, shape, kind, _ in entries:
+            w.add_tensor_info(gname, shape, np.dtype(np.float32), _encoded_bytes(shape, kind),
+                              raw_dtype=_ggml_type(kind))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        with torch.no_grad():
+            for n, (gname, shape, kind, chunks) in enumerate(entries, 1):
+                w.write_tensor_data(_Stream(gname, _encoded_bytes(shape, kind), chunks))
+                if progress is not None:
+                    progress(n, len(entries))
+        w.close()
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(out)
     return out
+
+
+def export_gguf(model: Transformer, out_path: str | Path, *, expert_type: str = "mxfp4",
+                dense_type: str = "f32", tokenizer: Any = None, progress=None) -> Path:
+    """Write `model` as a llama.cpp `deepseek4` GGUF file at `out_path`; returns the path.
+
+    expert_type: "mxfp4" (default; lossless for FP4 expert weights, others are quantized to FP4 with
+    `quant_fp4`), "q8_0", "bf16", "f16" or "f32". dense_type: "f32", "f16", "bf16" or "q8_0" for the
+    other matrices. tokenizer: None or a ByteTokenizer (byte-level vocabulary: ids 0..255 are bytes,
+    DeepSeek's special tokens after them) or an HFTokenizer (its BPE vocabulary and merges).
+    `progress(done, total)` is called after each tensor is written.
+    Raises ValueError before writing anything when llama.cpp cannot run the model as moeflash does.
+    """
+    return _write(_ModelSource(model), out_path, expert_type, dense_type, tokenizer, progress)
+
+
+def export_checkpoint_gguf(path: str | Path, out_path: str | Path, *, expert_type: str = "mxfp4",
+                           dense_type: str = "f32", tokenizer: Any = None, progress=None) -> Path:
+    """Convert a V4 checkpoint directory (official or Hugging Face names) to GGUF, tensor by tensor.
+
+    Nothing is loaded as a model: each tensor is read, encoded and written before the next one is
+    read, and stacked routed experts one expert at a time, so peak memory is about one expert matrix
+    (plus the largest dense tensor), not the model. Official FP4 experts go to MXFP4 by the lossless
+    repack (`fp4_to_mxfp4`), without decoding. Same arguments and file as `export_gguf`."""
+    from .loader import Checkpoint, check
+
+    path = Path(path)
+    config = ModelConfig.from_json(path)
+    with Checkpoint.open(path) as ckpt:
+        source = _CheckpointSource(ckpt, config)
+        check(ckpt, dict(source.meta), ["mtp."])  # every tensor present with its shape before a byte is written
+        return _write(source, out_path, expert_type, dense_type, tokenizer, progress)
 
 
 __all__ = [
     "ARCH", "DEEPSEEK_V3_SPLITS", "DENSE_TYPES", "EXPERT_TYPES", "arch_metadata", "byte_vocab",
-    "check_llama_cpp_compatible", "export_gguf", "fp4_to_mxfp4", "gguf_name",
+    "check_llama_cpp_compatible", "export_checkpoint_gguf", "export_gguf", "fp4_to_mxfp4", "gguf_name",
     "mxfp4_blocks",
 ]
