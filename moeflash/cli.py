@@ -107,39 +107,70 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preset_config(args: argparse.Namespace):
+    """The preset's ModelConfig, cut to --layers N (its first N layers) or A:B (layers A..B-1 of its
+    schedule, attention kinds and routing as they are there); MTP is dropped from a cut model."""
+    from .config import ModelConfig
+
+    cfg = ModelConfig.preset(args.preset)
+    if not args.layers:
+        return cfg
+    n_all = cfg.num_hidden_layers
+    try:
+        a, b = (0, int(args.layers)) if ":" not in args.layers else map(int, args.layers.split(":"))
+    except ValueError:
+        a, b = 0, -1
+    if not 0 <= a < b <= n_all:
+        raise ValueError(f"--layers wants N (1..{n_all}) or A:B (0 <= A < B <= {n_all}) for preset "
+                         f"{args.preset}, got {args.layers!r}")
+    return cfg.replace(num_hidden_layers=b - a, layer_types=cfg.layer_types[a:b],
+                       mlp_layer_types=cfg.mlp_layer_types[a:b], num_nextn_predict_layers=0)
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
+    import shutil
+
     import torch
 
     from .config import ModelConfig
-    from .model.init import randomize_
+    from .model.init import randomize_, random_tensors
     from .model.v4 import Transformer, count_parameters
 
     if (args.preset is None) == (args.model is None):
         print("error: give exactly one source: --preset NAME (seeded random weights) or --model DIR",
               file=sys.stderr)
         return 2
-    if args.model is not None and args.to != "gguf":
-        print("error: --model DIR converts to GGUF only (add --to gguf); the directory already is a "
-              "safetensors checkpoint", file=sys.stderr)
+    if args.model is not None and (args.to != "gguf" or args.layers):
+        print("error: --model DIR converts to GGUF only (add --to gguf, without --layers); the directory "
+              "already is a safetensors checkpoint", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     tokenizer = None
+    model = None
     try:
         if args.preset is not None:
-            cfg = ModelConfig.preset(args.preset)
+            cfg = _preset_config(args)
             counts = count_parameters(cfg)
-            if counts["total"] > 20e9:
-                print(f"error: preset {args.preset} has {counts['total'] / 1e9:.0f}B parameters; random "
-                      "weights for it do not fit this machine", file=sys.stderr)
-                return 2
             if args.to == "gguf":
                 _check_gguf(cfg, args)
-            model = randomize_(Transformer(cfg), seed=args.seed)
+                if counts["total"] > 20e9:
+                    raise ValueError(f"preset {args.preset} has {counts['total'] / 1e9:.0f}B parameters; write it "
+                                     "as a safetensors checkpoint first (tensor by tensor), then convert that "
+                                     "directory with --model DIR --to gguf")
+                model = randomize_(Transformer(cfg), seed=args.seed)
+            else:
+                from .plan.planner import model_summary
+
+                s = model_summary(cfg, "fp8" if args.official else "bf16", "fp4" if args.official else "bf16")
+                out_dir = Path(args.out).resolve()
+                free = shutil.disk_usage(next(p for p in (out_dir, *out_dir.parents) if p.exists())).free
+                if s["total_bytes"] > free:
+                    raise ValueError(f"the checkpoint needs about {s['total_bytes'] / 2**30:.1f} GiB and "
+                                     f"{out_dir} has {free / 2**30:.1f} GiB free")
         else:
             cfg = ModelConfig.from_json(args.model)
             _check_gguf(cfg, args)
             counts = count_parameters(cfg)
-            model = None  # streamed: tensor by tensor from the files (export_checkpoint_gguf)
             from .tokenizer import load_tokenizer
 
             tokenizer = load_tokenizer(Path(args.model), cfg.bos_token_id, cfg.eos_token_id)
@@ -147,7 +178,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = {"preset": args.preset, "model": args.model, "seed": args.seed if args.preset else None,
-            "total_params": counts["total"], "activated_params": counts["activated"]}
+            "layers": cfg.num_hidden_layers, "total_params": counts["total"],
+            "activated_params": counts["activated"]}
     if args.to == "gguf":
         from .weights.gguf_export import export_checkpoint_gguf, export_gguf
 
@@ -161,11 +193,19 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return 2
         info.update(expert_type=args.expert_type, dense_type=args.dense_type)
     else:
-        from .weights.save import save_checkpoint
+        from .weights.save import write_checkpoint
 
         dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[args.dtype]
-        out = save_checkpoint(model, args.out, dtype, int(args.shard_gb * (1 << 30)), official=args.official)
-        info.update(dtype=args.dtype, official=args.official)
+        # seeded random tensors made one at a time on a meta-device model: never the whole model in RAM
+        with torch.device("meta"):
+            meta = Transformer(cfg)
+        bar = _bar("writing")
+        n_tensors = len(meta.state_dict())
+        out = write_checkpoint(cfg, random_tensors(meta, seed=args.seed), args.out, dtype,
+                               int(args.shard_gb * (1 << 30)), official=args.official,
+                               progress=(lambda done, _t: bar(done, n_tensors)) if bar else None)
+        info.update(dtype=args.dtype, official=args.official,
+                    file_bytes=sum(f.stat().st_size for f in Path(out).glob("*.safetensors")))
     print(json.dumps({"out": str(out), "to": args.to, **info,
                       "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
@@ -483,13 +523,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="write a V4 model as a safetensors checkpoint or a llama.cpp GGUF")
-    c.add_argument("--preset", default=None, help="seeded random weights for a preset: mini, flash-shaped, "
-                   "mini-overhead or tiny")
+    c.add_argument("--preset", default=None, help="seeded random weights for a preset (tiny, mini, flash-shaped, "
+                   "mini-overhead, v4-flash, v4-pro), written tensor by tensor")
     c.add_argument("--model", default=None, help="a V4 checkpoint directory to convert (with --to gguf), "
                    "streamed tensor by tensor: peak memory is about one tensor, not the model")
     c.add_argument("--out", required=True, help="output directory (safetensors) or file (gguf)")
     c.add_argument("--to", choices=["safetensors", "gguf"], default="safetensors")
     c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--layers", default=None, metavar="N|A:B",
+                   help="with --preset: keep its first N layers, or layers A..B-1 of its schedule (real "
+                        "layer sizes, no MTP). A 2-layer V4-Flash-shaped checkpoint (~9 GB): --preset v4-flash "
+                        "--layers 3:5 --official (an HCA and a CSA layer, score-routed, as 40 of its 43 are)")
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="safetensors storage dtype (mHC, sinks, position and router biases stay float32)")
     c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB (safetensors)")

@@ -11,8 +11,11 @@ import torch
 from torch import nn
 
 
-@torch.no_grad()
-def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+def random_tensors(model: nn.Module, seed: int = 0, std: float = 0.1):
+    """Yield (state_dict name, value) for every parameter, then the tid2eid / gate.bias buffers, one
+    at a time and in a fixed order from one generator: the same values `randomize_` gives. Works on a
+    model built on the meta device, so a checkpoint bigger than RAM can be written tensor by tensor
+    (weights/save.py)."""
     g = torch.Generator().manual_seed(seed)
 
     def rand(shape, s=1.0):
@@ -32,12 +35,19 @@ def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
             v = 1 + rand(p.shape, 0.2)
         else:
             v = rand(p.shape, std)
-        p.copy_(v.to(p.dtype))
+        yield name, v.to(p.dtype)
     for name, b in model.named_buffers():
         if name.endswith("tid2eid"):
             n_exp = model.config.n_routed_experts if hasattr(model, "config") else int(b.max()) + 1
             rows = [torch.randperm(n_exp, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]
-            b.copy_(torch.stack(rows))
+            yield name, torch.stack(rows).to(b.dtype)
         elif name.endswith("gate.bias"):
-            b.copy_(rand(b.shape, 0.1).to(b.dtype))
+            yield name, rand(b.shape, 0.1).to(b.dtype)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, std: float = 0.1) -> nn.Module:
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    for name, v in random_tensors(model, seed, std):
+        tensors[name].copy_(v)
     return model

@@ -4,12 +4,13 @@ config.json, so any loader (moeflash, or transformers via its official-name conv
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..config import OFFICIAL_FP4_EXPERT, OFFICIAL_FP8_LINEAR
+from ..config import OFFICIAL_FP4_EXPERT, OFFICIAL_FP8_LINEAR, ModelConfig
 from ..model.layout import keeps_fp32
 from ..model.v4 import Transformer
 from .quant import quant_fp4, quant_fp8
@@ -19,40 +20,66 @@ from .quant import quant_fp4, quant_fp8
 def save_checkpoint(model: Transformer, out: str | Path, dtype: torch.dtype = torch.bfloat16,
                     shard_bytes: int = 2 << 30, official: bool = False) -> Path:
     """Save `model` to directory `out` (created); returns the path. `official`: quantize as DeepSeek's
-    official checkpoints are (config.OFFICIAL_FP8_LINEAR / OFFICIAL_FP4_EXPERT with their `.scale` tensors, the rest in
-    `dtype`), one tensor at a time."""
+    official checkpoints are (config.OFFICIAL_FP8_LINEAR / OFFICIAL_FP4_EXPERT with their `.scale`
+    tensors, the rest in `dtype`), one tensor at a time."""
+    return write_checkpoint(model.config, model.state_dict().items(), out, dtype, shard_bytes, official)
+
+
+def _encoded(name: str, t: torch.Tensor, dtype: torch.dtype, official: bool):
+    """(stored name, tensor) pairs for one state_dict entry: a quantized weight and its scale, or the
+    tensor in `dtype` (fp32-kept tensors and integer buffers as they are)."""
+    base = name[: -len(".weight")]
+    if official and OFFICIAL_FP8_LINEAR.search(name):
+        w, sc = quant_fp8(t.float())
+        return [(name, w), (base + ".scale", sc)]
+    if official and OFFICIAL_FP4_EXPERT.search(name):
+        w, sc = quant_fp4(t.float())
+        return [(name, w), (base + ".scale", sc)]
+    if t.dtype.is_floating_point and not keeps_fp32(name):
+        t = t.to(dtype)
+    return [(name, t.contiguous())]
+
+
+def write_checkpoint(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: str | Path,
+                     dtype: torch.dtype = torch.bfloat16, shard_bytes: int = 2 << 30, official: bool = False,
+                     progress=None) -> Path:
+    """Write (name, tensor) pairs as a checkpoint, encoding each as it arrives and flushing a shard
+    once it is full: memory holds one shard of encoded tensors, never the model. So a checkpoint
+    bigger than RAM can be written from a generator (model.init.random_tensors on a meta-device model).
+    `progress(done, None)` is called after each tensor."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, t in model.state_dict().items():
-        base = name[: -len(".weight")]
-        if official and OFFICIAL_FP8_LINEAR.search(name):
-            tensors[name], tensors[base + ".scale"] = quant_fp8(t.float())
-            continue
-        if official and OFFICIAL_FP4_EXPERT.search(name):
-            tensors[name], tensors[base + ".scale"] = quant_fp4(t.float())
-            continue
-        if t.dtype.is_floating_point and not keeps_fp32(name):
-            t = t.to(dtype)
-        tensors[name] = t.contiguous()
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors):
-        nbytes = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += nbytes
+    shard: dict[str, torch.Tensor] = {}
+    files: list[tuple[Path, list[str]]] = []
+    size = total = 0
+
+    def flush() -> None:
+        nonlocal shard, size
+        if shard:
+            part = out / f"model-{len(files) + 1:05d}.safetensors.part"
+            save_file(shard, str(part), metadata={"format": "pt"})
+            files.append((part, list(shard)))
+            shard, size = {}, 0
+
+    for n, (name, t) in enumerate(tensors, 1):
+        for key, enc in _encoded(name, t, dtype, official):
+            nbytes = enc.numel() * enc.element_size()
+            if shard and size + nbytes > shard_bytes:
+                flush()
+            shard[key] = enc
+            size += nbytes
+            total += nbytes
+        if progress is not None:
+            progress(n, None)
+    flush()
     weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out / fname), metadata={"format": "pt"})
-        weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    for i, (part, names) in enumerate(files):
+        fname = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        part.replace(out / fname)
+        weight_map.update({k: fname for k in names})
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    cfg = (model.config.replace(expert_dtype="fp4") if official else model.config).to_dict()
+    cfg = (config.replace(expert_dtype="fp4") if official else config).to_dict()
     cfg["torch_dtype"] = str(dtype).replace("torch.", "")
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     return out
