@@ -482,7 +482,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             expert_memory_gib=args.expert_memory, hit_rate=args.hit_rate, prompt_len=args.prompt_len,
             price_per_hour=args.price_per_hour, utilization=args.utilization, tokens_per_day=args.tokens_per_day,
             output_share=args.output_share, mtp=args.mtp, decode_efficiency=args.efficiency,
-            prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead)
+            prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead,
+            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms)
         result = plan(inputs, hw)
         if args.plot:
             plot_plan(result, inputs, hw, args.plot)
@@ -619,6 +620,12 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--expert-dtype", choices=["bf16", "fp32", "fp8", "fp4"], default=None,
                         help="override for routed experts")
     p_plan.add_argument("--state-dtype", choices=["bf16", "fp32", "fp8"], default="bf16")
+    p_plan.add_argument("--compute-dtype", choices=["bf16", "fp32"], default=None,
+                        help="dtype of an FP8 model's other tensors (default: as `--dtype auto` loads it on the "
+                             "profile's RAM)")
+    p_plan.add_argument("--layer-ms", type=float, default=None,
+                        help="measured batch-1 decode ms of one layer at real size (bench/flash_layers.py): adds an "
+                             "estimate from it beside the modelled one")
     p_plan.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
                         help="routed-expert budget in fast memory (default: all that fits)")
     p_plan.add_argument("--hit-rate", type=float, default=None,

@@ -287,3 +287,32 @@ def test_cost_when_the_model_cannot_run(capsys):
                  "--kind", "gpu", "--price-per-hour", "3"]) == 0
     out = capsys.readouterr().out
     assert "DOES NOT FIT" in out and "does not run on this hardware" in out
+
+
+@pytest.mark.parametrize("dtype,compute", [("float32", "fp32"), ("bfloat16", "bf16")])
+def test_memory_prediction_for_the_official_format_at_storage_precision(tmp_path, dtype, compute):
+    """An official-format checkpoint (FP8 linears, FP4 experts) loaded at storage precision: the bytes
+    the model holds are the planner's prediction for that directory (within the FP8 scales, which the
+    engine holds as fp32 and the planner counts as the checkpoint's one-byte UE8M0), and `--dtype
+    auto`'s choice is the planner's default compute dtype on a profile with this machine's free RAM."""
+    from moeflash.model.init import randomize_
+    from moeflash.model.v4 import Transformer
+    from moeflash.weights.build import _available_ram, load_model
+    from moeflash.weights.save import save_checkpoint
+
+    cfg = ModelConfig.preset("tiny").replace(hidden_size=128, moe_intermediate_size=128, q_lora_rank=128,
+                                             o_lora_rank=128)
+    ckpt = save_checkpoint(randomize_(Transformer(cfg), seed=2), tmp_path / "c", torch.bfloat16, official=True)
+    model, _ = load_model(ckpt, dtype=dtype)
+    held = distinct_tensor_bytes(model)
+    hw = get_profile("cpu-2c")
+    p = plan(PlanInputs(model=str(ckpt), context=16, compute_dtype=compute, mtp=True), hw)
+    predicted = p["memory"]["dense"] + p["memory"]["experts_resident"]
+    assert p["inputs"]["dense_format"] == "fp8" and p["inputs"]["expert_format"] == "fp4"
+    assert not p["weights"]["expert_store"]
+    print(f"\n[plan] official tiny in {dtype}: held {held} B, predicted {predicted} B")
+    assert abs(predicted - held) <= 0.01 * held
+    auto, _ = load_model(ckpt, dtype="auto")
+    ram = hw.replace(memory_gib=_available_ram() / 2**30)
+    want = plan(PlanInputs(model=str(ckpt), context=16, mtp=True), ram)["inputs"]["compute_dtype"]
+    assert {"fp32": torch.float32, "bf16": torch.bfloat16}[want] == auto.embed.weight.dtype

@@ -39,7 +39,7 @@ class EngineCosts:
               + layers x experts x group_us          (all experts resident: grouped matmuls loop over every expert)
               + layers x (store_layer_ms + distinct experts x expert_call_us)   (expert store path)
               + missed expert bytes / miss_gbps                (expert store: cold reads, prefetch included)
-              + FP4 expert weights used / fp4_gweights_per_s   (the store keeps FP4 packed, decodes per use)
+              + FP4 expert weights used / fp4_gweights_per_s   (FP4 experts stay packed: the kernel's compute rate)
               + bytes / (bandwidth x decode_efficiency)
     On another CPU the FP4 decode rate is scaled by its matmul peak against this box's (more cores)."""
 
@@ -47,7 +47,7 @@ class EngineCosts:
     seq_layer_ms: float
     group_us: float
     expert_call_us: float
-    fp4_gweights_per_s: float  # FP4 experts are decoded per use (quant.dequant_fp4): G weights/s here
+    fp4_gweights_per_s: float  # the FP4 kernel's rate at one row (kernels.fp4_linear): G weights/s here
     store_layer_ms: float  # expert store: routing hook, next-layer prediction, cache bookkeeping per layer
     miss_gbps: float       # expert store: effective GB/s of misses (cold reads, unpacking, prefetch included)
     runtime_gib: float  # resident memory of a process that imported torch and moeflash
@@ -506,16 +506,17 @@ def probe_expert_call_us(iters: int = 200) -> float:
         return _best(lambda: [run() for _ in range(iters // 8)], 7) / (iters // 8 * 8) * 1e6
 
 
-def probe_fp4_decode(out: int = 1024, inp: int = 2048, iters: int = 3) -> float:
-    """G weights/s of `quant.dequant_fp4` + the cast to bf16: what the expert store pays per use of an
-    FP4 expert on a CPU."""
+def probe_fp4_decode(out: int = 1024, inp: int = 2048, iters: int = 20) -> float:
+    """G weights/s of the FP4 kernel (`kernels.fp4_linear`, one row) on cache-resident packed weights:
+    its compute rate, which a decode step pays per FP4 expert weight used beside the bytes it reads."""
     import torch
 
-    from ..weights.quant import dequant_fp4
+    from .. import kernels
 
-    packed = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8).view(torch.int8)
-    scale = torch.full((out, inp // 32), 127, dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    return out * inp / _best(lambda: dequant_fp4(packed, scale).to(torch.bfloat16), iters) / 1e9
+    packed = torch.randint(0, 256, (out, inp // 2), dtype=torch.uint8)
+    scale = torch.full((out, inp // 32), 127, dtype=torch.uint8)
+    x = torch.randn(1, inp)
+    return out * inp / _best(lambda: [kernels.fp4_linear(x, packed, scale) for _ in range(iters)], 5) * iters / 1e9
 
 
 def probe_engine(read_gbps: float, bf16_tflops: float, log=None, store_path: str | Path | None = None) -> dict:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def _component(name: str) -> str:
         return "head (+ final norm, hyper head)"
     if name.startswith("inv_freq"):
         return "rope tables"
-    if ".ffn.experts." in name:
+    if ".ffn.experts." in name or re.search(r"\.ffn\.(q13|s13|q2|s2)$", name):  # (packed FP4 as held)
         return "routed experts"
     if ".ffn.shared_experts." in name:
         return "shared expert"
@@ -94,9 +95,16 @@ def _component(name: str) -> str:
     return "mHC + norms"
 
 
-def tensor_bytes(name: str, shape: tuple, is_float: bool, itemsize: int, dense_fmt: str, expert_fmt: str) -> int:
+# Under fp8 dense weights, the float tensors that are not nn.Linear weights are held in the compute
+# dtype (the other Linear weights stay bf16 as stored: kernels.linear.Bf16Linear).
+HELD_IN_COMPUTE_DTYPE = re.compile(r"(^embed\.weight|norm\.weight|ffn\.gate\.weight)$")
+
+
+def tensor_bytes(name: str, shape: tuple, is_float: bool, itemsize: int, dense_fmt: str, expert_fmt: str,
+                 compute: str = "bf16") -> int:
     """Bytes of one tensor in the given formats (the checkpoint's layout for fp8 / fp4, the engine's
-    for bf16 / fp32: fp32-kept tensors stay 4 bytes, integer buffers keep their size)."""
+    for bf16 / fp32: fp32-kept tensors stay 4 bytes, integer buffers keep their size). `compute`
+    (bf16 / fp32): the dtype the engine computes in, which the non-Linear tensors of an fp8 model take."""
     numel = math.prod(shape)
     if not is_float:
         return numel * itemsize
@@ -114,7 +122,7 @@ def tensor_bytes(name: str, shape: tuple, is_float: bool, itemsize: int, dense_f
         if routed or FP8_LINEAR.search(name):
             out, inp = shape
             return numel + math.ceil(out / 128) * math.ceil(inp / 128)
-        return numel * 2
+        return numel * (4 if compute == "fp32" and HELD_IN_COMPUTE_DTYPE.search(name) else 2)
     if fmt == "fp4":  # routed experts only: two e2m1 per byte + one UE8M0 scale per 32 inputs
         out, inp = shape
         return out * math.ceil(inp / 2) + out * math.ceil(inp / 32)
@@ -159,7 +167,7 @@ def _tensors(key: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=64)
-def _summary(key: str, dense_fmt: str, expert_fmt: str, mtp: bool) -> dict:
+def _summary(key: str, dense_fmt: str, expert_fmt: str, mtp: bool, compute: str = "bf16") -> dict:
     config = ModelConfig.from_dict(json.loads(key))
     comps = {name: {"params": 0, "bytes": 0} for name in COMPONENTS}
     read = 0  # bytes a decode step reads of the dense part (floating tensors; embedding table excluded)
@@ -171,7 +179,7 @@ def _summary(key: str, dense_fmt: str, expert_fmt: str, mtp: bool) -> dict:
             mtp_params += math.prod(shape) if is_param else 0
             if not mtp:
                 continue
-        b = tensor_bytes(name, shape, is_float, itemsize, dense_fmt, expert_fmt)
+        b = tensor_bytes(name, shape, is_float, itemsize, dense_fmt, expert_fmt, compute)
         if is_param:
             comps[comp]["params"] += math.prod(shape)
         comps[comp]["bytes"] += b
@@ -199,13 +207,16 @@ def _summary(key: str, dense_fmt: str, expert_fmt: str, mtp: bool) -> dict:
     }
 
 
-def model_summary(config: ModelConfig, dense_fmt: str = "bf16", expert_fmt: str = "bf16", mtp: bool = False) -> dict:
+def model_summary(config: ModelConfig, dense_fmt: str = "bf16", expert_fmt: str = "bf16", mtp: bool = False,
+                  compute: str = "bf16") -> dict:
     """Parameters and bytes by component for `config` in the given formats (see `tensor_bytes`)."""
     if dense_fmt not in DENSE_FORMATS:
         raise PlanError(f"unknown dense format {dense_fmt!r}; choose {', '.join(DENSE_FORMATS)}")
     if expert_fmt not in EXPERT_FORMATS:
         raise PlanError(f"unknown expert format {expert_fmt!r}; choose {', '.join(EXPERT_FORMATS)}")
-    s = dict(_summary(_config_key(config), dense_fmt, expert_fmt, mtp))
+    if compute not in ("bf16", "fp32"):
+        raise PlanError(f"unknown compute dtype {compute!r}; choose bf16 or fp32")
+    s = dict(_summary(_config_key(config), dense_fmt, expert_fmt, mtp, compute))
     s["config"] = config
     return s
 
@@ -395,6 +406,8 @@ class PlanInputs:
     decode_efficiency: float | None = None
     prefill_efficiency: float | None = None
     overhead: bool = True                 # add moeflash's measured CPU per-step overhead
+    compute_dtype: str | None = None      # bf16 / fp32 for an fp8 model's other tensors (None: as the loader's auto)
+    layer_ms: float | None = None         # measured batch-1 decode time of one layer (bench/flash_layers.py)
 
 
 def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
@@ -412,10 +425,25 @@ def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
                     "with a config.json")
 
 
+def held_in_compute_params(config: ModelConfig, expert_fmt: str = "fp4", mtp: bool = False) -> int:
+    """Parameters an fp8-dense model holds in its compute dtype (neither FP8 linears nor FP4 experts):
+    what the loader's `--dtype auto` weighs (weights.build.resolve_dtype)."""
+    n = 0
+    for name, shape, is_float, _, is_param in _tensors(_config_key(config)):
+        if not is_param or not is_float or (name.startswith("mtp.") and not mtp) or FP8_LINEAR.search(name):
+            continue
+        if ".ffn.experts." in name and expert_fmt in ("fp4", "fp8"):
+            continue
+        n += math.prod(shape)
+    return n
+
+
 def _check_inputs(inp: PlanInputs, config: ModelConfig, hw: Hardware) -> None:
     def bad(msg):
         raise PlanError(msg)
 
+    if inp.layer_ms is not None and not inp.layer_ms > 0:
+        bad(f"--layer-ms must be > 0 (milliseconds per layer per decode step), got {inp.layer_ms}")
     if not isinstance(inp.context, int) or inp.context < 1:
         bad(f"--context must be a positive number of tokens, got {inp.context}")
     if inp.context > config.max_position_embeddings:
@@ -492,18 +520,15 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
     engine = hw.engine if inp.overhead else None
     notes = []
     force_store = False
-    if engine is not None:  # what moeflash's CPU engine holds (--no-overhead: an engine reading native formats)
-        if dense_fmt == "fp8":
-            dense_fmt = "bf16"
-            notes.append("moeflash decodes FP8 dense weights to bf16 when it loads them: dense planned in bf16")
-        if expert_fmt == "fp8":
-            expert_fmt = "bf16"
-            notes.append("moeflash decodes FP8 experts to bf16 when it loads them: experts planned in bf16")
-        if expert_fmt == "fp4":
-            force_store = True
-            notes.append("moeflash keeps FP4 experts packed only in the expert store (--expert-memory), and decodes "
-                         "each expert per use: that decode is timed at the measured rate")
-    s = model_summary(config, dense_fmt, expert_fmt, inp.mtp)
+    compute = inp.compute_dtype or "bf16"
+    if dense_fmt == "fp8" and inp.compute_dtype is None:  # the loader's `--dtype auto`, on this profile's RAM
+        held = held_in_compute_params(config, expert_fmt, inp.mtp)
+        compute = "fp32" if 4 * held <= 0.4 * hw.memory_gib * GIB else "bf16"
+        notes.append(f"FP8 linears and FP4 experts are held at storage precision; the other tensors in {compute} "
+                     "(`--dtype auto`: fp32 when they fit in 40% of RAM)")
+    if engine is not None and expert_fmt == "fp8":
+        notes.append("moeflash holds FP8 routed experts per expert (no grouped kernel): timed as expert calls")
+    s = model_summary(config, dense_fmt, expert_fmt, inp.mtp, compute)
     c = config
     ctx, batch = inp.context, inp.batch
     prompt = inp.prompt_len or ctx
@@ -583,8 +608,10 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
         if engine is None:
             return t
         per = engine.layer_ms / 1e3 + b * engine.seq_layer_ms / 1e3
-        if store or expert_fmt != "bf16":  # one call chain per expert used (expert store, fp32 loop)
+        if store or expert_fmt not in ("bf16", "fp4"):  # one call chain per expert used (expert store, fp8)
             per += distinct * engine.expert_call_us / 1e6 + (engine.store_layer_ms / 1e3 if store else 0.0)
+        elif expert_fmt == "fp4":  # resident FP4: one fused kernel call for all (token, expert) pairs
+            pass
         else:  # grouped matmuls over every expert of the layer
             per += c.n_routed_experts * engine.group_us / 1e6
         if fp4_rate:
@@ -626,6 +653,18 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
 
     dec1 = decode(1)
     decb = decode(batch) if batch > 1 else dec1
+    if inp.layer_ms is not None:
+        # A measured layer (at real layer sizes, all experts resident) replaces the per-layer model; the
+        # head, final norm and hyper head are still modelled (their bytes at the decode efficiency).
+        head_b = s["components"]["head (+ final norm, hyper head)"]["bytes"] + s["embed_row_bytes"]
+        head_ms = 1e3 * head_b / (dev_bw * dec_eff)
+        step_ms = c.num_hidden_layers * inp.layer_ms + head_ms
+        dec1["from_measured_layer"] = {"layer_ms": inp.layer_ms, "layers": c.num_hidden_layers,
+                                       "head_ms_modelled": head_ms, "step_ms": step_ms,
+                                       "tokens_per_s": 1e3 / step_ms}
+        if rest:
+            notes.append("--layer-ms was measured with every expert resident; this plan has experts in a lower "
+                         "tier, so the measured-layer estimate is an upper bound")
 
     # ---- prefill ----------------------------------------------------------------------------------
     pf = prefill_flops(c, prompt, s)
@@ -681,6 +720,7 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
                   "max_context": c.max_position_embeddings},
         "hardware": hw.to_dict(),
         "inputs": {"context": ctx, "batch": batch, "weights_dtype": wd, "dense_format": dense_fmt,
+                   "compute_dtype": compute,
                    "expert_format": expert_fmt, "state_dtype": inp.state_dtype,
                    "expert_memory_gib": inp.expert_memory_gib, "hit_rate": hit, "hit_rate_source": hit_src,
                    "prompt_len": prompt, "utilization": u, "tokens_per_day": inp.tokens_per_day,

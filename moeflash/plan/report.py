@@ -99,6 +99,11 @@ def format_plan(p: dict) -> str:
                      num(d["expected_tokens_per_s"], 1), d["bound"]])
     out += _table(["batch", "experts/layer", "dense", "experts (fast)", "experts (host/disk)", "state",
                    "per token", "ms/step", "roofline tok/s", "expected tok/s", "bound by"], rows)
+    ml = p["decode"]["batch_1"].get("from_measured_layer")
+    if ml:
+        out.append(f"  from the measured layer: {ml['layers']} x {ml['layer_ms']:.2f} ms + head "
+                   f"{ml['head_ms_modelled']:.2f} ms (modelled) = {ml['step_ms']:.1f} ms/step, "
+                   f"{ml['tokens_per_s']:.2f} tok/s at batch 1")
     pf = p["prefill"]
     out.append("")
     out.append(f"Prefill of a {pf['prompt_tokens']:,}-token prompt ({pf['flops']['per_token'] / 1e9:,.1f} GFLOP per "
