@@ -41,13 +41,26 @@ def fp4_weight(shape, seed=0):
 
 
 def gguf_blocks(n, k, qtype, seed=0):
-    """Random raw GGUF blocks [n, k/32 * block bytes] with sane fp16 scales (and Q4_1 minimums)."""
+    """Random raw GGUF blocks [n, row bytes] with sane fp16 scales (and Q4_1 / Q4_K minimums): Q4_0,
+    Q4_1, Q5_0, Q8_0 and MXFP4 in blocks of 32 values, Q4_K and Q6_K in super-blocks of 256."""
     g = torch.Generator().manual_seed(seed)
-    bb = {2: 18, 3: 20, 8: 34}[qtype]
-    raw = torch.randint(0, 256, (n, k // 32, bb), generator=g, dtype=torch.uint8)
-    raw[..., 0:2] = (torch.rand(n, k // 32, 1, generator=g) * 0.01 + 0.001).half().view(torch.uint8)
+    bb = {2: 18, 3: 20, 6: 22, 8: 34, 12: 144, 14: 210, 39: 17}[qtype]
+    nb = k // (256 if qtype in (12, 14) else 32)
+    raw = torch.randint(0, 256, (n, nb, bb), generator=g, dtype=torch.uint8)
+
+    def half(lo, hi, scale, shift=0.0):
+        raw[..., lo:hi] = (torch.rand(n, nb, 1, generator=g) * scale + shift).half().view(torch.uint8)
+    if qtype in (2, 3, 6, 8):
+        half(0, 2, 0.01, 0.001)
     if qtype == 3:
-        raw[..., 2:4] = (torch.randn(n, k // 32, 1, generator=g) * 0.05).half().view(torch.uint8)
+        raw[..., 2:4] = (torch.randn(n, nb, 1, generator=g) * 0.05).half().view(torch.uint8)
+    if qtype == 12:  # d and dmin; the 6-bit scales are any bytes
+        half(0, 2, 0.001, 0.0001)
+        half(2, 4, 0.001, 0.0001)
+    if qtype == 14:  # int8 scales are any bytes, then d
+        half(208, 210, 0.001, 0.0001)
+    if qtype == 39:  # E8M0 exponents around 2^-6
+        raw[..., 0] = torch.randint(118, 126, (n, nb), generator=g, dtype=torch.uint8)
     return raw.reshape(n, -1)
 
 
@@ -57,10 +70,16 @@ def test_gguf_reference_decodes_as_ggml():
     gguf = pytest.importorskip("gguf")
     import numpy as np
 
-    for name, qtype in (("Q4_0", 2), ("Q4_1", 3), ("Q8_0", 8)):
-        blocks = gguf_blocks(16, 128, qtype, seed=qtype)
+    for name, qtype in (("Q4_0", 2), ("Q4_1", 3), ("Q5_0", 6), ("Q8_0", 8), ("Q4_K", 12), ("Q6_K", 14),
+                        ("MXFP4", 39)):
+        blocks = gguf_blocks(16, 512, qtype, seed=qtype)
         ref = gguf.quants.dequantize(blocks.numpy(), gguf.GGMLQuantizationType[name])
-        assert np.array_equal(R.gguf_dequant(blocks, qtype).numpy(), np.asarray(ref, dtype=np.float32).reshape(16, 128)), name
+        got = R.gguf_dequant(blocks, qtype).numpy()
+        assert np.array_equal(got, np.asarray(ref, dtype=np.float32).reshape(16, 512)), name
+        assert np.abs(got).max() > 0 and len(np.unique(got)) > 16, name  # the blocks carry real values
+    for qtype in (0, 13):
+        with pytest.raises(KeyError):
+            R.gguf_dequant(gguf_blocks(1, 32, 2), qtype)
 
 
 def test_references_agree_with_the_checkpoint_decoders():
@@ -110,13 +129,17 @@ for m, g, r, k in [(1, 4, 256, 256), (3, 2, 128, 200), (16, 8, 128, 64)]:
     x = torch.randn(m, g, k)
     ref = torch.cat([R.fp8_linear(x[:, i], q[i * r:(i + 1) * r], s[i * r // 128:(i + 1) * r // 128]) for i in range(g)], -1)
     worst["fp8_grouped"] = max(worst.get("fp8_grouped", 0), rel(K.fp8_grouped_linear(x, q, s), ref))
-for qtype, bb in ((2, 18), (3, 20), (8, 34)):
-    for m, n, k in [(1, 100, 576), (5, 64, 64), (20, 48, 128)]:
+for qtype in (2, 3, 6, 8, 12, 14, 39):
+    shapes = [(1, 100, 512), (5, 64, 256), (20, 48, 768), (9, 3, 1024)] if qtype in (12, 14) else \
+        [(1, 100, 576), (5, 64, 64), (20, 48, 128)]
+    for m, n, k in shapes:
         blocks = gguf_blocks(n, k, qtype)
         x = torch.randn(m, k)
         worst[f"gguf{qtype}"] = max(worst.get(f"gguf{qtype}", 0),
                                     rel(K.gguf_linear(x, blocks, qtype), R.gguf_linear(x, blocks, qtype)))
-        assert torch.equal(K.gguf_dequant(blocks, qtype), R.gguf_dequant(blocks, qtype)) or qtype == 3
+        # decoded values: exact, except where a compiler may fuse Q4_1's / Q4_K's d * q - m into one FMA
+        dq = rel(K.gguf_dequant(blocks, qtype), R.gguf_dequant(blocks, qtype))
+        assert dq == 0 or (qtype in (3, 12) and dq < 1e-6), (qtype, dq)
 for t, n, d in [(1, 4, 64), (7, 2, 96), (3, 3, 40)]:
     f = n * (n + 2)
     args = (torch.randn(t, n, d) * 5, torch.randn(f, n * d) * 0.05, torch.randn(f), torch.rand(3) + 0.5, 20, 1e-6, 1e-6)
@@ -155,7 +178,7 @@ def test_a_forced_path_never_exceeds_the_cpu():
 
 
 @needs_native
-@pytest.mark.parametrize("op", ["fp8", "fp4", "bf16", "q4_1"])
+@pytest.mark.parametrize("op", ["fp8", "fp4", "bf16", "q4_1", "q5_0", "q4_k", "q6_k", "mxfp4"])
 def test_rows_do_not_depend_on_the_batch(op):
     """Batch invariance on the decode path: row i of a 1..16-row call equals the same row computed alone."""
     k = 512
@@ -169,8 +192,9 @@ def test_rows_do_not_depend_on_the_batch(op):
         w = torch.randn(384, k).bfloat16()
         f = lambda x: K.bf16_linear(x, w)  # noqa: E731
     else:
-        blocks = gguf_blocks(384, k, 3)
-        f = lambda x: K.gguf_linear(x, blocks, 3)  # noqa: E731
+        qtype = {"q4_1": 3, "q5_0": 6, "q4_k": 12, "q6_k": 14, "mxfp4": 39}[op]
+        blocks = gguf_blocks(384, k, qtype)
+        f = lambda x: K.gguf_linear(x, blocks, qtype)  # noqa: E731
     x = torch.randn(K.ROW_KERNEL_MAX_ROWS, k)
     alone = torch.cat([f(x[i:i + 1]) for i in range(x.shape[0])])
     for m in range(1, K.ROW_KERNEL_MAX_ROWS + 1):

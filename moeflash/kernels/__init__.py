@@ -116,7 +116,7 @@ def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
 
 
 def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x [..., K] @ W.T for W held as raw GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 -> fp32 [..., N]."""
+    """x [..., K] @ W.T for W held as raw GGUF blocks [N, row bytes] (reference.GGUF_TYPES) -> fp32 [..., N]."""
     x2 = _rows(x)
     n = blocks.shape[0]
     if not native(blocks):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from . import bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear
-from .reference import GGUF_BLOCK_BYTES
+from .reference import GGUF_BLOCK_BYTES, GGUF_BLOCK_VALUES
 
 FP8_BLOCK = 128
 
@@ -94,17 +94,18 @@ class Bf16Linear(nn.Module):
 
 
 class GgufLinear(nn.Module):
-    """A linear layer whose weight stays in its GGUF block format (Q4_0, Q4_1 or Q8_0: 32 weights a block
-    with fp16 scales), as the file stores it; products in fp32 (kernels.gguf_linear) on the exact decoded
+    """A linear layer whose weight stays in its GGUF block format (Q4_0, Q4_1, Q5_0, Q8_0, MXFP4: blocks
+    of 32 weights; Q4_K, Q6_K: super-blocks of 256), as the file stores it; products in fp32 (kernels.gguf_linear) on the exact decoded
     values. `qblocks` is the raw bytes [out, row bytes]; `qtype` the ggml type id."""
 
     def __init__(self, blocks: torch.Tensor, qtype: int):
         super().__init__()
         if qtype not in GGUF_BLOCK_BYTES:
-            raise ValueError(f"ggml type {qtype} is not held packed (Q4_0 = 2, Q4_1 = 3, Q8_0 = 8)")
+            raise ValueError(f"ggml type {qtype} is not held packed (Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, "
+                             "Q4_K = 12, Q6_K = 14, MXFP4 = 39)")
         self.qtype = qtype
         self.out_features = blocks.shape[0]
-        self.in_features = 32 * (blocks.shape[1] // GGUF_BLOCK_BYTES[qtype])
+        self.in_features = GGUF_BLOCK_VALUES[qtype] * (blocks.shape[1] // GGUF_BLOCK_BYTES[qtype])
         self.register_buffer("qblocks", blocks.view(torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

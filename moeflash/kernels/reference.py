@@ -77,15 +77,74 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return c
 
 
-GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8}  # ggml type ids of the block formats held packed
-GGUF_BLOCK_BYTES = {2: 18, 3: 20, 8: 34}
+# ggml ids of the types held packed, their block bytes and values per block
+GGUF_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q6_K": 14, "MXFP4": 39}
+GGUF_BLOCK_BYTES = {2: 18, 3: 20, 6: 22, 8: 34, 12: 144, 14: 210, 39: 17}
+GGUF_BLOCK_VALUES = {2: 32, 3: 32, 6: 32, 8: 32, 12: 256, 14: 256, 39: 32}
+_MXFP4_VALUES = (0.0, 1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 0.0, -1.0, -2.0, -3.0, -4.0, -6.0, -8.0, -12.0)
+
+
+def _half(b: torch.Tensor) -> torch.Tensor:
+    return b.contiguous().view(torch.float16).float()
+
+
+def _q4_k(b: torch.Tensor) -> torch.Tensor:
+    """Q4_K super-blocks [..., 144] -> [..., 256]: 8 sub-blocks of 32, value = d * scale_s * q - dmin * min_s
+    with 6-bit scales / mins (the first four in bytes 0-7, the last four split over bytes 8-11 and the
+    top bits of bytes 0-7); sub-blocks 2c and 2c+1 are the low and high nibbles of bytes 32c..32c+31."""
+    d, dmin = _half(b[..., 0:2]), _half(b[..., 2:4])
+    sc = b[..., 4:16].to(torch.int32)
+    lo, mid, hi = sc[..., 0:4], sc[..., 4:8], sc[..., 8:12]
+    scale = torch.cat((lo & 63, (hi & 0xF) | ((lo >> 6) << 4)), dim=-1).float()
+    mins = torch.cat((mid & 63, (hi >> 4) | ((mid >> 6) << 4)), dim=-1).float()
+    qs = b[..., 16:].to(torch.int32).unflatten(-1, (4, 32))
+    q = torch.stack((qs & 0xF, qs >> 4), dim=-2).flatten(-3, -2).float()  # [..., 8, 32]
+    return ((d * scale).unsqueeze(-1) * q - (dmin * mins).unsqueeze(-1)).flatten(-2)
+
+
+def _q6_k(b: torch.Tensor) -> torch.Tensor:
+    """Q6_K super-blocks [..., 210] -> [..., 256]: per half of 128 values, 64 bytes of low nibbles (values
+    0-63 low, 64-127 high) and 32 bytes of 2-bit high parts (value 32k + l at bits 2k of byte l); minus 32,
+    times d and an int8 scale per 16 values."""
+    ql = b[..., :128].to(torch.int32).unflatten(-1, (2, 64))
+    qh = b[..., 128:192].to(torch.int32).unflatten(-1, (2, 32))
+    sc = b[..., 192:208].contiguous().view(torch.int8).float()
+    d = _half(b[..., 208:210])
+    low = torch.cat((ql & 0xF, ql >> 4), dim=-1)  # [..., 2, 128]
+    high = torch.cat([(qh >> (2 * k)) & 3 for k in range(4)], dim=-1)  # [..., 2, 128]
+    q = ((low | (high << 4)) - 32).float().flatten(-2)  # [..., 256]
+    return ((d * sc).unsqueeze(-1) * q.unflatten(-1, (16, 16))).flatten(-2)
+
+
+def _q5_0(b: torch.Tensor) -> torch.Tensor:
+    """Q5_0 blocks [..., 22] -> [..., 32]: d * (q - 16), q = a nibble (byte j: element j low, j + 16 high)
+    plus bit j of the 32-bit little-endian word at bytes 2-5 as its fifth bit."""
+    d = _half(b[..., 0:2])
+    qh = b[..., 2:6].to(torch.int64)
+    bits = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
+    high = (bits.unsqueeze(-1) >> torch.arange(32)) & 1
+    qs = b[..., 6:].to(torch.int64)
+    q = torch.cat((qs & 0xF, qs >> 4), dim=-1) | (high << 4)
+    return d * (q - 16).float()
+
+
+def _mxfp4(b: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [..., 17] -> [..., 32]: 2^(e - 128) times ggml's doubled e2m1 value; byte j holds
+    element j (low nibble) and j + 16 (high)."""
+    d = torch.ldexp(torch.ones(b.shape[:-1] + (1,)), b[..., 0:1].to(torch.int32) - 128)
+    qs = b[..., 1:].to(torch.int64)
+    table = torch.tensor(_MXFP4_VALUES)
+    return d * table[torch.cat((qs & 0xF, qs >> 4), dim=-1)]
 
 
 def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """Raw GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 -> fp32 [N, K] (ggml's definitions: Q4_0
-    d * (q - 8), Q4_1 d * q + m, Q8_0 d * q; a 4-bit byte j holds element j low and j + 16 high)."""
+    """Raw GGUF blocks [N, row bytes] -> fp32 [N, K], by ggml's definitions: Q4_0 d * (q - 8), Q4_1
+    d * q + m, Q8_0 d * q (a 4-bit byte j holds element j low and j + 16 high); Q5_0, Q4_K, Q6_K and
+    MXFP4 as in `_q5_0`, `_q4_k`, `_q6_k`, `_mxfp4`."""
     bb = GGUF_BLOCK_BYTES[qtype]
     b = blocks.view(torch.uint8).reshape(blocks.shape[0], -1, bb)
+    if qtype in (6, 12, 14, 39):
+        return {6: _q5_0, 12: _q4_k, 14: _q6_k, 39: _mxfp4}[qtype](b).reshape(blocks.shape[0], -1)
     d = b[..., 0:2].contiguous().view(torch.float16).float()  # [N, nb, 1]
     if qtype == 8:
         q = b[..., 2:].contiguous().view(torch.int8).float()

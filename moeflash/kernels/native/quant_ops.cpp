@@ -692,6 +692,120 @@ void gguf_rows(const float* x, const float* xs, int64_t M, int64_t K, const uint
   }
 }
 
+// ---- GGUF K-quants, Q5_0 and MXFP4: Q5_0 (32: fp16 d, 32 high bits, 16 bytes of nibbles; d * (q - 16)), Q4_K (super-blocks of 256: fp16 d and dmin, 12 bytes of 6-bit scales and
+// mins for 8 sub-blocks of 32, 128 bytes of nibbles), Q6_K (256: 128 bytes low nibbles, 64 bytes high
+// 2-bit pairs, 16 int8 scales, fp16 d) and MXFP4 (32: an E8M0 byte, 16 bytes of e2m1 codes, ggml's doubled
+// table with a halved scale). A block is decoded into fp32 (the values ggml decodes) once per call and
+// dotted with every input row: 16 independent lane sums per row in a fixed order, reduced at the end, so
+// a row's result does not depend on M.
+
+constexpr int GGML_Q5_0 = 6, GGML_Q4_K = 12, GGML_Q6_K = 14, GGML_MXFP4 = 39;
+inline bool is_kq(int q) { return q == GGML_Q5_0 || q == GGML_Q4_K || q == GGML_Q6_K || q == GGML_MXFP4; }
+inline int kq_values(int q) { return q == GGML_Q4_K || q == GGML_Q6_K ? 256 : 32; }
+inline int kq_bytes(int q) { return q == GGML_Q4_K ? 144 : q == GGML_Q6_K ? 210 : q == GGML_Q5_0 ? 22 : 17; }
+
+__attribute__((always_inline)) inline void decode_kq(const uint8_t* b, int q, float* o) {
+  if (q == GGML_Q4_K) {
+    const float d = half_at(b), dmin = half_at(b + 2);
+    const uint8_t* sc = b + 4;
+    const uint8_t* qs = b + 16;
+    for (int s = 0; s < 8; ++s) {
+      const int scale = s < 4 ? (sc[s] & 63) : ((sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4));
+      const int mn = s < 4 ? (sc[s + 4] & 63) : ((sc[s + 4] >> 4) | ((sc[s] >> 6) << 4));
+      const float dl = d * static_cast<float>(scale), ml = dmin * static_cast<float>(mn);
+      const uint8_t* qq = qs + (s / 2) * 32;
+      const int shift = (s & 1) * 4;
+      for (int l = 0; l < 32; ++l) o[s * 32 + l] = dl * static_cast<float>((qq[l] >> shift) & 0xF) - ml;
+    }
+  } else if (q == GGML_Q6_K) {
+    const uint8_t* ql = b;
+    const uint8_t* qh = b + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = half_at(b + 208);
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* lo = ql + h * 64 + (k & 1) * 32;
+        const int lshift = (k >> 1) * 4;
+        for (int half = 0; half < 2; ++half) {
+          const float ds = d * static_cast<float>(sc[h * 8 + k * 2 + half]);
+          for (int l = half * 16; l < half * 16 + 16; ++l) {
+            const int v = ((lo[l] >> lshift) & 0xF) | (((qh[h * 32 + l] >> (2 * k)) & 3) << 4);
+            o[h * 128 + k * 32 + l] = ds * static_cast<float>(v - 32);
+          }
+        }
+      }
+  } else if (q == GGML_Q5_0) {
+    const float d = half_at(b);
+    uint32_t qh;
+    std::memcpy(&qh, b + 2, 4);
+    const uint8_t* qs = b + 6;
+    for (int j = 0; j < 16; ++j) {
+      o[j] = d * static_cast<float>(static_cast<int>((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
+      o[16 + j] = d * static_cast<float>(static_cast<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
+    }
+  } else {
+    static const float kv[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
+    const float d = std::ldexp(1.0f, static_cast<int>(b[0]) - 128);
+    for (int j = 0; j < 16; ++j) {
+      o[j] = d * kv[b[1 + j] & 0xF];
+      o[16 + j] = d * kv[b[1 + j] >> 4];
+    }
+  }
+}
+
+__attribute__((always_inline)) inline void kq_rows_impl(const float* x, int64_t M, int64_t K, const uint8_t* w, int q,
+                                                       float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int V = kq_values(q), B = kq_bytes(q);
+  const int64_t nb = K / V, row_bytes = nb * B;
+  constexpr int R = 8;  // input rows per pass over a weight row (its blocks are decoded once per pass)
+  alignas(64) float buf[256];
+  alignas(64) float acc[R][16];
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* wr = w + n * row_bytes;
+    for (int64_t m0 = 0; m0 < M; m0 += R) {
+      const int mm = static_cast<int>(std::min<int64_t>(R, M - m0));
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t b = 0; b < nb; ++b) {
+        decode_kq(wr + b * B, q, buf);
+        for (int m = 0; m < mm; ++m) {
+          const float* xr = x + (m0 + m) * K + b * V;
+          float* a = acc[m];
+          for (int i = 0; i < V; i += 16)
+            for (int l = 0; l < 16; ++l) a[l] += buf[i + l] * xr[i + l];
+        }
+      }
+      for (int m = 0; m < mm; ++m) {
+        float* a = acc[m];
+        for (int w2 = 8; w2 >= 1; w2 /= 2)
+          for (int l = 0; l < w2; ++l) a[l] += a[l + w2];
+        y[(m0 + m) * N + n] = a[0];
+      }
+    }
+  }
+}
+
+AVX512_TARGET void kq_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, int q, float* y, int64_t N,
+                                  int64_t n0, int64_t n1) {
+  kq_rows_impl(x, M, K, w, q, y, N, n0, n1);
+}
+__attribute__((target("avx2,fma,f16c"))) void kq_rows_avx2(const float* x, int64_t M, int64_t K, const uint8_t* w,
+                                                            int q, float* y, int64_t N, int64_t n0, int64_t n1) {
+  kq_rows_impl(x, M, K, w, q, y, N, n0, n1);
+}
+void kq_rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, int q, float* y, int64_t N, int64_t n0,
+                    int64_t n1) {
+  kq_rows_impl(x, M, K, w, q, y, N, n0, n1);
+}
+
+void kq_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int q, float* y, int64_t N, int64_t n0,
+             int64_t n1) {
+  switch (isa()) {
+    case AVX512: return kq_rows_avx512(x, M, K, w, q, y, N, n0, n1);
+    case AVX2: return kq_rows_avx2(x, M, K, w, q, y, N, n0, n1);
+    default: return kq_rows_scalar(x, M, K, w, q, y, N, n0, n1);
+  }
+}
+
 // ---- dispatch helpers ----------------------------------------------------------------------------
 
 void fp8_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s, int64_t kb, float* y,
@@ -820,28 +934,47 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
 }
 
 at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& w_in, int64_t qtype) {
-  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0,
-              "gguf_linear: type ", qtype, " is not Q4_0 (2), Q4_1 (3) or Q8_0 (8)");
+  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0 || is_kq(static_cast<int>(qtype)),
+              "gguf_linear: type ", qtype, " is not Q4_0 (2), Q4_1 (3), Q5_0 (6), Q8_0 (8), Q4_K (12), Q6_K (14) or MXFP4 (39)");
+  const int q = static_cast<int>(qtype);
+  const int64_t bb = is_kq(q) ? kq_bytes(q) : block_bytes(q), bv = is_kq(q) ? kq_values(q) : 32;
   TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1, "gguf_linear: weight must be raw blocks [N, row bytes]");
-  TORCH_CHECK(w_in.size(1) % block_bytes(qtype) == 0, "gguf_linear: row bytes ", w_in.size(1), " are not whole blocks");
-  const int64_t N = w_in.size(0), K = 32 * (w_in.size(1) / block_bytes(qtype));
+  TORCH_CHECK(w_in.size(1) % bb == 0, "gguf_linear: row bytes ", w_in.size(1), " are not whole blocks");
+  const int64_t N = w_in.size(0), K = bv * (w_in.size(1) / bb);
   check_x(x_in, K, "gguf_linear");
   at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
   const int64_t M = x.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return y;
-  std::vector<float> xs(M * (K / 32));
-  block_sums(x.data_ptr<float>(), M, K, xs.data());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
-  const int q = static_cast<int>(qtype);
+  if (is_kq(q)) {
+    at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { kq_rows(xp, M, K, wp, q, yp, N, n0, n1); });
+    return y;
+  }
+  std::vector<float> xs(M * (K / 32));
+  block_sums(xp, M, K, xs.data());
   at::parallel_for(0, N, grain(N, M, K), [&](int64_t n0, int64_t n1) { gguf_rows(xp, xs.data(), M, K, wp, q, yp, N, n0, n1); });
   return y;
 }
 
 // Decode GGUF blocks [N, row bytes] of Q4_0 / Q4_1 / Q8_0 to float32 [N, K] (the prefill path).
 at::Tensor gguf_dequant(const at::Tensor& w_in, int64_t qtype) {
+  if (is_kq(static_cast<int>(qtype))) {
+    const int q = static_cast<int>(qtype);
+    TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1 && w_in.size(1) % kq_bytes(q) == 0,
+                "gguf_dequant: weight must be raw blocks [N, row bytes]");
+    at::Tensor w = w_in.contiguous();
+    const int64_t N = w.size(0), nb = w.size(1) / kq_bytes(q), V = kq_values(q), K = V * nb;
+    at::Tensor out = at::empty({N, K}, at::TensorOptions().dtype(at::kFloat));
+    const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
+    float* op = out.data_ptr<float>();
+    at::parallel_for(0, N * nb, 64, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) decode_kq(wp + b * kq_bytes(q), q, op + b * V);
+    });
+    return out;
+  }
   TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0, "gguf_dequant: unsupported type ", qtype);
   TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1 && w_in.size(1) % block_bytes(qtype) == 0,
               "gguf_dequant: weight must be raw blocks [N, row bytes]");
