@@ -9,8 +9,9 @@ In fresh processes (peak RSS is per process):
    bytes, batch-1 greedy decode (step time, and the head's share timed apart: per-layer time =
    (step - head) / 2), bytes read per token and the fraction of the bandwidth probe reached;
 2. storage precision, plain-torch kernel references (MOEFLASH_KERNELS=torch): the same greedy tokens?
-Then the measured per-layer time goes into the planner (`--layer-ms`) for the real 43-layer V4-Flash
-on this machine's profile with enough RAM, beside the planner's own model.
+Then the measured per-layer time goes into the planner (`--layer-ms`, with the measured head as
+`--head-ms`: the head is the same size at any depth) for the real 43-layer V4-Flash on this machine's
+profile with enough RAM, beside the planner's own model.
 
     python bench/flash_layers.py --threads 2 [--tokens 8]
 """
@@ -101,14 +102,14 @@ def main() -> None:
     from moeflash.plan.planner import PlanInputs, plan
 
     hw = get_profile("cpu-2c").replace(memory_gib=256.0)
-    pl = plan(PlanInputs(model="v4-flash", context=4096, layer_ms=native["layer_ms"]), hw)
+    pl = plan(PlanInputs(model="v4-flash", context=4096, layer_ms=native["layer_ms"], head_ms=native["head_ms"]), hw)
     d = pl["decode"]["batch_1"]
     out["planner_v4_flash_43_layers"] = {
         "profile": "cpu-2c with 256 GiB (everything resident)",
         "modelled_tokens_per_s": d["expected_tokens_per_s"], "modelled_step_ms": d["time_ms"]["step"],
         "from_measured_layer": d["from_measured_layer"],
         "command": f"moeflash plan --model v4-flash --hardware cpu-2c --memory 256 --context 4096 "
-                   f"--layer-ms {native['layer_ms']:.2f}"}
+                   f"--layer-ms {native['layer_ms']:.2f} --head-ms {native['head_ms']:.2f}"}
     out["machine"] = machine_info()
     print_json(rounded(out))
 

@@ -83,6 +83,15 @@ def smollm2(args) -> dict:
             log(f"[smollm2] writing {files[q]}")
             BENCH_DIR.mkdir(parents=True, exist_ok=True)
             requantize(src, files[q], q)
+    files["Q4_K_M"] = BENCH_DIR / "smollm2-q4_k_m.gguf"  # llama.cpp's own quantizer: Q5_0 / Q8_0 / Q4_K / Q6_K
+    if not files["Q4_K_M"].exists():
+        import llama_cpp
+
+        log(f"[smollm2] writing {files['Q4_K_M']} (llama_model_quantize)")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.nthread = 15, 2  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+        if llama_cpp.llama_model_quantize(str(files["F16"]).encode(), str(files["Q4_K_M"]).encode(), params):
+            raise RuntimeError("llama_model_quantize failed")
     vocab = 49152
     prompt = random_tokens(vocab, args.prompt, args.seed)
     long_prompt = random_tokens(vocab, args.prefill, args.seed + 1)
@@ -93,20 +102,21 @@ def smollm2(args) -> dict:
         out["moeflash"][dtype] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
         del model
         gc.collect()
-    for q in ("Q4_1", "Q8_0"):  # the same file as llama.cpp, held packed (fp32 compute)
+    for q in ("Q4_1", "Q8_0", "Q4_K_M"):  # the same file as llama.cpp, held packed (fp32 compute)
         log(f"[smollm2] moeflash {q} packed")
         model, _ = load_gguf_model(files[q], "float32")
         out["moeflash"][f"{q} packed"] = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup,
                                                                      args.tokens)
         del model
         gc.collect()
-    for q in ("F16", "Q8_0", "Q4_1"):
+    for q in ("F16", "Q8_0", "Q4_1", "Q4_K_M"):
         log(f"[smollm2] llama.cpp {q}")
         out["llama.cpp"][q] = bench_llama_cpp(files[q], prompt.tolist(), long_prompt.tolist(), args.warmup,
                                               args.tokens, torch.get_num_threads())
     mf = out["moeflash"]
     out["ratios"] = {"Q4_1_packed_vs_Q4_1": ratios(mf["Q4_1 packed"], out["llama.cpp"]["Q4_1"]),
                      "Q8_0_packed_vs_Q8_0": ratios(mf["Q8_0 packed"], out["llama.cpp"]["Q8_0"]),
+                     "Q4_K_M_packed_vs_Q4_K_M": ratios(mf["Q4_K_M packed"], out["llama.cpp"]["Q4_K_M"]),
                      "bf16_vs_F16": ratios(mf["bfloat16"], out["llama.cpp"]["F16"]),
                      "bf16_vs_Q8_0": ratios(mf["bfloat16"], out["llama.cpp"]["Q8_0"]),
                      "bf16_vs_Q4_1": ratios(mf["bfloat16"], out["llama.cpp"]["Q4_1"]),

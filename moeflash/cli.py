@@ -483,7 +483,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             price_per_hour=args.price_per_hour, utilization=args.utilization, tokens_per_day=args.tokens_per_day,
             output_share=args.output_share, mtp=args.mtp, decode_efficiency=args.efficiency,
             prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead,
-            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms)
+            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms, head_ms=args.head_ms)
         result = plan(inputs, hw)
         if args.plot:
             plot_plan(result, inputs, hw, args.plot)
@@ -626,6 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--layer-ms", type=float, default=None,
                         help="measured batch-1 decode ms of one layer at real size (bench/flash_layers.py): adds an "
                              "estimate from it beside the modelled one")
+    p_plan.add_argument("--head-ms", type=float, default=None,
+                        help="with --layer-ms: the measured rest of the step (LM head, final norm), else modelled")
     p_plan.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
                         help="routed-expert budget in fast memory (default: all that fits)")
     p_plan.add_argument("--hit-rate", type=float, default=None,

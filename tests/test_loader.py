@@ -187,6 +187,7 @@ def test_open_and_names_read_no_tensor_data(tmp_path, monkeypatch):
         raise AssertionError("tensor data was read")
 
     monkeypatch.setattr(L, "safe_open", no_data)
+    monkeypatch.setattr(L, "pread_exact", no_data)
     ckpt = Checkpoint.open(folder)
     assert sorted(ckpt.names()) == sorted(want)
     assert all(ckpt.shape(n) == tuple(v.shape) for n, v in want.items())
@@ -199,7 +200,7 @@ def test_open_and_names_read_no_tensor_data(tmp_path, monkeypatch):
     ckpt.get("layers.0.ffn.experts.1.w2.weight")
     assert ckpt.reads == 2  # weight + scale, and only their shards were opened
     info = ckpt.info("layers.0.ffn.experts.1.w2.weight")
-    assert set(ckpt._handles) == {info.source.file, info.scale.file} and len(ckpt.files) == 3
+    assert set(ckpt._fds) == {info.source.file, info.scale.file} and len(ckpt.files) == 3
 
 
 # -- errors ------------------------------------------------------------------------------------------
@@ -340,3 +341,45 @@ def test_load_into_module_on_meta_and_cpu(official):
             assert sd[name].device.type == "cpu"
             assert torch.equal(sd[name], value.to(sd[name].dtype))
             assert sd[name].dtype == (torch.float32 if value.is_floating_point() else value.dtype)
+
+
+def test_contiguous_span():
+    from moeflash.weights.loader import contiguous_span
+
+    assert contiguous_span((4, 6, 8), None) == (0, 192, (4, 6, 8))
+    assert contiguous_span((4, 6, 8), (2,)) == (96, 48, (6, 8))
+    assert contiguous_span((4, 6, 8), (2, slice(1, 3))) == (96 + 8, 16, (2, 8))
+    assert contiguous_span((4, 6, 8), (slice(1, 3),)) == (48, 96, (2, 6, 8))
+    assert contiguous_span((4, 6, 8), (-1,)) == (144, 48, (6, 8))
+    assert contiguous_span((4, 6, 8), (slice(0, 4, 2),)) is None  # strided: not one run
+    assert contiguous_span((4, 6, 8), (slice(0, 2), 1)) is None  # an index after a slice
+    assert contiguous_span((4, 6, 8), (4,)) is None
+
+
+def test_reads_equal_safetensors_and_leave_no_mapping(tmp_path):
+    """Checkpoint reads (pread) equal safetensors' own reads, whole and sliced, for every dtype the
+    official format uses; while the checkpoint is open, no mapping of its file is in the process."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from moeflash.weights.loader import Checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(6, 5, 4, generator=g), "b": torch.randn(7, 3, generator=g).bfloat16(),
+               "c": torch.randint(-128, 127, (5, 8), generator=g, dtype=torch.int8),
+               "d": torch.randn(4, 4, generator=g).to(torch.float8_e4m3fn),
+               "e": torch.randint(0, 255, (3, 2), generator=g, dtype=torch.uint8).view(torch.float8_e8m0fnu),
+               "f": torch.arange(6, dtype=torch.int64)}
+    path = tmp_path / "m.safetensors"
+    save_file(tensors, str(path))
+    ck = Checkpoint.open(path)
+    whole = {name: ck._read(ck.tensors[name]) for name in tensors}
+    indices = ((2,), (2, slice(1, 4)), (slice(1, 3),))
+    sliced = [ck._read(ck.tensors["a"], index) for index in indices]
+    assert str(path) not in open("/proc/self/maps").read()
+    ck.close()
+    with safe_open(str(path), framework="pt") as ref:
+        for name in tensors:
+            assert torch.equal(whole[name].view(torch.uint8), ref.get_tensor(name).view(torch.uint8)), name
+        for index, got in zip(indices, sliced):
+            assert torch.equal(got, ref.get_slice("a")[index]), index

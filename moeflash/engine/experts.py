@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..model.layers import clamped_swiglu
 from ..kernels import fp4_linear
+from ..weights.loader import TORCH_DTYPES, pread_exact
 from ..weights.quant import dequant_fp8
 from .expert_policy import make_policy
 
@@ -46,8 +47,6 @@ def _unmap_large_frees() -> None:
         pass
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "I8": torch.int8,
-              "U8": torch.uint8, "F8_E4M3": torch.float8_e4m3fn, "F8_E8M0": torch.float8_e8m0fnu}
 _PARTS = ("w1", "w2", "w3")
 
 
@@ -88,20 +87,13 @@ class DiskExperts:
             fd = os.open(t.file, os.O_RDONLY)
             self._fds[t.file] = fd
             self._data_start[t.file] = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
-        if t.dtype not in _ST_DTYPES:
+        if t.dtype not in TORCH_DTYPES:
             raise ValueError(f"expert tensor {t.name} has dtype {t.dtype}, which the expert store cannot read")
-        return _Span(self._fds[t.file], self._data_start[t.file] + t.start, t.end - t.start, _ST_DTYPES[t.dtype],
+        return _Span(self._fds[t.file], self._data_start[t.file] + t.start, t.end - t.start, TORCH_DTYPES[t.dtype],
                      t.shape)
 
     def _read(self, s: _Span) -> torch.Tensor:
-        buf = bytearray(s.nbytes)
-        view = memoryview(buf)
-        got = 0
-        while got < s.nbytes:
-            n = os.preadv(s.fd, [view[got:]], s.offset + got)
-            if n <= 0:
-                raise OSError(f"short read of an expert tensor at offset {s.offset + got}")
-            got += n
+        buf = pread_exact(s.fd, s.offset, s.nbytes)
         if self.drop_page_cache and hasattr(os, "posix_fadvise"):
             os.posix_fadvise(s.fd, s.offset, s.nbytes, os.POSIX_FADV_DONTNEED)
         return torch.frombuffer(buf, dtype=s.dtype).view(s.shape) if s.nbytes else torch.empty(s.shape, dtype=s.dtype)

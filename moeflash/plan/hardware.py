@@ -98,8 +98,9 @@ CPU_2C_MEASURED = dict(
     decode_efficiency=0.229,  # a decode step's bytes / time beyond overhead, over read_gbps (width-640 model)
     prefill_efficiency=0.365,  # prefill FLOP/s over bf16_tflops (width-640 model, 512 tokens)
     engine=EngineCosts(layer_ms=1.433, seq_layer_ms=0.465, group_us=3.85, expert_call_us=32.7,
-                       fp4_gweights_per_s=0.214, store_layer_ms=0.435, miss_gbps=0.577, runtime_gib=0.217,
-                       source="bench/plan_vs_measured.py --calibrate, 2026-11-29, this 2-vCPU box"),
+                       fp4_gweights_per_s=24.7, store_layer_ms=0.435, miss_gbps=0.577, runtime_gib=0.217,
+                       source="bench/plan_vs_measured.py --calibrate, 2026-11-29, this 2-vCPU box; "
+                              "fp4_gweights_per_s: probe_fp4_decode (the native FP4 kernel), 2026-11-30"),
 )
 
 _GPU_DECODE_SRC = ("0.35 = gpt-fast's Mixtral-8x7B int8 on one A100-80GB (github.com/pytorch-labs/gpt-fast, "

@@ -408,6 +408,7 @@ class PlanInputs:
     overhead: bool = True                 # add moeflash's measured CPU per-step overhead
     compute_dtype: str | None = None      # bf16 / fp32 for an fp8 model's other tensors (None: as the loader's auto)
     layer_ms: float | None = None         # measured batch-1 decode time of one layer (bench/flash_layers.py)
+    head_ms: float | None = None          # measured time of the rest of a step (head, final norm; same at any depth)
 
 
 def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
@@ -444,6 +445,8 @@ def _check_inputs(inp: PlanInputs, config: ModelConfig, hw: Hardware) -> None:
 
     if inp.layer_ms is not None and not inp.layer_ms > 0:
         bad(f"--layer-ms must be > 0 (milliseconds per layer per decode step), got {inp.layer_ms}")
+    if inp.head_ms is not None and (inp.layer_ms is None or not inp.head_ms >= 0):
+        bad(f"--head-ms needs --layer-ms and must be >= 0, got {inp.head_ms}")
     if not isinstance(inp.context, int) or inp.context < 1:
         bad(f"--context must be a positive number of tokens, got {inp.context}")
     if inp.context > config.max_position_embeddings:
@@ -657,11 +660,11 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
         # A measured layer (at real layer sizes, all experts resident) replaces the per-layer model; the
         # head, final norm and hyper head are still modelled (their bytes at the decode efficiency).
         head_b = s["components"]["head (+ final norm, hyper head)"]["bytes"] + s["embed_row_bytes"]
-        head_ms = 1e3 * head_b / (dev_bw * dec_eff)
+        head_ms = inp.head_ms if inp.head_ms is not None else 1e3 * head_b / (dev_bw * dec_eff)
         step_ms = c.num_hidden_layers * inp.layer_ms + head_ms
         dec1["from_measured_layer"] = {"layer_ms": inp.layer_ms, "layers": c.num_hidden_layers,
-                                       "head_ms_modelled": head_ms, "step_ms": step_ms,
-                                       "tokens_per_s": 1e3 / step_ms}
+                                       "head_ms": head_ms, "head_measured": inp.head_ms is not None,
+                                       "step_ms": step_ms, "tokens_per_s": 1e3 / step_ms}
         if rest:
             notes.append("--layer-ms was measured with every expert resident; this plan has experts in a lower "
                          "tier, so the measured-layer estimate is an upper bound")

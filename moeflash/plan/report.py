@@ -102,7 +102,8 @@ def format_plan(p: dict) -> str:
     ml = p["decode"]["batch_1"].get("from_measured_layer")
     if ml:
         out.append(f"  from the measured layer: {ml['layers']} x {ml['layer_ms']:.2f} ms + head "
-                   f"{ml['head_ms_modelled']:.2f} ms (modelled) = {ml['step_ms']:.1f} ms/step, "
+                   f"{ml['head_ms']:.2f} ms ({'measured' if ml['head_measured'] else 'modelled'}) = "
+                   f"{ml['step_ms']:.1f} ms/step, "
                    f"{ml['tokens_per_s']:.2f} tok/s at batch 1")
     pf = p["prefill"]
     out.append("")

@@ -1,10 +1,12 @@
-"""Lazy, memory-mapped access to safetensors checkpoints under moeflash's internal tensor names.
+"""Lazy access to safetensors checkpoints under moeflash's internal tensor names.
 
 A checkpoint is one `*.safetensors` file, a folder of them, or a folder with
 `model.safetensors.index.json` (shards listed in its `weight_map`). Opening one reads only the
 headers: each is checked against the file size first, so a truncated download is reported by name
-instead of surfacing later as garbage from mmap. Tensor data is read (through `safetensors.safe_open`)
-only when `Checkpoint.get` asks for it, and a routed expert inside a merged HF tensor is read alone.
+instead of surfacing later as garbage. Tensor data is read only when `Checkpoint.get` asks for it, with
+pread into memory the process owns (a routed expert inside a merged HF tensor alone), so no mapping of
+the files lingers in resident memory while a model loads; dtypes pread does not know go through
+`safetensors.safe_open`.
 
 `get` returns tensors under the INTERNAL (= official DeepSeek) names of `names.py`, decoding FP8 / FP4
 weights that have a companion scale (`X.scale`, or HF `X.weight_scale_inv` / `..._proj_scale_inv`).
@@ -15,6 +17,7 @@ reports every problem with the tensor, the file and the expected shape.
 from __future__ import annotations
 
 import json
+import os
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,11 @@ _DTYPE_BITS = {
     "U16": 16, "I16": 16, "F16": 16, "BF16": 16, "U32": 32, "I32": 32, "F32": 32,
     "U64": 64, "I64": 64, "F64": 64, "C64": 64, "F4": 4,
 }
+# safetensors dtype -> torch dtype, for the tensors read with pread (others go through safe_open)
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+                "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+                "F8_E8M0": torch.float8_e8m0fnu}
 _FP8_DTYPES = ("F8_E4M3",)
 _FP4_DTYPES = ("I8", "U8", "F4")
 _SCALE_DTYPES = ("F8_E8M0", "U8", "F32", "BF16", "F16")
@@ -79,6 +87,42 @@ class TensorInfo:
     @property
     def file(self) -> Path:
         return self.source.file
+
+
+def contiguous_span(shape: tuple[int, ...], index: tuple | None) -> tuple[int, int, tuple[int, ...]] | None:
+    """(first element, element count, result shape) of `tensor[index]` when it is one contiguous run of
+    a row-major tensor: leading integer indices, then at most one step-1 slice; None otherwise."""
+    index = index or ()
+    first, dims = 0, list(shape)
+    strides = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+    out_shape: list[int] = []
+    for k, ix in enumerate(index):
+        if isinstance(ix, int) and not out_shape:
+            if not -shape[k] <= ix < shape[k]:
+                return None
+            first += (ix % shape[k]) * strides[k]
+        elif isinstance(ix, slice) and not out_shape and ix.step in (None, 1):
+            a, b, _ = ix.indices(shape[k])
+            first += a * strides[k]
+            out_shape.append(max(0, b - a))
+        else:
+            return None
+    rest = dims[len(index):]
+    out = tuple(out_shape + rest)
+    return first, math.prod(out), out
+
+
+def pread_exact(fd: int, offset: int, nbytes: int) -> bytearray:
+    """Exactly `nbytes` from `fd` at `offset` (OSError on a short file)."""
+    buf = bytearray(nbytes)
+    view = memoryview(buf)
+    got = 0
+    while got < nbytes:
+        n = os.preadv(fd, [view[got:]], offset + got)
+        if n <= 0:
+            raise OSError(f"short read at offset {offset + got} ({got} of {nbytes} bytes)")
+        got += n
+    return buf
 
 
 def read_header(path: Path) -> dict[str, StoredTensor]:
@@ -223,6 +267,7 @@ class Checkpoint:
         self.tensors = tensors  # stored name -> header entry
         self.reads = 0  # tensors read from disk so far
         self._handles: dict[Path, object] = {}
+        self._fds: dict[Path, tuple[int, int]] = {}
         self._scales: dict[str, StoredTensor] = {}  # stored weight name -> its stored scale
         for name in tensors:
             target = _scale_target(name, tensors)
@@ -371,10 +416,33 @@ class Checkpoint:
                 raise CheckpointError(f"cannot open {file} as safetensors: {e}") from e
         return self._handles[file]
 
+    def _fd(self, file: Path) -> tuple[int, int]:
+        """(file descriptor, offset of the data section) for pread."""
+        if file not in self._fds:
+            fd = os.open(file, os.O_RDONLY)
+            self._fds[file] = (fd, 8 + int.from_bytes(os.pread(fd, 8, 0), "little"))
+        return self._fds[file]
+
+    def _pread(self, t: StoredTensor, index: tuple | None) -> torch.Tensor | None:
+        """The tensor (or a contiguous slice: leading integer indices, then at most one step-1 slice)
+        read with pread into memory this process owns: no mapping of the file lingers in its
+        resident memory. None where that does not apply (then safe_open reads it)."""
+        dtype = TORCH_DTYPES.get(t.dtype)
+        span = contiguous_span(t.shape, index)
+        if dtype is None or span is None:
+            return None
+        first, count, shape = span
+        item = torch.empty((), dtype=dtype).element_size()
+        fd, base = self._fd(t.file)
+        return torch.frombuffer(pread_exact(fd, base + t.start + first * item, count * item), dtype=dtype).view(shape) \
+            if count else torch.empty(shape, dtype=dtype)
+
     def _read(self, t: StoredTensor, index: tuple | None = None) -> torch.Tensor:
         try:
-            h = self._handle(t.file)
-            out = h.get_tensor(t.name) if index is None else h.get_slice(t.name)[index]
+            out = self._pread(t, index)
+            if out is None:
+                h = self._handle(t.file)
+                out = h.get_tensor(t.name) if index is None else h.get_slice(t.name)[index]
         except CheckpointError:
             raise
         except Exception as e:
@@ -446,6 +514,9 @@ class Checkpoint:
     def close(self) -> None:
         """Drop the open file handles (and their memory maps)."""
         self._handles.clear()
+        for fd, _ in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> Checkpoint:
         return self
