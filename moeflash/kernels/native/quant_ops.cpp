@@ -534,9 +534,18 @@ void fp4_decode(const uint8_t* w, const uint8_t* s, int64_t K, int64_t n0, int64
 // For the 4-bit types a block's product is d * sum(q x) + m * sum(x) (Q4_0: m = -8 d), with sum(x) per
 // block computed once per call.
 
-constexpr int GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q8_0 = 8;
+constexpr int GGML_Q4_0 = 2, GGML_Q4_1 = 3, GGML_Q5_0 = 6, GGML_Q8_0 = 8;
 
-inline int64_t block_bytes(int qtype) { return qtype == GGML_Q4_0 ? 18 : qtype == GGML_Q4_1 ? 20 : 34; }
+inline int64_t block_bytes(int qtype) {
+  return qtype == GGML_Q4_0 ? 18 : qtype == GGML_Q4_1 ? 20 : qtype == GGML_Q5_0 ? 22 : 34;
+}
+// where a 4-bit type's nibbles start; Q5_0 keeps each value's fifth bit in the 32-bit word at byte 2
+inline int qs_offset(int qtype) { return qtype == GGML_Q4_1 ? 4 : qtype == GGML_Q5_0 ? 6 : 2; }
+inline uint32_t q5_high(const uint8_t* blk) {
+  uint32_t h;
+  std::memcpy(&h, blk + 2, 4);
+  return h;
+}
 
 inline float half_at(const uint8_t* p) {
   uint16_t h;
@@ -546,7 +555,7 @@ inline float half_at(const uint8_t* p) {
 
 inline void q4_dm(const uint8_t* blk, int qtype, float& d, float& m) {
   d = half_at(blk);
-  m = qtype == GGML_Q4_1 ? half_at(blk + 2) : -8.0f * d;
+  m = qtype == GGML_Q4_1 ? half_at(blk + 2) : (qtype == GGML_Q5_0 ? -16.0f : -8.0f) * d;
 }
 
 __attribute__((target("avx2,fma,f16c"))) inline float half_f16c(const uint8_t* p) {
@@ -557,7 +566,7 @@ __attribute__((target("avx2,fma,f16c"))) inline float half_f16c(const uint8_t* p
 
 __attribute__((target("avx2,fma,f16c"))) inline void q4_dm_f16c(const uint8_t* blk, int qtype, float& d, float& m) {
   d = half_f16c(blk);
-  m = qtype == GGML_Q4_1 ? half_f16c(blk + 2) : -8.0f * d;
+  m = qtype == GGML_Q4_1 ? half_f16c(blk + 2) : (qtype == GGML_Q5_0 ? -16.0f : -8.0f) * d;
 }
 
 void block_sums(const float* x, int64_t M, int64_t K, float* out) {
@@ -587,10 +596,11 @@ void gguf_rows_scalar(const float* x, const float* xs, int64_t M, int64_t K, con
         } else {
           float d, m;
           q4_dm(blk, qtype, d, m);
-          const uint8_t* q = blk + (qtype == GGML_Q4_1 ? 4 : 2);
+          const uint8_t* q = blk + qs_offset(qtype);
+          const uint32_t h = qtype == GGML_Q5_0 ? q5_high(blk) : 0;
           for (int j = 0; j < 16; ++j) {
-            p = std::fma(static_cast<float>(q[j] & 0xF), xr[b * 32 + j], p);
-            p = std::fma(static_cast<float>(q[j] >> 4), xr[b * 32 + 16 + j], p);
+            p = std::fma(static_cast<float>((q[j] & 0xF) | (((h >> j) & 1) << 4)), xr[b * 32 + j], p);
+            p = std::fma(static_cast<float>((q[j] >> 4) | (((h >> (j + 16)) & 1) << 4)), xr[b * 32 + 16 + j], p);
           }
           acc = std::fma(p, d, acc);
           acc = std::fma(m, xs[i * nb + b], acc);
@@ -618,9 +628,16 @@ AVX512_TARGET inline void gguf_row_avx512(const float* x, const float* xs, int64
       q1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 18))));
     } else {
       q4_dm_f16c(blk, qtype, d, m);
-      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + (qtype == GGML_Q4_1 ? 4 : 2))));
-      q0 = _mm512_cvtepi32_ps(_mm512_and_si512(v, fifteen));
-      q1 = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
+      const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + qs_offset(qtype))));
+      __m512i lo = _mm512_and_si512(v, fifteen), hi = _mm512_srli_epi32(v, 4);
+      if (qtype == GGML_Q5_0) {  // fifth bits: lane j of the low half gets bit j, of the high half bit 16 + j
+        const uint32_t h = q5_high(blk);
+        const __m512i sixteen = _mm512_set1_epi32(16);
+        lo = _mm512_mask_add_epi32(lo, static_cast<__mmask16>(h & 0xFFFF), lo, sixteen);
+        hi = _mm512_mask_add_epi32(hi, static_cast<__mmask16>(h >> 16), hi, sixteen);
+      }
+      q0 = _mm512_cvtepi32_ps(lo);
+      q1 = _mm512_cvtepi32_ps(hi);
     }
     const __m512 dv = _mm512_set1_ps(d);
     const int c = b & 1;
@@ -653,11 +670,20 @@ __attribute__((target("avx2,fma,f16c"))) inline void gguf_row_avx2(const float* 
         q[h] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(blk + 2 + 8 * h))));
     } else {
       q4_dm_f16c(blk, qtype, d, m);
-      const uint8_t* qs = blk + (qtype == GGML_Q4_1 ? 4 : 2);
+      const uint8_t* qs = blk + qs_offset(qtype);
+      const uint32_t qh = qtype == GGML_Q5_0 ? q5_high(blk) : 0;
+      const __m256i lane_bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
       for (int h = 0; h < 2; ++h) {
         const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * h)));
-        q[h] = _mm256_cvtepi32_ps(_mm256_and_si256(v, fifteen));      // elements 8h .. 8h+7
-        q[2 + h] = _mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4));       // elements 16+8h .. 16+8h+7
+        __m256i lo = _mm256_and_si256(v, fifteen), hi = _mm256_srli_epi32(v, 4);
+        if (qtype == GGML_Q5_0) {  // bit (8h + lane) for the low nibbles, bit (16 + 8h + lane) for the high
+          const __m256i bl = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((qh >> (8 * h)) & 0xFF)), lane_bit);
+          const __m256i bh = _mm256_and_si256(_mm256_set1_epi32(static_cast<int>((qh >> (16 + 8 * h)) & 0xFF)), lane_bit);
+          lo = _mm256_add_epi32(lo, _mm256_and_si256(_mm256_cmpeq_epi32(bl, lane_bit), _mm256_set1_epi32(16)));
+          hi = _mm256_add_epi32(hi, _mm256_and_si256(_mm256_cmpeq_epi32(bh, lane_bit), _mm256_set1_epi32(16)));
+        }
+        q[h] = _mm256_cvtepi32_ps(lo);      // elements 8h .. 8h+7
+        q[2 + h] = _mm256_cvtepi32_ps(hi);  // elements 16+8h .. 16+8h+7
       }
     }
     const __m256 dv = _mm256_set1_ps(d);
@@ -692,17 +718,17 @@ void gguf_rows(const float* x, const float* xs, int64_t M, int64_t K, const uint
   }
 }
 
-// ---- GGUF K-quants, Q5_0 and MXFP4: Q5_0 (32: fp16 d, 32 high bits, 16 bytes of nibbles; d * (q - 16)), Q4_K (super-blocks of 256: fp16 d and dmin, 12 bytes of 6-bit scales and
+// ---- GGUF K-quants and MXFP4: Q4_K (super-blocks of 256: fp16 d and dmin, 12 bytes of 6-bit scales and
 // mins for 8 sub-blocks of 32, 128 bytes of nibbles), Q6_K (256: 128 bytes low nibbles, 64 bytes high
 // 2-bit pairs, 16 int8 scales, fp16 d) and MXFP4 (32: an E8M0 byte, 16 bytes of e2m1 codes, ggml's doubled
 // table with a halved scale). A block is decoded into fp32 (the values ggml decodes) once per call and
 // dotted with every input row: 16 independent lane sums per row in a fixed order, reduced at the end, so
 // a row's result does not depend on M.
 
-constexpr int GGML_Q5_0 = 6, GGML_Q4_K = 12, GGML_Q6_K = 14, GGML_MXFP4 = 39;
-inline bool is_kq(int q) { return q == GGML_Q5_0 || q == GGML_Q4_K || q == GGML_Q6_K || q == GGML_MXFP4; }
-inline int kq_values(int q) { return q == GGML_Q4_K || q == GGML_Q6_K ? 256 : 32; }
-inline int kq_bytes(int q) { return q == GGML_Q4_K ? 144 : q == GGML_Q6_K ? 210 : q == GGML_Q5_0 ? 22 : 17; }
+constexpr int GGML_Q4_K = 12, GGML_Q6_K = 14, GGML_MXFP4 = 39;
+inline bool is_kq(int q) { return q == GGML_Q4_K || q == GGML_Q6_K || q == GGML_MXFP4; }
+inline int kq_values(int q) { return q == GGML_MXFP4 ? 32 : 256; }
+inline int kq_bytes(int q) { return q == GGML_Q4_K ? 144 : q == GGML_Q6_K ? 210 : 17; }
 
 __attribute__((always_inline)) inline void decode_kq(const uint8_t* b, int q, float* o) {
   if (q == GGML_Q4_K) {
@@ -734,15 +760,6 @@ __attribute__((always_inline)) inline void decode_kq(const uint8_t* b, int q, fl
           }
         }
       }
-  } else if (q == GGML_Q5_0) {
-    const float d = half_at(b);
-    uint32_t qh;
-    std::memcpy(&qh, b + 2, 4);
-    const uint8_t* qs = b + 6;
-    for (int j = 0; j < 16; ++j) {
-      o[j] = d * static_cast<float>(static_cast<int>((qs[j] & 0xF) | (((qh >> j) & 1) << 4)) - 16);
-      o[16 + j] = d * static_cast<float>(static_cast<int>((qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4)) - 16);
-    }
   } else {
     static const float kv[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
     const float d = std::ldexp(1.0f, static_cast<int>(b[0]) - 128);
@@ -934,7 +951,8 @@ at::Tensor bf16_linear(const at::Tensor& x_in, const at::Tensor& w_in) {
 }
 
 at::Tensor gguf_linear(const at::Tensor& x_in, const at::Tensor& w_in, int64_t qtype) {
-  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0 || is_kq(static_cast<int>(qtype)),
+  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q5_0 || qtype == GGML_Q8_0 ||
+                  is_kq(static_cast<int>(qtype)),
               "gguf_linear: type ", qtype, " is not Q4_0 (2), Q4_1 (3), Q5_0 (6), Q8_0 (8), Q4_K (12), Q6_K (14) or MXFP4 (39)");
   const int q = static_cast<int>(qtype);
   const int64_t bb = is_kq(q) ? kq_bytes(q) : block_bytes(q), bv = is_kq(q) ? kq_values(q) : 32;
@@ -975,7 +993,8 @@ at::Tensor gguf_dequant(const at::Tensor& w_in, int64_t qtype) {
     });
     return out;
   }
-  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q8_0, "gguf_dequant: unsupported type ", qtype);
+  TORCH_CHECK(qtype == GGML_Q4_0 || qtype == GGML_Q4_1 || qtype == GGML_Q5_0 || qtype == GGML_Q8_0,
+              "gguf_dequant: unsupported type ", qtype);
   TORCH_CHECK(w_in.dim() == 2 && w_in.element_size() == 1 && w_in.size(1) % block_bytes(qtype) == 0,
               "gguf_dequant: weight must be raw blocks [N, row bytes]");
   at::Tensor w = w_in.contiguous();
@@ -996,10 +1015,11 @@ at::Tensor gguf_dequant(const at::Tensor& w_in, int64_t qtype) {
         } else {
           float d, m;
           q4_dm(blk, q, d, m);
-          const uint8_t* qs = blk + (q == GGML_Q4_1 ? 4 : 2);
+          const uint8_t* qs = blk + qs_offset(q);
+          const uint32_t h = q == GGML_Q5_0 ? q5_high(blk) : 0;
           for (int j = 0; j < 16; ++j) {
-            o[j] = std::fma(d, static_cast<float>(qs[j] & 0xF), m);
-            o[16 + j] = std::fma(d, static_cast<float>(qs[j] >> 4), m);
+            o[j] = std::fma(d, static_cast<float>((qs[j] & 0xF) | (((h >> j) & 1) << 4)), m);
+            o[16 + j] = std::fma(d, static_cast<float>((qs[j] >> 4) | (((h >> (j + 16)) & 1) << 4)), m);
           }
         }
       }
