@@ -67,13 +67,14 @@ def test_outputs_identical_for_any_budget_and_policy(ckpt, reference, policy, ex
         store.close()
 
 
-def test_fp4_experts_stay_packed(tmp_path):
-    """An official-format checkpoint with FP4 experts: the cache holds them packed (4.25 bits), and the
-    outputs equal the all-in-memory model's, which decodes them at load."""
-    from moeflash.weights.quant import pack_fp4  # noqa: F401  (the official packing, via quant_fp4)
+@pytest.fixture(scope="module")
+def fp4_ckpt(tmp_path_factory):
+    """The tiny 16-expert model with its routed experts in the official FP4 format (packed codes + UE8M0
+    scales), other tensors fp32."""
     from safetensors.torch import load_file, save_file
 
-    path = save_checkpoint(randomize_(Transformer(CFG), seed=6), tmp_path / "fp4", torch.float32)
+    path = save_checkpoint(randomize_(Transformer(CFG), seed=6), tmp_path_factory.mktemp("fp4") / "fp4",
+                           torch.float32)
     for shard in path.glob("*.safetensors"):
         tensors = load_file(shard)
         for name in [n for n in tensors if ".ffn.experts." in n and n.endswith(".weight")]:
@@ -88,16 +89,48 @@ def test_fp4_experts_stay_packed(tmp_path):
         for name in [n for n in wm if ".ffn.experts." in n and n.endswith(".weight")]:
             wm[name[: -len(".weight")] + ".scale"] = wm[name]
         index.write_text(json.dumps(idx))
+    return path
+
+
+def test_fp4_experts_stay_packed(fp4_ckpt):
+    """An official-format checkpoint with FP4 experts: the cache holds them packed (4.25 bits) in the
+    slots of one slab that the fused kernel runs, and the outputs equal the all-in-memory model's."""
+    path = fp4_ckpt
     full, _ = load_model(path, dtype="float32")
     model, _ = load_model(path, dtype="float32", expert_memory=0.01)
     store = model.expert_store
     assert store.expert_bytes < 3 * CFG.hidden_size * CFG.moe_intermediate_size  # < 1 byte per weight
+    assert store.slab is not None and model.layers[1].ffn.slots is not None and model.layers[1].ffn.provider is None
     assert generate(model) == generate(full)
     assert full.layers[1].ffn.fp4  # all in memory: held packed too, as stored
     decoded, _ = load_model(path, dtype="float32", dequantize=True)
     assert generate(decoded) == generate(full)
     w = decoded.layers[1].ffn.experts[3].w1.weight
     assert torch.equal(dequant_fp4(*quant_fp4(w)), w)  # the loaded weights are FP4-exact
+    store.close()
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("experts", [1, 2, 7])
+def test_fp4_slab_smaller_than_one_call(fp4_ckpt, experts, prefetch):
+    """Budgets of 1, 2 and 7 FP4 experts while a 31-token prefill chunk uses up to 16 of one layer's
+    experts: experts evicted within a call run from the scratch slot, and logits equal the all-resident
+    model's to fp32 noise (only the order of each token's expert sum differs)."""
+    full, _ = load_model(fp4_ckpt, dtype="float32")
+    probe, _ = load_model(fp4_ckpt, dtype="float32", expert_memory=0.01)
+    one = probe.expert_store.expert_bytes
+    probe.expert_store.close()
+    model, _ = load_model(fp4_ckpt, dtype="float32", prefetch=prefetch, expert_memory=(experts + 0.5) * one / 2**30)
+    store = model.expert_store
+    assert store.capacity == experts and store.slab is not None
+    ids = torch.tensor(PROMPTS[1])
+    with torch.no_grad():
+        a = full.forward_tokens(ids, [full.new_seq_state()], [len(ids)])
+        b = model.forward_tokens(ids, [model.new_seq_state()], [len(ids)])
+    assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert generate(model, 8) == generate(full, 8)
+    st = store.stats()
+    assert st["evictions"] > 0 and st["resident"] <= experts
     store.close()
 
 

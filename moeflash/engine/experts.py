@@ -7,14 +7,16 @@ resident as fit; the next layer's experts are predicted and loaded on a backgrou
   page-cache hit, and the page cache never holds the model behind the budget's back.
 - **Resident tier**: at most `capacity = budget // expert_bytes` experts over all layers, chosen by a
   cache policy (`expert_policy.py`: LRU, LFU with decay, frequency-pinned). Official FP4 experts stay
-  FP4 in memory (4.25 bits per weight) and are decoded per use; others are held in the model dtype.
+  FP4 in memory (4.25 bits per weight), in slots of one preallocated slab (`FP4Slab`): a layer's
+  (token, expert) pairs then run in one fused kernel call over the slots (kernels.moe_fp4), as when
+  every expert is resident. Other experts are held in the model dtype and run one by one.
 - **Prefetch**: when layer i routes, layer i+1's router is applied to layer i's input (for hash layers
   the token ids give the answer exactly) and the predicted experts that are not resident are loaded on
   a background thread while layer i computes. Accuracy = predicted and used / used.
 - **Counters** per layer: hits, misses, evictions, bytes read from disk, prefetch loads and accuracy.
 
-The model never knows: the store plugs into each MoE layer's `provider` (expert weights on demand) and
-`on_route` (routing decisions) hooks. Outputs do not depend on the budget or the policy, only speed.
+The model never knows: the store plugs into each MoE layer's `provider` (expert weights on demand) or
+`slots` (expert ids -> slab slots, FP4) and `on_route` (routing decisions) hooks. Outputs do not depend on the budget or the policy, only speed.
 """
 
 from __future__ import annotations
@@ -144,6 +146,47 @@ class ResidentExpert:
         return self._linear(clamped_swiglu(gate, up, self.limit), "w2")
 
 
+class FP4Slab:
+    """Packed FP4 experts in `capacity` slots of four stacked buffers, laid out as a resident MoE holds
+    them (MoE.hold_fp4_: w1 and w3 codes stacked), so one fused kernel call runs any mix of slots.
+    Slots are assigned when an expert is installed and freed when it is evicted (under the store's lock)."""
+
+    def __init__(self, capacity: int, parts: dict):
+        (q1, s1, _), (q2, s2, _) = parts["w1"], parts["w2"]
+        inter = q1.shape[0]
+        n = capacity + 1  # the last slot is scratch: an expert the cache could not keep runs from there
+        self.q13 = torch.zeros(n, 2 * inter, q1.shape[1], dtype=torch.uint8)
+        self.s13 = torch.zeros(n, 2 * inter, s1.shape[1], dtype=torch.uint8)
+        self.q2 = torch.zeros(n, *q2.shape, dtype=torch.uint8)
+        self.s2 = torch.zeros(n, *s2.shape, dtype=torch.uint8)
+        self.free = list(range(capacity - 1, -1, -1))
+        self.scratch = capacity
+        self.inter = inter
+
+    @staticmethod
+    def holds(parts: dict) -> bool:
+        return all(fmt == "fp4" and s is not None and s.element_size() == 1 for _, s, fmt in parts.values())
+
+    def install(self, parts: dict, slot: int | None = None) -> int:
+        """Copy an expert's packed parts into a free slot (or `slot`); returns the slot."""
+        slot = self.free.pop() if slot is None else slot
+        with torch.no_grad():
+            for w, rows in (("w1", slice(0, self.inter)), ("w3", slice(self.inter, 2 * self.inter))):
+                q, sc, _ = parts[w]
+                self.q13[slot, rows] = q.view(torch.uint8)
+                self.s13[slot, rows] = sc.view(torch.uint8)
+            self.q2[slot] = parts["w2"][0].view(torch.uint8)
+            self.s2[slot] = parts["w2"][1].view(torch.uint8)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() for t in (self.q13, self.s13, self.q2, self.s2))
+
+
 @dataclass
 class LayerCounters:
     hits: int = 0
@@ -171,6 +214,7 @@ class ExpertStore:
         self.n_layers, self.n_experts = c.num_hidden_layers, c.n_routed_experts
         _unmap_large_frees()
         probe = ResidentExpert(self.disk.read((0, 0)), c.swiglu_limit, self.dtype)
+        del probe.parts
         self.expert_bytes = probe.nbytes
         capacity = self.budget_bytes // self.expert_bytes
         if capacity < 1:
@@ -178,7 +222,10 @@ class ExpertStore:
                              f"expert takes {self.expert_bytes / 2**20:.2f} MiB")
         self.capacity = min(capacity, self.n_layers * self.n_experts)
         self.policy = make_policy(self.policy_name, self.capacity, **self.policy_kw)
-        self.cache: dict[tuple[int, int], ResidentExpert] = {}
+        first = self.disk.read((0, 0))
+        self.slab = FP4Slab(self.capacity, first) if FP4Slab.holds(first) else None
+        # key -> ResidentExpert, or its slab slot (int) when the experts are FP4
+        self.cache: dict[tuple[int, int], ResidentExpert | int] = {}
         self.pending: dict[tuple[int, int], Future] = {}
         self.layers = [LayerCounters() for _ in range(self.n_layers)]
         self.tokens = 0
@@ -192,7 +239,10 @@ class ExpertStore:
         """Serve `model`'s routed experts from this store (its own expert weights are never read)."""
         self._gates = [layer.ffn.gate for layer in model.layers]
         for i, layer in enumerate(model.layers):
-            layer.ffn.provider = (lambda experts, e, i=i: self.get(i, e))
+            if self.slab is not None:
+                layer.ffn.slots = (lambda idx, i=i: self.slots(i, idx))
+            else:
+                layer.ffn.provider = (lambda experts, e, i=i: self.get(i, e))
             layer.ffn.on_route = (lambda x, ids, idx, i=i: self.route(i, x, ids, idx))
         model.expert_store = self
 
@@ -202,7 +252,35 @@ class ExpertStore:
         self.disk.close()
 
     # -- demand path ------------------------------------------------------------------------------
-    def get(self, layer: int, e: int) -> ResidentExpert:
+    def slots(self, layer: int, idx: torch.Tensor):
+        """For a layer's routed ids idx [N, k]: rounds of (slot ids [N, k], pair mask [N, k] or None,
+        slab buffers (q13, s13, q2, s2)) whose kernels.moe_fp4 results sum to the layer's output.
+
+        Normally one round: every used expert resident in its slot. When the budget is smaller than
+        one call's experts, a later miss can evict an expert fetched earlier in the same call; each
+        such expert then gets a round of its own from the scratch slot, written just before it runs."""
+        used = idx.unique().tolist()
+        got = {e: self.get(layer, e) for e in used}
+        with self._lock:
+            stale = [e for e in used if not isinstance(got[e], int) or self.cache.get((layer, e)) != got[e]]
+        s = self.slab
+        bufs = (s.q13, s.s13, s.q2, s.s2)
+        lut = torch.full((self.n_experts,), s.scratch, dtype=idx.dtype)
+        for e in used:
+            if e not in stale:
+                lut[e] = got[e]
+        slot_idx = lut[idx]
+        if not stale:
+            yield slot_idx, None, bufs
+            return
+        yield slot_idx, ~torch.isin(idx, torch.tensor(stale, dtype=idx.dtype)), bufs
+        for e in stale:
+            parts = got[e] if isinstance(got[e], dict) else self._read((layer, e))
+            s.install(parts, s.scratch)
+            yield torch.full_like(idx, s.scratch), idx == e, bufs
+
+    def get(self, layer: int, e: int) -> ResidentExpert | int:
+        """The resident expert (or its slab slot), loading it on a miss."""
         key = (layer, e)
         c = self.layers[layer]
         with self._lock:
@@ -220,21 +298,36 @@ class ExpertStore:
                     return expert
         else:
             c.misses += 1
-        expert = self._load(key)
+        parts = self._read(key)
         with self._lock:
-            if key in self.policy:
-                self.cache[key] = expert
-        return expert
+            return self._install(key, parts)
 
-    def _load(self, key: tuple[int, int]) -> ResidentExpert:
+    def _read(self, key: tuple[int, int]) -> dict:
         parts = self.disk.read(key)
         self.layers[key[0]].bytes_read += self.disk.expert_disk_bytes
-        return ResidentExpert(parts, self.config.swiglu_limit, self.dtype)
+        return parts
+
+    def _install(self, key: tuple[int, int], parts: dict) -> ResidentExpert | int:
+        """Make a read expert resident (called under the lock); kept only while the policy holds it.
+        Out of the policy (evicted while it was read) it is used once: a per-expert module as it is,
+        a slab expert as its parts (`slots` runs it from the scratch slot). A kept slab expert always
+        finds a free slot: the cache holds only keys of the policy, at most `capacity`, and not this one."""
+        if key in self.cache:
+            return self.cache[key]
+        if self.slab is not None and key not in self.policy:
+            return parts  # not kept: `slots` runs it from the scratch slot
+        expert = ResidentExpert(parts, self.config.swiglu_limit, self.dtype) if self.slab is None \
+            else self.slab.install(parts)
+        if key in self.policy:
+            self.cache[key] = expert
+        return expert
 
     def _drop(self, key) -> None:
         if key is None:
             return
-        self.cache.pop(key, None)
+        held = self.cache.pop(key, None)
+        if self.slab is not None and held is not None:
+            self.slab.release(held)
         self.pending.pop(key, None)
         self.layers[key[0]].evictions += 1
 
@@ -272,14 +365,13 @@ class ExpertStore:
                 self.policy.unprotect()
                 self.policy.protect(keep)
 
-    def _prefetched(self, key) -> ResidentExpert | None:
-        expert = self._load(key)
+    def _prefetched(self, key) -> ResidentExpert | int | None:
+        parts = self._read(key)
         with self._lock:
             self.pending.pop(key, None)
             if key in self.policy:
-                self.cache[key] = expert
-                return expert
-        return expert
+                return self._install(key, parts)
+        return None
 
     # -- observability ----------------------------------------------------------------------------
     def stats(self) -> dict:

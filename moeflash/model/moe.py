@@ -47,16 +47,18 @@ class Gate(nn.Module):
             self.register_buffer("bias", torch.zeros(config.n_routed_experts))
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim], ids [N] -> (weights [N, k], expert indices [N, k])."""
-        scores = score(F.linear(x, self.weight.to(x.dtype)), self.func)
+        """x [N, dim], ids [N] -> (weights [N, k] in x's dtype, expert indices [N, k]). Scores, the fp32
+        selection bias and the normalisation stay in fp32 whatever the compute dtype (as in DeepSeek's
+        reference), so a bf16 model routes as its fp32 scores say."""
+        scores = score(F.linear(x.float(), self.weight.float()), self.func)
         if self.is_hash:
             idx = self.tid2eid[ids]
         else:
-            idx = torch.topk(scores + self.bias.to(scores.dtype), self.top_k, dim=-1, sorted=False).indices
+            idx = torch.topk(scores + self.bias.float(), self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
         if self.normalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return w * self.scale, idx
+        return (w * self.scale).to(x.dtype), idx
 
 
 class MoE(nn.Module):
@@ -70,6 +72,9 @@ class MoE(nn.Module):
         self.shared_experts = (SwiGLU(config.hidden_size, config.moe_intermediate_size, config.swiglu_limit)
                                if config.n_shared_experts else None)
         self.provider = None  # optional callable (experts, e) -> module; see module docstring
+        # optional callable idx [N, k] -> rounds of (slot ids, pair mask or None, (q13, s13, q2, s2)): FP4
+        # experts served from slots of an expert store's slab, run by the same fused kernel
+        self.slots = None
         # optional callable (x [N, dim], ids [N], idx [N, k]) called after routing, before the experts
         # run: the expert store uses it to prefetch the next layer's experts and to record traces
         self.on_route = None
@@ -121,9 +126,16 @@ class MoE(nn.Module):
 
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for each row of flat [N, dim]; records `last_experts`."""
-        if self.fp4 and self.provider is None:  # every (token, expert) pair in one fused call
+        if self.fp4 and self.provider is None and self.slots is None:  # every (token, expert) pair, one call
             self.last_experts = torch.unique(idx)
             return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
+        if self.slots is not None:  # the same kernel over an expert store's slots
+            self.last_experts = torch.unique(idx)
+            out = None
+            for slot_idx, mask, bufs in self.slots(idx):
+                y = moe_fp4(flat, slot_idx, weights if mask is None else weights * mask, *bufs, self.limit)
+                out = y if out is None else out + y
+            return out.to(flat.dtype)
         out = torch.zeros_like(flat)
         if self.w13 is not None and self.provider is None:
             self._grouped(flat, weights, idx, out)
