@@ -14,7 +14,11 @@ skewed synthetic trace (Zipf 1.0 over experts per layer, 4 domains switching eve
 same shape; for each, hit rates per policy and Belady's optimum, and the tokens/s each would give
 (all-in-RAM ms/token + misses/token x expert bytes / disk bandwidth).
 
-    python bench/experts.py --threads 2
+With `--official` the same preset is written in DeepSeek's official format (FP8 dense, FP4 experts,
+`flash-shaped-official`, 0.41 GB of experts) and loaded with `--dtype auto` (fp32): the store then
+holds FP4 experts in the slots of its slab and runs them with the same fused kernel as all-in-RAM.
+
+    python bench/experts.py --threads 2 [--official --budgets 0.5 1.0 --policies lfu]
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def worker(cfg: dict) -> dict:
     kw = {}
     if cfg.get("budget") is not None:
         kw = dict(expert_memory=cfg["budget_gib"], expert_policy=cfg["policy"], prefetch=cfg["prefetch"])
-    model, _ = load_model(BENCH_DIR / PRESET, dtype="bfloat16", **kw)
+    model, _ = load_model(BENCH_DIR / cfg["dir"], dtype=cfg["dtype"], **kw)
     if not kw:  # all in RAM: read every weight once so no page faults land in the timed steps
         for p in model.parameters():
             p.data.view(-1)[:: max(1, 4096 // p.element_size())].float().sum()
@@ -117,6 +121,7 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=["lru", "lfu", "pinned"])
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--warmup", type=int, default=32)
+    p.add_argument("--official", action="store_true", help="the official FP8 / FP4 format (FP4 experts in the store)")
     add_common_args(p)
     args = p.parse_args()
     if args.worker:
@@ -127,12 +132,19 @@ def main() -> None:
     from moeflash.engine.expert_policy import read_trace, synthetic_trace
     from moeflash.engine.experts import disk_read_gbps
 
-    make_or_load(PRESET, "bfloat16")  # writes the checkpoint once
     cfg = ModelConfig.preset(PRESET)
     total = cfg.num_hidden_layers * cfg.n_routed_experts
-    expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * 2
-    base = {"threads": args.threads, "tokens": args.tokens, "warmup": args.warmup}
-    disk = disk_read_gbps(BENCH_DIR / PRESET)
+    params = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    if args.official:
+        ckpt, dtype, expert_bytes = f"{PRESET}-official", "auto", params // 2 + params // 32
+        if not (BENCH_DIR / ckpt / "config.json").exists():
+            subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", PRESET, "--official",
+                            "--out", str(BENCH_DIR / ckpt)], check=True, stdout=sys.stderr)
+    else:
+        make_or_load(PRESET, "bfloat16")  # writes the checkpoint once
+        ckpt, dtype, expert_bytes = PRESET, "bfloat16", params * 2
+    base = {"threads": args.threads, "tokens": args.tokens, "warmup": args.warmup, "dir": ckpt, "dtype": dtype}
+    disk = disk_read_gbps(BENCH_DIR / ckpt)
     log(f"[experts] cold disk read {disk:.2f} GB/s")
     trace_path = str(BENCH_DIR / f"{PRESET}.trace.jsonl")
     log("[experts] all in RAM (and recording a routing trace)")
@@ -152,7 +164,7 @@ def main() -> None:
     skewed = replays(synthetic_trace(6000, cfg.num_hidden_layers, cfg.n_routed_experts, cfg.num_experts_per_tok,
                                      zipf_s=1.0, seed=0), total, args.budgets, ms, expert_bytes, disk)
     ram.pop("trace", None)
-    print_json(rounded({"bench": "experts", "preset": PRESET, "dtype": "bfloat16", "routed_experts": total,
+    print_json(rounded({"bench": "experts", "preset": PRESET, "checkpoint": ckpt, "dtype": dtype, "routed_experts": total,
                         "expert_mib": expert_bytes / 2**20, "disk_cold_read_GBps": disk, "all_in_ram": ram,
                         "live": live, "replay_recorded_trace": recorded,
                         "replay_synthetic_zipf1_4domains": skewed, "machine": machine_info()}))
