@@ -265,7 +265,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     name = args.served_model_name or _default_name(args.model)
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                                      max_state_bytes=getattr(model, "state_budget_bytes", None)))
+                                      max_state_bytes=getattr(model, "state_budget_bytes", None),
+                                      batch_invariant=args.batch_invariant))
     # sampling defaults for requests that set none: the flags, else the model card's recommendation
     # for SmolLM2 (temperature 0.2, top_p 0.9; at OpenAI's 1.0 a 135M model rambles), else OpenAI's 1.0
     card = SMOLLM2_SAMPLING if args.model == "smollm2" else {}
@@ -555,6 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     v.add_argument("--served-model-name", default=None, help="the model id clients send (default: from --model)")
     v.add_argument("--max-num-seqs", type=int, default=16, help="requests advanced together per step")
+    v.add_argument("--batch-invariant", action="store_true",
+                   help="a request's tokens never depend on the other requests in flight (decode rows in "
+                        "calls of at most 16, prompt chunks alone; costs throughput above 16 streams)")
     v.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per step (prefill chunks)")
     v.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     v.add_argument("--price-input", type=float, default=0.0, help="$ per million prompt tokens (cache misses)")

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..kernels import ROW_KERNEL_MAX_ROWS
 from .detok import IncrementalDetokenizer
 from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
@@ -24,9 +25,14 @@ from .sequence import Logprob, RequestOutput, Sequence, Status
 class LLMEngine:
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
-                 max_state_bytes: int | None = None, num_threads: int | None = None):
+                 max_state_bytes: int | None = None, num_threads: int | None = None,
+                 batch_invariant: bool = False):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
-        `max_state_bytes` caps the sequence state held at once (admission waits when full)."""
+        `max_state_bytes` caps the sequence state held at once (admission waits when full).
+        `batch_invariant`: a request's tokens never depend on what else is running. A step's decode
+        rows then run in forward calls of at most ROW_KERNEL_MAX_ROWS rows (the kernels' row path, whose
+        result for a row does not depend on the other rows) and each prompt chunk in a call of its own,
+        never mixed; costs extra weight reads when more than 16 sequences decode or prompts arrive."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
@@ -35,6 +41,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or self.config.max_position_embeddings
         self.max_state_bytes = max_state_bytes
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
+        self.batch_invariant = batch_invariant
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._queues: dict[str, deque[RequestOutput]] = {}
@@ -122,9 +129,38 @@ class LLMEngine:
         if not plan:
             return []
         self.stats["steps"] += 1
+        logits, samplers = [], []
+        for group in self._groups(plan):
+            rows, seqs = self._forward(group)
+            if seqs:
+                logits.append(self.model.logits(rows).float())
+                samplers.extend(seqs)
+        outputs: list[RequestOutput] = []
+        if samplers:
+            results = sample(torch.cat(logits), [s.params for s in samplers], [s.generator for s in samplers],
+                             [s.prompt for s in samplers], [s.output for s in samplers])
+            for seq, res in zip(samplers, results):
+                outputs.append(self._append(seq, res))
+        for out in outputs:
+            if out.request_id in self._queues:
+                self._queues[out.request_id].append(out)
+        return outputs
+
+    def _groups(self, plan: list) -> list[list]:
+        """The forward calls of one step: all of it at once, or (batch_invariant) decode rows in calls
+        of at most ROW_KERNEL_MAX_ROWS and each prompt chunk alone."""
+        if not self.batch_invariant:
+            return [plan]
+        decode = [(seq, n) for seq, n in plan if n == 1]
+        width = ROW_KERNEL_MAX_ROWS
+        return [decode[i:i + width] for i in range(0, len(decode), width)] + [[e] for e in plan if e[1] != 1]
+
+    def _forward(self, group: list) -> tuple[torch.Tensor, list[Sequence]]:
+        """Run one forward call over (seq, n_tokens) pairs; (final streams of the rows to sample,
+        their sequences)."""
         tokens, lengths, seqs, sample_rows, samplers = [], [], [], [], []
         offset = 0
-        for seq, n in plan:
+        for seq, n in group:
             start = seq.consumed
             tokens.extend(seq.tokens(start, n))
             lengths.append(n)
@@ -140,17 +176,7 @@ class LLMEngine:
         self.stats["forward_tokens"] += len(tokens)
         if hasattr(self.model, "experts_read"):
             self.stats["routed_experts_read"] += self.model.experts_read()
-        outputs: list[RequestOutput] = []
-        if samplers:
-            logits = self.model.logits(streams[sample_rows]).float()
-            results = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
-                             [s.prompt for s in samplers], [s.output for s in samplers])
-            for seq, res in zip(samplers, results):
-                outputs.append(self._append(seq, res))
-        for out in outputs:
-            if out.request_id in self._queues:
-                self._queues[out.request_id].append(out)
-        return outputs
+        return streams[sample_rows], samplers
 
     def _append(self, seq: Sequence, res) -> RequestOutput:
         tok = res.token_id
