@@ -106,7 +106,7 @@ for m, n, k in [(1, 256, 512), (3, 100, 70), (17, 130, 1024), (40, 64, 128)]:
     w = torch.randn(n, k).bfloat16()
     x = torch.randn(m, k)
     worst["bf16"] = max(worst.get("bf16", 0), rel(K.bf16_linear(x, w), R.bf16_linear(x, w)))
-for m, n, k in [(1, 256, 512), (4, 100, 64), (9, 130, 1024)]:
+for m, n, k in [(1, 256, 512), (1, 103, 96), (1, 6, 32 * 520), (4, 100, 64), (9, 130, 1024)]:
     q, s = fp4_weight((n, k))
     x = torch.randn(m, k)
     worst["fp4"] = max(worst.get("fp4", 0), rel(K.fp4_linear(x, q, s), R.fp4_linear(x, q, s)))
@@ -259,3 +259,18 @@ def test_models_run_on_the_references_without_the_native_library():
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["kernels"] == "torch" and out["head"] == "GgufLinear"
     assert "Paris" in out["text"], out
+
+
+@needs_native
+def test_fp4_scale_extremes_follow_the_reference():
+    """UE8M0 bytes 0 (2^-127) and 255 (NaN) decode as the reference decodes them, on the batch-1 path
+    that converts 16 scales at a time and on the multi-row path."""
+    q, s = fp4_weight((8, 64))
+    s = s.view(torch.uint8).clone()
+    s[1, 0], s[2, 1], s[5, 0] = 0, 255, 0
+    for m in (1, 3):
+        x = torch.randn(m, 64)
+        got, want = K.fp4_linear(x, q, s), R.fp4_linear(x, q, s)
+        assert torch.equal(got.isnan(), want.isnan()) and got[:, 2].isnan().all()
+        ok = ~want.isnan()
+        assert torch.allclose(got[ok], want[ok], rtol=1e-5, atol=1e-6)

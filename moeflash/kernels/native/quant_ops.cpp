@@ -367,12 +367,11 @@ AVX512_TARGET inline void fp4_row_avx512(const float* xd, int64_t K, const uint8
   const int64_t G = K / FP4_GROUP;
   const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
                                     -2.0f, -3.0f, -4.0f, -6.0f);
-  const __m512i fifteen = _mm512_set1_epi32(15);
   __m512 acc[2][R];  // even and odd groups: two independent chains per row
   for (int i = 0; i < R; ++i) acc[0][i] = acc[1][i] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + g * 16)));
-    const __m512 wlo = _mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut);
+    const __m512 wlo = _mm512_permutexvar_ps(b, lut) /* reads the low 4 bits of each index */;
     const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
     const __m512 sc = _mm512_set1_ps(e8m0(sr[g]));
     const int c = g & 1;
@@ -386,9 +385,56 @@ AVX512_TARGET inline void fp4_row_avx512(const float* xd, int64_t K, const uint8
   for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][i], acc[1][i]));
 }
 
+// One input row against 4 weight rows at once: 4 independent accumulator chains share each x load (the
+// batch-1 decode case, where one chain per weight row leaves the FMA unit waiting on its latency). Each
+// output's operations are those of fp4_row_avx512<1> in the same order, so results do not change.
+AVX512_TARGET inline void fp4_row1x4_avx512(const float* xd, int64_t K, const uint8_t* wr, const uint8_t* sr, float* y) {
+  const int64_t G = K / FP4_GROUP;
+  const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
+                                    -2.0f, -3.0f, -4.0f, -6.0f);
+  // the 4 rows' UE8M0 scales as floats, 16 at a time (e8m0() for each byte, without its branches)
+  constexpr int64_t kMaxG = 512;
+  alignas(64) float sc[4 * kMaxG];
+  if (G > kMaxG) {
+    for (int j = 0; j < 4; ++j) fp4_row_avx512<1>(xd, K, wr + j * (K / 2), sr + j * G, y + j, 1);
+    return;
+  }
+  for (int j = 0; j < 4; ++j)
+    for (int64_t g = 0; g < G; g += 16) {
+      const int64_t n = std::min<int64_t>(16, G - g);
+      const __mmask16 live = static_cast<__mmask16>((1u << n) - 1);
+      const __m512i e = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(live, sr + j * G + g));
+      __m512 f = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+      f = _mm512_mask_mov_ps(f, _mm512_cmpeq_epi32_mask(e, _mm512_setzero_si512()), _mm512_set1_ps(e8m0(0)));
+      f = _mm512_mask_mov_ps(f, _mm512_cmpeq_epi32_mask(e, _mm512_set1_epi32(255)), _mm512_set1_ps(NAN));
+      _mm512_mask_storeu_ps(sc + j * G + g, live, f);
+    }
+  __m512 acc[2][4];
+  for (int j = 0; j < 4; ++j) acc[0][j] = acc[1][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const __m512 x0 = _mm512_loadu_ps(xd + g * 32), x1 = _mm512_loadu_ps(xd + g * 32 + 16);
+    const int c = g & 1;
+    for (int j = 0; j < 4; ++j) {
+      const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr + j * (K / 2) + g * 16)));
+      const __m512 wlo = _mm512_permutexvar_ps(b, lut) /* reads the low 4 bits of each index */;
+      const __m512 whi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut);
+      __m512 p = _mm512_mul_ps(wlo, x0);
+      p = _mm512_fmadd_ps(whi, x1, p);
+      acc[c][j] = _mm512_fmadd_ps(p, _mm512_set1_ps(sc[j * G + g]), acc[c][j]);
+    }
+  }
+  for (int j = 0; j < 4; ++j) y[j] = _mm512_reduce_add_ps(_mm512_add_ps(acc[0][j], acc[1][j]));
+}
+
 AVX512_TARGET void fp4_rows_avx512(const float* xd, int64_t M, int64_t K, const uint8_t* w, const uint8_t* s,
                                    float* y, int64_t N, int64_t n0, int64_t n1) {
   const int64_t G = K / FP4_GROUP;
+  if (M == 1) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) fp4_row1x4_avx512(xd, K, w + n * (K / 2), s + n * G, y + n);
+    for (; n < n1; ++n) fp4_row_avx512<1>(xd, K, w + n * (K / 2), s + n * G, y + n, N);
+    return;
+  }
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const uint8_t* sr = s + n * G;
@@ -513,13 +559,12 @@ AVX512_TARGET void fp4_decode_avx512(const uint8_t* w, const uint8_t* s, int64_t
   const int64_t G = K / FP4_GROUP;
   const __m512 lut = _mm512_setr_ps(0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f, -0.0f, -0.5f, -1.0f, -1.5f,
                                     -2.0f, -3.0f, -4.0f, -6.0f);
-  const __m512i fifteen = _mm512_set1_epi32(15);
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t g = 0; g < G; ++g) {
       const __m512 sc = _mm512_set1_ps(e8m0(s[n * G + g]));
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + n * (K / 2) + g * 16)));
       float* o = out + n * K + g * 32;
-      _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, fifteen), lut), sc));
+      _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_permutexvar_ps(b, lut) /* reads the low 4 bits of each index */, sc));
       _mm512_storeu_ps(o + 16, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), lut), sc));
     }
 }
