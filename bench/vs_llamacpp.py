@@ -161,7 +161,7 @@ def v4_mini_official(args) -> dict:
     from common import ROOT, bytes_per_token, read_bandwidth_probe
 
     from moeflash.weights.build import load_model
-    from moeflash.weights.gguf_export import export_gguf
+    from moeflash.weights.gguf_export import export_checkpoint_gguf
 
     ckpt = BENCH_DIR / "mini-official"
     if not (ckpt / "config.json").exists():
@@ -171,10 +171,7 @@ def v4_mini_official(args) -> dict:
     gguf_path = BENCH_DIR / "mini-official-mxfp4-q8_0.gguf"
     if not gguf_path.exists():
         log(f"[mini-official] exporting {gguf_path}")
-        decoded, _ = load_model(ckpt, dtype="float32", dequantize=True)
-        export_gguf(decoded, gguf_path, expert_type="mxfp4", dense_type="q8_0")
-        del decoded
-        gc.collect()
+        export_checkpoint_gguf(ckpt, gguf_path, expert_type="mxfp4", dense_type="q8_0")  # tensor by tensor
     model, _ = load_model(ckpt, dtype="float32")
     vocab = model.config.vocab_size
     prompt = random_tokens(vocab, args.prompt, args.seed)
