@@ -39,7 +39,7 @@ def worker(cfg: dict) -> dict:
     import torch
 
     from common import random_tokens
-    from moeflash.weights.build import load_model
+    from moeflash.engine.load import load_model
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])

@@ -81,7 +81,7 @@ def worker(cfg: dict) -> dict:
     from common import random_tokens, touch_weights
 
     from moeflash.plan.hardware import prefill_seconds
-    from moeflash.weights.build import load_model
+    from moeflash.engine.load import load_model
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])

@@ -44,7 +44,7 @@ def _encode_prompt(tokenizer, text: str, chat: bool, system: str | None) -> list
 def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .weights.build import load_model
+    from .engine.load import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from .engine import LLMEngine
     from .engine.async_engine import AsyncLLMEngine
-    from .weights.build import load_model
+    from .engine.load import load_model
 
     for name in ("max_num_seqs", "max_num_batched_tokens", "port"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -378,7 +378,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
     from .engine.expert_policy import write_trace
     from .engine.experts import record_trace
     from .model.v4 import Transformer
-    from .weights.build import load_model
+    from .engine.load import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

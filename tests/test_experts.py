@@ -16,7 +16,7 @@ from moeflash.engine import LLMEngine, SamplingParams
 from moeflash.engine.expert_policy import POLICIES
 from moeflash.model.init import randomize_
 from moeflash.model.v4 import Transformer
-from moeflash.weights.build import load_model
+from moeflash.engine.load import load_model
 from moeflash.weights.quant import dequant_fp4, quant_fp4
 from moeflash.weights.save import save_checkpoint
 
@@ -152,7 +152,7 @@ def test_budget_and_limit_errors(ckpt):
 
 RSS_SCRIPT = r"""
 import json, sys, torch
-from moeflash.weights.build import load_model
+from moeflash.engine.load import load_model
 from moeflash.engine import LLMEngine, SamplingParams
 torch.set_num_threads(1)
 def rss():

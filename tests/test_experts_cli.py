@@ -12,7 +12,7 @@ from moeflash.cli import main
 from moeflash.config import ModelConfig
 from moeflash.model.init import randomize_
 from moeflash.model.v4 import Transformer
-from moeflash.weights.build import load_model
+from moeflash.engine.load import load_model
 from moeflash.weights.save import save_checkpoint
 
 CFG = ModelConfig.preset("tiny").replace(n_routed_experts=16, num_experts_per_tok=3)

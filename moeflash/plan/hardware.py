@@ -347,7 +347,7 @@ def probe_store(costs: EngineCosts, path: str | Path | None = None, experts: int
     thread's competition included)."""
     import shutil
 
-    from ..weights.build import load_model
+    from ..engine.load import load_model
 
     say = log or (lambda *a: None)
     tmp, cfg = _write_probe_checkpoint(path, experts)

@@ -127,17 +127,28 @@ def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
                if ".ffn.experts." not in n)
 
 
-def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
-                          expert_policy: str = "lfu", prefetch: bool = False,
-                          memory_limit: float | None = None, dequantize: bool = False,
-                          progress=None) -> Transformer:
+def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", memory_limit: float | None = None,
+                          dequantize: bool = False, progress=None) -> Transformer:
+    """A V4 checkpoint directory as a Transformer with every weight in memory (see `_load_checkpoint`)."""
+    return _load_checkpoint(path, dtype, None, memory_limit, dequantize, progress)[0]
+
+
+def load_checkpoint_dense(path: str | Path, expert_memory: float, dtype: str | torch.dtype = "auto",
+                          memory_limit: float | None = None, progress=None):
+    """A V4 checkpoint directory without its routed experts, for an expert store to serve them:
+    (model, the open Checkpoint, compute dtype, expert budget in bytes). The engine attaches the store
+    (engine/load.py); nothing here knows of it."""
+    return _load_checkpoint(path, dtype, expert_memory, memory_limit, False, progress)
+
+
+def _load_checkpoint(path: str | Path, dtype: str | torch.dtype, expert_memory: float | None,
+                     memory_limit: float | None, dequantize: bool, progress):
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
 
     Quantized weights stay at their storage precision (weights/storage.py): FP8 linears as FP8 with
     their block scales, FP4 routed experts packed; `dequantize=True` decodes them to `dtype` instead
-    (the plain-torch reference path). With `expert_memory` (GiB) the routed experts are not loaded: an
-    `ExpertStore` serves them from the checkpoint files through a cache of that size
-    (engine/experts.py). `memory_limit` (GiB) bounds dense weights + expert cache (+ the state the
+    (the plain-torch reference path). With `expert_memory` (GiB) the routed experts are not loaded
+    (an expert store will serve them from the files through a cache of that size). `memory_limit` (GiB) bounds dense weights + expert cache (+ the state the
     engine may hold, `model.state_budget_bytes`); a limit the dense part alone exceeds is refused
     before anything is read. `progress(done, total)` is called after each tensor read (a progress bar)."""
     from .loader import Checkpoint, check
@@ -205,32 +216,41 @@ def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", e
     model.state_budget_bytes = (int(memory_limit * (1 << 30)) - dense - budget) if memory_limit is not None else None
     if not streamed:
         check_materialised(model)
-        ckpt.close()  # unmaps the files: their pages no longer count as this process's memory
-        return _fast_layout(model.eval())
-    from ..engine.experts import DiskExperts, ExpertStore
-
-    store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch)
-    store.attach(model)
-    return _fast_layout(model.eval(), pack_experts=False)
+        ckpt.close()  # closes the files
+        return _fast_layout(model.eval()), None, torch_dtype, 0
+    return _fast_layout(model.eval(), pack_experts=False), ckpt, torch_dtype, budget
 
 
-def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
-               expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
+def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", memory_limit: float | None = None,
                dequantize: bool = False, progress=None):
-    """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
-    `expert_memory` / `expert_policy` / `prefetch` / `memory_limit` / `dequantize` / `progress`: see
-    `load_checkpoint_model`
-    (V4 checkpoint directories only)."""
+    """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory, every
+    weight in memory. `memory_limit` / `dequantize` / `progress`: see `_load_checkpoint` (V4 checkpoint
+    directories only). Models whose experts stream from disk: `moeflash.engine.load.load_model`."""
     name = str(spec)
-    if (expert_memory is not None or memory_limit is not None) and not Path(name).is_dir():
+    if memory_limit is not None and not Path(name).is_dir():
         raise ValueError("--expert-memory and --memory-limit need a V4 checkpoint directory (experts are "
                          "streamed from its files); convert a preset with `moeflash convert --preset NAME --out DIR`")
+    path = checkpoint_dir(name)
+    if path is None:
+        return named_model(name, dtype)
+    model = load_checkpoint_model(path, dtype, memory_limit, dequantize, progress)
+    return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
+
+
+def named_model(name: str, dtype: str | torch.dtype = "auto"):
+    """(model, tokenizer) for `tiny`, `smollm2` or a .gguf file."""
     if name == "tiny":
         return build_tiny(dtype), ByteTokenizer()
     if name == "smollm2":
         return load_gguf_model(smollm2_path(), dtype)
-    if name.endswith(".gguf"):
-        return load_gguf_model(name, dtype)
+    return load_gguf_model(name, dtype)
+
+
+def checkpoint_dir(name: str) -> Path | None:
+    """The checkpoint directory `name` names, None for `tiny`, `smollm2` or a .gguf file; a clear error
+    for anything else."""
+    if name in ("tiny", "smollm2") or name.endswith(".gguf"):
+        return None
     if name in PRESETS:
         raise ValueError(f"preset {name!r} has no weights in moeflash; point --model at a checkpoint "
                          "directory (config.json + *.safetensors) or a .gguf file, or use --model tiny "
@@ -239,6 +259,4 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     if not path.is_dir():
         raise FileNotFoundError(f"--model {name!r} is neither a built-in model (tiny, smollm2), a .gguf "
                                 "file nor a checkpoint directory")
-    model = load_checkpoint_model(path, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize,
-                                  progress)
-    return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
+    return path
