@@ -144,6 +144,11 @@ for t, n, d in [(1, 4, 64), (7, 2, 96), (3, 3, 40)]:
     f = n * (n + 2)
     args = (torch.randn(t, n, d) * 5, torch.randn(f, n * d) * 0.05, torch.randn(f), torch.rand(3) + 0.5, 20, 1e-6, 1e-6)
     worst["hc_weights"] = max([worst.get("hc_weights", 0)] + [rel(a, b) for a, b in zip(K.hc_weights(*args), R.hc_weights(*args))])
+for h, d, w, t, p in [(4, 32, 8, 0, 0), (4, 32, 8, 5, 3), (8, 64, 16, 7, 40), (2, 128, 128, 16, 1000)]:
+    q, win, kv = torch.randn(h, d), torch.randn(w, d), torch.randn(d)
+    ent, ok = torch.randn(t, d), torch.rand(t) < 0.7
+    args = (q, win, p, kv, ent, ok, torch.randn(h), d ** -0.5)
+    worst["attn_decode"] = max(worst.get("attn_decode", 0), rel(K.attn_decode(*args), R.attn_decode(*args)))
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))

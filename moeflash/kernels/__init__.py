@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["attn_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS"]
 
@@ -149,6 +149,16 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
                                           float(limit))
     return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
+
+
+def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, ent: torch.Tensor,
+                ent_valid: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode query's attention over its window ring, new key and (compressed or gathered) entries
+    with the sink (reference.attn_decode) in one native call; fp32 [H, D]."""
+    if native(q):
+        return torch.ops.moeflash.attn_decode(q.float(), win.float(), int(p), kv.float(), ent.float(), ent_valid,
+                                              sink.float(), float(scale))
+    return reference.attn_decode(q, win, p, kv, ent, ent_valid, sink, scale)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -181,3 +181,20 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     post = 2 * torch.sigmoid(m_post * s[1] + b_post)
     comb = sinkhorn((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
     return pre, post, comb
+
+
+def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, ent: torch.Tensor,
+                ent_valid: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row's attention: q [H, D] against the window ring win [W, D] (slot j holds position
+    p - 1 - ((p - 1 - j) mod W), visible when >= 0 and > p - W), the new key kv [D] at position p and
+    entries ent [T, D] where ent_valid; a softmax with the per-head sink logit; values = keys. -> [H, D]."""
+    w = win.shape[0]
+    slot = torch.arange(w)
+    pos = p - 1 - torch.remainder(p - 1 - slot, w)
+    keys = torch.cat((win, kv[None], ent)).float()
+    ok = torch.cat(((pos >= 0) & (pos > p - w), torch.ones(1, dtype=torch.bool), ent_valid))
+    logits = (q.float() @ keys.T * scale).masked_fill(~ok[None], float("-inf"))
+    full = torch.cat((logits, sink.float()[:, None]), dim=-1)
+    probs = torch.softmax(full, dim=-1)[:, :-1]
+    return probs @ keys
+

@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
-from ..kernels import fp8_grouped_linear
+from ..kernels import attn_decode, fp8_grouped_linear
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
 from .layers import FusedLinears, RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
@@ -136,6 +136,8 @@ class Attention(nn.Module):
     def _attend(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
         """Attention for one sequence's consecutive query rows; returns [S, H, D]."""
         q, kv, pos = r["q"], r["kv"], r["pos"]
+        if q.shape[0] == 1:
+            return self._attend_one(r, st, start, inv_freq)
         w = self.window
         slot = torch.arange(w, device=q.device)
         ring_pos = start - 1 - ((start - 1 - slot) % w)  # newest position held by each ring slot
@@ -179,3 +181,26 @@ class Attention(nn.Module):
                     else torch.einsum("hsk,skd->shd", p, vals))
             out = part if out is None else out + part
         return out
+
+    def _attend_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """A single query row (a decode step): the same attention as `_attend`, its core in one call
+        (kernels.attn_decode: window ring, new key, entries and sink); returns [1, H, D]."""
+        q, kv = r["q"], r["kv"]
+        ent = kv.new_zeros(0, kv.shape[-1])
+        valid = torch.zeros(0, dtype=torch.bool)
+        if self.compressor is not None:
+            st.compressor.append(self.compressor.consume(r["ckv"], r["cgate"], st.compressor, start, inv_freq))
+            entries = st.compressor.view()
+            t = entries.shape[0]
+            if self.indexer is not None:
+                ist = st.indexer
+                ist.append(self.indexer.compressor.consume(r["ikv"], r["igate"], ist, start, inv_freq))
+            if self.indexer is not None and t > self.indexer.topk:
+                idx, ok = self.indexer.select(r["iq"], r["iw"], ist.view(), r["pos"])
+                ent, valid = entries[idx[0]], ok[0]
+            elif t:
+                ent, valid = entries, torch.arange(t) < (start + 1) // self.ratio
+        out = attn_decode(q[0], st.window, start, kv[0], ent, valid, self.attn_sink, self.scale)
+        st.window[start % self.window] = kv[0].to(st.window.dtype)
+        return out.to(q.dtype)[None]
+

@@ -1072,6 +1072,108 @@ at::Tensor gguf_dequant(const at::Tensor& w_in, int64_t qtype) {
   return out;
 }
 
+// One head of attn_decode (compiled per instruction set by the wrappers below).
+__attribute__((always_inline)) inline void attn_head_impl(int64_t h, const float* qp, const float* wp, const char* win_ok,
+                                                         const float* kp, const float* ep, const bool* vp,
+                                                         const float* sp, float sc, int64_t D, int64_t W, int64_t T,
+                                                         float* op) {
+  const int64_t rows = W + 1 + T;
+  const float* qh = qp + h * D;
+  std::vector<float> lg(rows);
+  auto dot = [&](const float* r) {  // 16 independent lane sums (vectorisable), then a fixed tree
+    float a[16] = {};
+    int64_t d = 0;
+    for (; d + 16 <= D; d += 16)
+      for (int l = 0; l < 16; ++l) a[l] += qh[d + l] * r[d + l];
+    for (; d < D; ++d) a[d & 15] += qh[d] * r[d];
+    for (int w2 = 8; w2 >= 1; w2 /= 2)
+      for (int l = 0; l < w2; ++l) a[l] += a[l + w2];
+    return a[0];
+  };
+  float m = sp[h];
+  for (int64_t j = 0; j < W; ++j) {
+    lg[j] = win_ok[j] ? dot(wp + j * D) * sc : -INFINITY;
+    m = std::max(m, lg[j]);
+  }
+  lg[W] = dot(kp) * sc;
+  m = std::max(m, lg[W]);
+  for (int64_t t = 0; t < T; ++t) {
+    lg[W + 1 + t] = vp[t] ? dot(ep + t * D) * sc : -INFINITY;
+    m = std::max(m, lg[W + 1 + t]);
+  }
+  float z = std::exp(sp[h] - m);
+  for (int64_t r = 0; r < rows; ++r) {
+    lg[r] = lg[r] == -INFINITY ? 0.0f : std::exp(lg[r] - m);
+    z += lg[r];
+  }
+  float* oh = op + h * D;
+  for (int64_t d = 0; d < D; ++d) oh[d] = 0.0f;
+  auto add = [&](float w, const float* r) {
+    if (w == 0.0f) return;
+    for (int64_t d = 0; d < D; ++d) oh[d] += w * r[d];
+  };
+  const float inv = 1.0f / z;
+  for (int64_t j = 0; j < W; ++j) add(lg[j] * inv, wp + j * D);
+  add(lg[W] * inv, kp);
+  for (int64_t t = 0; t < T; ++t) add(lg[W + 1 + t] * inv, ep + t * D);
+}
+
+#define ATTN_HEAD_ARGS int64_t h, const float* qp, const float* wp, const char* ok, const float* kp, const float* ep, \
+                       const bool* vp, const float* sp, float sc, int64_t D, int64_t W, int64_t T, float* op
+AVX512_TARGET void attn_head_avx512(ATTN_HEAD_ARGS) { attn_head_impl(h, qp, wp, ok, kp, ep, vp, sp, sc, D, W, T, op); }
+__attribute__((target("avx2,fma,f16c"))) void attn_head_avx2(ATTN_HEAD_ARGS) {
+  attn_head_impl(h, qp, wp, ok, kp, ep, vp, sp, sc, D, W, T, op);
+}
+void attn_head_scalar(ATTN_HEAD_ARGS) { attn_head_impl(h, qp, wp, ok, kp, ep, vp, sp, sc, D, W, T, op); }
+
+// Decode attention of one query row (V4-SPEC §2.5-2.8): per head, scaled dot products with the window
+// ring's visible slots, the new key, and the visible compressed (or indexer-gathered) entries, plus the
+// head's sink logit; a softmax over all of them; the probability-weighted sum of the same rows (keys are
+// values). q [H, D]; win [W, D] is the ring before this step's write: slot j holds position
+// p - 1 - ((p - 1 - j) mod W), visible when that is >= 0 and > p - W; kv [D] the new key at position p;
+// ent [T, D] with ent_valid [T]; sink [H]. Returns [H, D] fp32. One native call replaces ~25 small ops.
+at::Tensor attn_decode(const at::Tensor& q_in, const at::Tensor& win_in, int64_t p, const at::Tensor& kv_in,
+                       const at::Tensor& ent_in, const at::Tensor& valid_in, const at::Tensor& sink_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 2 && win_in.dim() == 2 && kv_in.dim() == 1 && ent_in.dim() == 2 && valid_in.dim() == 1 &&
+                  sink_in.dim() == 1, "attn_decode: q [H, D], win [W, D], kv [D], ent [T, D], ent_valid [T], sink [H]");
+  const int64_t H = q_in.size(0), D = q_in.size(1), W = win_in.size(0), T = ent_in.size(0);
+  TORCH_CHECK(win_in.size(1) == D && kv_in.size(0) == D && (T == 0 || ent_in.size(1) == D) && valid_in.size(0) == T &&
+                  sink_in.size(0) == H, "attn_decode: shapes disagree");
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && win_in.scalar_type() == at::kFloat && kv_in.scalar_type() == at::kFloat &&
+                  ent_in.scalar_type() == at::kFloat && sink_in.scalar_type() == at::kFloat && valid_in.scalar_type() == at::kBool,
+              "attn_decode: float32 tensors and a bool mask");
+  at::Tensor q = q_in.contiguous(), win = win_in.contiguous(), kv = kv_in.contiguous(), ent = ent_in.contiguous(),
+             valid = valid_in.contiguous(), sink = sink_in.contiguous();
+  at::Tensor out = at::empty({H, D}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* wp = win.data_ptr<float>();
+  const float* kp = kv.data_ptr<float>();
+  const float* ep = ent.data_ptr<float>();
+  const bool* vp = valid.data_ptr<bool>();
+  const float* sp = sink.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  std::vector<char> win_ok(W);
+  for (int64_t j = 0; j < W; ++j) {
+    const int64_t pos = p - 1 - (((p - 1 - j) % W) + W) % W;
+    win_ok[j] = pos >= 0 && pos > p - W;
+  }
+  const float sc = static_cast<float>(scale);
+  const int64_t rows = W + 1 + T;
+  auto head = [&](int64_t h) {
+    switch (isa()) {
+      case AVX512: return attn_head_avx512(h, qp, wp, win_ok.data(), kp, ep, vp, sp, sc, D, W, T, op);
+      case AVX2: return attn_head_avx2(h, qp, wp, win_ok.data(), kp, ep, vp, sp, sc, D, W, T, op);
+      default: return attn_head_scalar(h, qp, wp, win_ok.data(), kp, ep, vp, sp, sc, D, W, T, op);
+    }
+  };
+  if (H * rows * D >= (1 << 18)) {
+    at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) head(h); });
+  } else {
+    for (int64_t h = 0; h < H; ++h) head(h);
+  }
+  return out;
+}
+
 // Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
 // x [T, D]; idx [T, k] expert ids; wts [T, k] route weights; w13 [E, 2I, D/2] (w1 rows then w3 rows),
 // s13 [E, 2I, D/32]; w2 [E, D, I/2], s2 [E, D, I/32]; limit: the SwiGLU clamp (<= 0: none).
@@ -1305,6 +1407,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("fp8_grouped_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("hc_weights(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float hc_eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
+  m.def("attn_decode(Tensor q, Tensor win, int p, Tensor kv, Tensor ent, Tensor ent_valid, Tensor sink, float scale) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -1319,4 +1422,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("fp8_grouped_linear", &fp8_grouped_linear);
   m.impl("sinkhorn", &sinkhorn);
   m.impl("hc_weights", &hc_weights);
+  m.impl("attn_decode", &attn_decode);
 }
