@@ -149,6 +149,9 @@ for h, d, w, t, p in [(4, 32, 8, 0, 0), (4, 32, 8, 5, 3), (8, 64, 16, 7, 40), (2
     ent, ok = torch.randn(t, d), torch.rand(t) < 0.7
     args = (q, win, p, kv, ent, ok, torch.randn(h), d ** -0.5)
     worst["attn_decode"] = max(worst.get("attn_decode", 0), rel(K.attn_decode(*args), R.attn_decode(*args)))
+for h, kvh, d, t in [(9, 3, 64, 1), (9, 3, 64, 37), (4, 4, 32, 200), (8, 2, 128, 600)]:
+    args = (torch.randn(h, d), torch.randn(t, kvh, d), torch.randn(t, kvh, d), d ** -0.5)
+    worst["gqa_decode"] = max(worst.get("gqa_decode", 0), rel(K.gqa_decode(*args), R.gqa_decode(*args)))
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))

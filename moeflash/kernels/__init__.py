@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["attn_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS"]
 
@@ -159,6 +159,13 @@ def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, en
         return torch.ops.moeflash.attn_decode(q.float(), win.float(), int(p), kv.float(), ent.float(), ent_valid,
                                               sink.float(), float(scale))
     return reference.attn_decode(q, win, p, kv, ent, ent_valid, sink, scale)
+
+
+def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """A dense model's decode attention (reference.gqa_decode) in one native call; fp32 [H, d]."""
+    if native(q):
+        return torch.ops.moeflash.gqa_decode(q.float(), keys.float(), values.float(), float(scale))
+    return reference.gqa_decode(q, keys, values, scale)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -198,3 +198,13 @@ def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, en
     probs = torch.softmax(full, dim=-1)[:, :-1]
     return probs @ keys
 
+
+def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query row q [H, d] over a KV cache keys / values [T, KV, d], head h reading kv head
+    h // (H / KV); every position visible. -> [H, d]."""
+    group = q.shape[0] // keys.shape[1]
+    k = keys.float().repeat_interleave(group, dim=1)  # [T, H, d]
+    v = values.float().repeat_interleave(group, dim=1)
+    p = torch.softmax(torch.einsum("hd,thd->ht", q.float(), k) * scale, dim=-1)
+    return torch.einsum("ht,thd->hd", p, v)
+

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LlamaConfig
+from ..kernels import gqa_decode
 from .layers import FusedLinears, RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -95,6 +96,8 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: in
     """Causal attention of queries at positions start.. over keys 0..start+len(q)-1.
     q [m, H, d], keys/values [T, KV, d] -> [m, H, d]."""
     m, t = q.shape[0], keys.shape[0]
+    if m == 1 and q.dtype == torch.float32:  # a decode step: one native call (kernels.gqa_decode)
+        return gqa_decode(q[0], keys, values, q.shape[-1] ** -0.5)[None]
     if m == 1:
         mask, causal = None, False
     elif start == 0:

@@ -1166,11 +1166,96 @@ at::Tensor attn_decode(const at::Tensor& q_in, const at::Tensor& win_in, int64_t
       default: return attn_head_scalar(h, qp, wp, win_ok.data(), kp, ep, vp, sp, sc, D, W, T, op);
     }
   };
-  if (H * rows * D >= (1 << 18)) {
+  if (H * rows * D >= (1 << 16)) {
     at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) head(h); });
   } else {
     for (int64_t h = 0; h < H; ++h) head(h);
   }
+  return out;
+}
+
+// Grouped-query attention of one query row over a KV cache (a dense model's decode step): head h reads
+// kv head h / (H / KV). q [H, d]; keys, values [T, KV, d] (positions 0..T-1, all visible). -> [H, d].
+// Phase 1 (logits of head h into lg [T]) and phase 3 (the probability-weighted sum of values); the
+// softmax between them is ATen's vectorised one over all heads at once.
+__attribute__((always_inline)) inline void gqa_logits_impl(int64_t h, const float* qp, const float* kp, int64_t T,
+                                                          int64_t KV, int64_t d, int64_t group, float sc, float* lg) {
+  const float* qh = qp + h * d;
+  const int64_t g = h / group, stride = KV * d;
+  for (int64_t t = 0; t < T; ++t) {
+    const float* r = kp + t * stride + g * d;
+    float a[16] = {};
+    int64_t i = 0;
+    for (; i + 16 <= d; i += 16)
+      for (int l = 0; l < 16; ++l) a[l] += qh[i + l] * r[i + l];
+    for (; i < d; ++i) a[i & 15] += qh[i] * r[i];
+    for (int w2 = 8; w2 >= 1; w2 /= 2)
+      for (int l = 0; l < w2; ++l) a[l] += a[l + w2];
+    lg[t] = a[0] * sc;
+  }
+}
+
+__attribute__((always_inline)) inline void gqa_values_impl(int64_t h, const float* pr, const float* vp, int64_t T,
+                                                          int64_t KV, int64_t d, int64_t group, float* op) {
+  const int64_t g = h / group, stride = KV * d;
+  float* oh = op + h * d;
+  for (int64_t i = 0; i < d; ++i) oh[i] = 0.0f;
+  for (int64_t t = 0; t < T; ++t) {
+    const float w = pr[t];
+    const float* r = vp + t * stride + g * d;
+    for (int64_t i = 0; i < d; ++i) oh[i] += w * r[i];
+  }
+}
+
+#define GQA_L_ARGS int64_t h, const float* qp, const float* kp, int64_t T, int64_t KV, int64_t d, int64_t group, \
+                   float sc, float* lg
+#define GQA_V_ARGS int64_t h, const float* pr, const float* vp, int64_t T, int64_t KV, int64_t d, int64_t group, float* op
+AVX512_TARGET void gqa_logits_avx512(GQA_L_ARGS) { gqa_logits_impl(h, qp, kp, T, KV, d, group, sc, lg); }
+__attribute__((target("avx2,fma,f16c"))) void gqa_logits_avx2(GQA_L_ARGS) { gqa_logits_impl(h, qp, kp, T, KV, d, group, sc, lg); }
+void gqa_logits_scalar(GQA_L_ARGS) { gqa_logits_impl(h, qp, kp, T, KV, d, group, sc, lg); }
+AVX512_TARGET void gqa_values_avx512(GQA_V_ARGS) { gqa_values_impl(h, pr, vp, T, KV, d, group, op); }
+__attribute__((target("avx2,fma,f16c"))) void gqa_values_avx2(GQA_V_ARGS) { gqa_values_impl(h, pr, vp, T, KV, d, group, op); }
+void gqa_values_scalar(GQA_V_ARGS) { gqa_values_impl(h, pr, vp, T, KV, d, group, op); }
+
+at::Tensor gqa_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, double scale) {
+  TORCH_CHECK(q_in.dim() == 2 && k_in.dim() == 3 && v_in.dim() == 3 && k_in.sizes() == v_in.sizes(),
+              "gqa_decode: q [H, d], keys and values [T, KV, d]");
+  const int64_t H = q_in.size(0), d = q_in.size(1), T = k_in.size(0), KV = k_in.size(1);
+  TORCH_CHECK(k_in.size(2) == d && KV > 0 && H % KV == 0 && T > 0, "gqa_decode: shapes disagree: q ", q_in.sizes(),
+              ", keys ", k_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && k_in.scalar_type() == at::kFloat && v_in.scalar_type() == at::kFloat,
+              "gqa_decode: float32 tensors");
+  at::Tensor q = q_in.contiguous(), k = k_in.contiguous(), v = v_in.contiguous();
+  at::Tensor out = at::empty({H, d}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const float* kp = k.data_ptr<float>();
+  const float* vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  const int64_t group = H / KV;
+  const bool par = H * T * d >= (1 << 16);
+  auto each = [&](auto fn) {
+    if (par) {
+      at::parallel_for(0, H, 1, [&](int64_t h0, int64_t h1) { for (int64_t h = h0; h < h1; ++h) fn(h); });
+    } else {
+      for (int64_t h = 0; h < H; ++h) fn(h);
+    }
+  };
+  at::Tensor lg = at::empty({H, T}, q.options());
+  float* lp = lg.data_ptr<float>();
+  const Isa which = isa();
+  each([&](int64_t h) {
+    if (which == AVX512) gqa_logits_avx512(h, qp, kp, T, KV, d, group, sc, lp + h * T);
+    else if (which == AVX2) gqa_logits_avx2(h, qp, kp, T, KV, d, group, sc, lp + h * T);
+    else gqa_logits_scalar(h, qp, kp, T, KV, d, group, sc, lp + h * T);
+  });
+  at::Tensor pr = at::softmax(lg, -1);
+  const float* pp = pr.data_ptr<float>();
+  each([&](int64_t h) {
+    if (which == AVX512) gqa_values_avx512(h, pp + h * T, vp, T, KV, d, group, op);
+    else if (which == AVX2) gqa_values_avx2(h, pp + h * T, vp, T, KV, d, group, op);
+    else gqa_values_scalar(h, pp + h * T, vp, T, KV, d, group, op);
+  });
   return out;
 }
 
@@ -1408,6 +1493,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
   m.def("hc_weights(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float hc_eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
   m.def("attn_decode(Tensor q, Tensor win, int p, Tensor kv, Tensor ent, Tensor ent_valid, Tensor sink, float scale) -> Tensor");
+  m.def("gqa_decode(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -1423,4 +1509,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("sinkhorn", &sinkhorn);
   m.impl("hc_weights", &hc_weights);
   m.impl("attn_decode", &attn_decode);
+  m.impl("gqa_decode", &gqa_decode);
 }
