@@ -152,6 +152,13 @@ for h, d, w, t, p in [(4, 32, 8, 0, 0), (4, 32, 8, 5, 3), (8, 64, 16, 7, 40), (2
 for h, kvh, d, t in [(9, 3, 64, 1), (9, 3, 64, 37), (4, 4, 32, 200), (8, 2, 128, 600)]:
     args = (torch.randn(h, d), torch.randn(t, kvh, d), torch.randn(t, kvh, d), d ** -0.5)
     worst["gqa_decode"] = max(worst.get("gqa_decode", 0), rel(K.gqa_decode(*args), R.gqa_decode(*args)))
+for shape, half, cs in [((5, 64), 16, (5, 16)), ((7, 4, 32), 4, (7, 1, 4)), ((3, 2, 8), 4, (3, 4)), ((600, 8, 96), 32, (600, 1, 32))]:
+    x, ang = torch.randn(*shape), torch.randn(*cs)
+    if len(shape) == 3 and len(cs) == 2:
+        continue  # [N, half] angles with [N, H, D] rows do not broadcast per row: not a rope call
+    for inv in (False, True):
+        got, want = K.apply_rope(x, ang.cos(), ang.sin(), inv), R.apply_rope(x, ang.cos(), ang.sin(), inv)
+        worst["rope"] = max(worst.get("rope", 0), rel(got, want))
 for n in (2, 4):
     logits = torch.randn(5, n, n) * 3
     worst["sinkhorn"] = max(worst.get("sinkhorn", 0), rel(K.sinkhorn(logits, 20, 1e-6), R.sinkhorn(logits, 20, 1e-6)))

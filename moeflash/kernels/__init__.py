@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["apply_rope", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS"]
 
@@ -36,6 +36,11 @@ def native(t: torch.Tensor) -> bool:
     if not _NATIVE:
         _NATIVE.append(_load_native())
     return _NATIVE[0]
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """t in fp32 without a dispatch when it already is (a no-op cast still costs ~1 us on the CPU)."""
+    return t if t.dtype == torch.float32 else t.float()
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +107,7 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     fp32 [M, G * R] with out[:, g*R + r] = x[:, g] . w[g*R + r]: V4's grouped output projection."""
     m, g, k = x.shape
     if native(weight) and x.shape[0] <= ROW_KERNEL_MAX_ROWS:
-        return torch.ops.moeflash.fp8_grouped_linear(x.float(), weight.view(torch.uint8), scale.float())
+        return torch.ops.moeflash.fp8_grouped_linear(_f32(x), weight.view(torch.uint8), _f32(scale))
     r = weight.shape[0] // g
     rows = scale.shape[0] // g
     return torch.cat([fp8_linear(x[:, i], weight[i * r:(i + 1) * r], scale[i * rows:(i + 1) * rows])
@@ -145,7 +150,7 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     weights [T, k], w13 [E, 2I, D/2] (w1 rows then w3 rows), s13 [E, 2I, D/32], w2 [E, D, I/2],
     s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]."""
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
-        return torch.ops.moeflash.moe_fp4(x.float().contiguous(), idx, weights.float(), w13.view(torch.uint8),
+        return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
                                           float(limit))
     return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
@@ -156,16 +161,29 @@ def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, en
     """One decode query's attention over its window ring, new key and (compressed or gathered) entries
     with the sink (reference.attn_decode) in one native call; fp32 [H, D]."""
     if native(q):
-        return torch.ops.moeflash.attn_decode(q.float(), win.float(), int(p), kv.float(), ent.float(), ent_valid,
-                                              sink.float(), float(scale))
+        return torch.ops.moeflash.attn_decode(_f32(q), _f32(win), int(p), _f32(kv), _f32(ent), ent_valid,
+                                              _f32(sink), float(scale))
     return reference.attn_decode(q, win, p, kv, ent, ent_valid, sink, scale)
 
 
 def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
     """A dense model's decode attention (reference.gqa_decode) in one native call; fp32 [H, d]."""
     if native(q):
-        return torch.ops.moeflash.gqa_decode(q.float(), keys.float(), values.float(), float(scale))
+        return torch.ops.moeflash.gqa_decode(_f32(q), _f32(keys), _f32(values), float(scale))
     return reference.gqa_decode(q, keys, values, scale)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Interleaved RoPE (reference.apply_rope). One native call for fp32 x [N, ..., D] with cos / sin of
+    shape [N, R/2] or [N, 1, R/2] (one angle per row n, shared by its heads), the reference otherwise."""
+    n, half = x.shape[0] if x.dim() else 0, cos.shape[-1]
+    if (x.dim() >= 2 and x.dtype == torch.float32 and cos.dtype == torch.float32 and sin.shape == cos.shape
+            and cos.dim() in (2, 3) and cos.shape[0] == n and cos.numel() == n * half and not x.requires_grad
+            and not cos.requires_grad and native(x)):
+        out = torch.ops.moeflash.rope(x.reshape(n, -1, x.shape[-1]), cos.reshape(n, half), sin.reshape(n, half),
+                                      inverse)
+        return out.view(x.shape)
+    return reference.apply_rope(x, cos, sin, inverse)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -181,5 +199,5 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     tensors of shape [T, n, d] without autograd, the plain-torch reference otherwise."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, fn, base, scale))
     if x.dim() == 3 and native(x) and not needs_grad:
-        return torch.ops.moeflash.hc_weights(x.float(), fn, base, scale, iters, hc_eps, norm_eps)
+        return torch.ops.moeflash.hc_weights(_f32(x), fn, base, scale, iters, hc_eps, norm_eps)
     return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)

@@ -208,3 +208,18 @@ def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
     p = torch.softmax(torch.einsum("hd,thd->ht", q.float(), k) * scale, dim=-1)
     return torch.einsum("ht,thd->hd", p, v)
 
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the trailing 2 * R/2 dims of x [..., D] by cos / sin
+    (broadcastable to [..., R/2]), in fp32, cast back to x's dtype; `inverse`: by the negative angle."""
+    half = cos.shape[-1]
+    rope = x[..., -2 * half:]
+    rope = (rope if rope.dtype == torch.float32 else rope.float()).unflatten(-1, (half, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    if inverse:
+        sin = -sin
+    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+    if rotated.dtype != x.dtype:
+        rotated = rotated.to(x.dtype)
+    return torch.cat((x[..., : x.shape[-1] - 2 * half], rotated), dim=-1)
+

@@ -201,6 +201,6 @@ class Attention(nn.Module):
             elif t:
                 ent, valid = entries, torch.arange(t) < (start + 1) // self.ratio
         out = attn_decode(q[0], st.window, start, kv[0], ent, valid, self.attn_sink, self.scale)
-        st.window[start % self.window] = kv[0].to(st.window.dtype)
-        return out.to(q.dtype)[None]
+        st.window[start % self.window] = kv[0]  # (index_put casts to the ring's dtype)
+        return (out if out.dtype == q.dtype else out.to(q.dtype))[None]
 

@@ -30,13 +30,16 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
 
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d]."""
-    return (pre.unsqueeze(-1) * x).sum(dim=-2).to(x.dtype)
+    out = (pre.unsqueeze(-1) * x).sum(dim=-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k * y + sum_j comb[j, k] X_j; x [..., n, d], y [..., d]."""
     dt = x.dtype
-    return post.to(dt).unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.to(dt).transpose(-1, -2), x)
+    if post.dtype != dt:  # (a cast to the same dtype still costs a dispatch per call)
+        post, comb = post.to(dt), comb.to(dt)
+    return post.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x)
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels
 from ..kernels.linear import Bf16Linear, Fp8Linear, GgufLinear
 
 
@@ -24,6 +25,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # fp32: ATen's op, no casts
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * xf).to(x.dtype)
@@ -68,18 +71,12 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of the trailing rope dims of x.
+    """Rotate interleaved pairs (2i, 2i+1) of the trailing rope dims of x (kernels.apply_rope).
 
     x: [..., D]; cos/sin: broadcastable to [..., R/2]. `inverse` applies the conjugate rotation
     (V4 undoes the query-position rotation on the attention output).
     """
-    half = cos.shape[-1]
-    rope = x[..., -2 * half:].float().unflatten(-1, (half, 2))
-    a, b = rope[..., 0], rope[..., 1]
-    if inverse:
-        sin = -sin
-    rotated = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2).to(x.dtype)
-    return torch.cat((x[..., : x.shape[-1] - 2 * half], rotated), dim=-1)
+    return kernels.apply_rope(x, cos, sin, inverse)
 
 
 def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:

@@ -50,15 +50,18 @@ class Gate(nn.Module):
         """x [N, dim], ids [N] -> (weights [N, k] in x's dtype, expert indices [N, k]). Scores, the fp32
         selection bias and the normalisation stay in fp32 whatever the compute dtype (as in DeepSeek's
         reference), so a bf16 model routes as its fp32 scores say."""
-        scores = score(F.linear(x.float(), self.weight.float()), self.func)
+        f32 = torch.float32
+        scores = score(F.linear(x if x.dtype == f32 else x.float(), self.weight if self.weight.dtype == f32
+                                else self.weight.float()), self.func)
         if self.is_hash:
             idx = self.tid2eid[ids]
         else:
-            idx = torch.topk(scores + self.bias.float(), self.top_k, dim=-1, sorted=False).indices
+            idx = torch.topk(scores + self.bias, self.top_k, dim=-1, sorted=False).indices
         w = scores.gather(1, idx)
         if self.normalize:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
-        return (w * self.scale).to(x.dtype), idx
+        w = w * self.scale
+        return (w if w.dtype == x.dtype else w.to(x.dtype)), idx
 
 
 class MoE(nn.Module):

@@ -1259,6 +1259,44 @@ at::Tensor gqa_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   return out;
 }
 
+// Interleaved RoPE on the trailing 2 * half dims of x [N, M, D] (pairs 2i, 2i+1 of that tail), with
+// cos / sin [N, half] shared by the M rows of each n; `inverse` rotates by -angle. The leading dims are
+// copied. The same products as kernels.reference.apply_rope: a cos - b sin, a sin + b cos.
+at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool inverse) {
+  TORCH_CHECK(x_in.dim() == 3 && cos_in.dim() == 2 && cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == x_in.size(0),
+              "rope: x [N, M, D], cos / sin [N, half]");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat,
+              "rope: float32 tensors");
+  const int64_t N = x_in.size(0), M = x_in.size(1), D = x_in.size(2), half = cos_in.size(1), lead = D - 2 * half;
+  TORCH_CHECK(lead >= 0, "rope: ", 2 * half, " rotated dims exceed D = ", D);
+  at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  const float* xp = x.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const float* sp = sn.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const float sg = inverse ? -1.0f : 1.0f;
+  auto rows = [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t n = r / M;
+      const float* xr = xp + r * D;
+      float* orow = op + r * D;
+      std::memcpy(orow, xr, lead * sizeof(float));
+      const float* cr = cp + n * half;
+      const float* sr = sp + n * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = xr[lead + 2 * i], b = xr[lead + 2 * i + 1], cs = cr[i], sn_ = sg * sr[i];
+        const float ac = a * cs, bs = b * sn_, as = a * sn_, bc = b * cs;
+        orow[lead + 2 * i] = ac - bs;
+        orow[lead + 2 * i + 1] = as + bc;
+      }
+    }
+  };
+  if (N * M * D >= (1 << 18)) at::parallel_for(0, N * M, 64, rows);
+  else rows(0, N * M);
+  return out;
+}
+
 // Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
 // x [T, D]; idx [T, k] expert ids; wts [T, k] route weights; w13 [E, 2I, D/2] (w1 rows then w3 rows),
 // s13 [E, 2I, D/32]; w2 [E, D, I/2], s2 [E, D, I/32]; limit: the SwiGLU clamp (<= 0: none).
@@ -1494,6 +1532,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("hc_weights(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float hc_eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
   m.def("attn_decode(Tensor q, Tensor win, int p, Tensor kv, Tensor ent, Tensor ent_valid, Tensor sink, float scale) -> Tensor");
   m.def("gqa_decode(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
+  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -1510,4 +1549,5 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("hc_weights", &hc_weights);
   m.impl("attn_decode", &attn_decode);
   m.impl("gqa_decode", &gqa_decode);
+  m.impl("rope", &rope);
 }
