@@ -859,10 +859,80 @@ void kq_rows_scalar(const float* x, int64_t M, int64_t K, const uint8_t* w, int 
   kq_rows_impl(x, M, K, w, q, y, N, n0, n1);
 }
 
+// AVX-512 Q4_K and Q6_K rows without the fp32 staging buffer: each 16- or 32-value group's codes are
+// widened in registers and multiplied into 16-lane sums (Q4_K: d * scale * sum(q x) - dmin * min * sum(x),
+// the second term as its own vector sum). Fixed order per output: batch-invariant.
+AVX512_TARGET float q4k_dot_avx512(const float* x, const uint8_t* wr, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps(), macc = _mm512_setzero_ps();
+  const __m512i fifteen = _mm512_set1_epi32(15);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wr + b * 144;
+    const float d = half_f16c(blk), dmin = half_f16c(blk + 2);
+    const uint8_t* sc = blk + 4;
+    const uint8_t* qs = blk + 16;
+    const float* xb = x + b * 256;
+    for (int s = 0; s < 8; ++s) {
+      const int scale = s < 4 ? (sc[s] & 63) : ((sc[s + 4] & 0xF) | ((sc[s - 4] >> 6) << 4));
+      const int mn = s < 4 ? (sc[s + 4] & 63) : ((sc[s + 4] >> 4) | ((sc[s] >> 6) << 4));
+      const uint8_t* qq = qs + (s / 2) * 32;
+      const int shift = (s & 1) * 4;
+      const __m512i v0 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qq)));
+      const __m512i v1 = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qq + 16)));
+      const __m512 q0 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v0, shift), fifteen));
+      const __m512 q1 = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(v1, shift), fifteen));
+      const __m512 x0 = _mm512_loadu_ps(xb + s * 32), x1 = _mm512_loadu_ps(xb + s * 32 + 16);
+      __m512 p = _mm512_mul_ps(q0, x0);
+      p = _mm512_fmadd_ps(q1, x1, p);
+      acc = _mm512_fmadd_ps(p, _mm512_set1_ps(d * static_cast<float>(scale)), acc);
+      macc = _mm512_fmadd_ps(_mm512_add_ps(x0, x1), _mm512_set1_ps(dmin * static_cast<float>(mn)), macc);
+    }
+  }
+  return _mm512_reduce_add_ps(acc) - _mm512_reduce_add_ps(macc);
+}
+
+AVX512_TARGET float q6k_dot_avx512(const float* x, const uint8_t* wr, int64_t nb) {
+  __m512 acc = _mm512_setzero_ps();
+  const __m512i fifteen = _mm512_set1_epi32(15), three = _mm512_set1_epi32(3), thirty_two = _mm512_set1_epi32(32);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = wr + b * 210;
+    const uint8_t* ql = blk;
+    const uint8_t* qh = blk + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(blk + 192);
+    const float d = half_f16c(blk + 208);
+    const float* xb = x + b * 256;
+    for (int h = 0; h < 2; ++h)
+      for (int k = 0; k < 4; ++k) {
+        const uint8_t* lo = ql + h * 64 + (k & 1) * 32;
+        const int lshift = (k >> 1) * 4, hshift = 2 * k;
+        for (int half = 0; half < 2; ++half) {
+          const __m512i l = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + half * 16)));
+          const __m512i hb = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qh + h * 32 + half * 16)));
+          const __m512i v = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi32(l, lshift), fifteen),
+                                            _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(hb, hshift), three), 4));
+          const __m512 q = _mm512_cvtepi32_ps(_mm512_sub_epi32(v, thirty_two));
+          const __m512 xv = _mm512_loadu_ps(xb + h * 128 + k * 32 + half * 16);
+          acc = _mm512_fmadd_ps(_mm512_mul_ps(q, xv), _mm512_set1_ps(d * static_cast<float>(sc[h * 8 + k * 2 + half])), acc);
+        }
+      }
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+AVX512_TARGET void kq_fast_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, int q, float* y,
+                                       int64_t N, int64_t n0, int64_t n1) {
+  const int64_t nb = K / 256, row_bytes = nb * kq_bytes(q);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m)
+      y[m * N + n] = q == GGML_Q4_K ? q4k_dot_avx512(x + m * K, w + n * row_bytes, nb)
+                                    : q6k_dot_avx512(x + m * K, w + n * row_bytes, nb);
+}
+
 void kq_rows(const float* x, int64_t M, int64_t K, const uint8_t* w, int q, float* y, int64_t N, int64_t n0,
              int64_t n1) {
   switch (isa()) {
-    case AVX512: return kq_rows_avx512(x, M, K, w, q, y, N, n0, n1);
+    case AVX512:
+      if (q == GGML_Q4_K || q == GGML_Q6_K) return kq_fast_rows_avx512(x, M, K, w, q, y, N, n0, n1);
+      return kq_rows_avx512(x, M, K, w, q, y, N, n0, n1);
     case AVX2: return kq_rows_avx2(x, M, K, w, q, y, N, n0, n1);
     default: return kq_rows_scalar(x, M, K, w, q, y, N, n0, n1);
   }
