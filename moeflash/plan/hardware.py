@@ -88,19 +88,18 @@ class Hardware:
 
 # ---------------------------------------------------------------------------------------------------
 # Measured on this machine (2 vCPUs of an AMD EPYC with AVX-512 BF16, 24 GiB, torch 2.13 CPU, 2
-# threads) by `.venv/bin/python bench/plan_vs_measured.py --threads 2 --calibrate` on 2026-11-29 (its
-# calibration step is `probe_hardware`, the code of `moeflash plan --probe`; load average ~1.1-1.5 from
-# other work): see BENCHMARKS.md "Planner vs measurement".
+# threads) by `.venv/bin/python bench/plan_vs_measured.py --threads 2 --calibrate --presets mini` on
+# 2026-11-30, after the native decode-attention, RoPE and FP4 changes (its calibration step is
+# `probe_hardware`, the code of `moeflash plan --probe`): see BENCHMARKS.md "Planner vs measurement".
 CPU_2C_MEASURED = dict(
-    read_gbps=30.5,           # torch.sum over 1 GiB fp32, median of 3 allocations (BENCHMARKS.md decode: 31.0-32.6)
-    bf16_tflops=0.4075,       # 2048^3 bf16 matmul (BENCHMARKS.md prefill: 406.1 GFLOP/s)
-    disk_gbps=1.78,           # cold sequential read of a 256 MiB file after posix_fadvise(DONTNEED)
-    decode_efficiency=0.229,  # a decode step's bytes / time beyond overhead, over read_gbps (width-640 model)
-    prefill_efficiency=0.365,  # prefill FLOP/s over bf16_tflops (width-640 model, 512 tokens)
-    engine=EngineCosts(layer_ms=1.433, seq_layer_ms=0.465, group_us=3.85, expert_call_us=32.7,
-                       fp4_gweights_per_s=24.7, store_layer_ms=0.435, miss_gbps=0.577, runtime_gib=0.217,
-                       source="bench/plan_vs_measured.py --calibrate, 2026-11-29, this 2-vCPU box; "
-                              "fp4_gweights_per_s: probe_fp4_decode (the native FP4 kernel), 2026-11-30"),
+    read_gbps=34.7,           # torch.sum over 1 GiB fp32, median of 3 allocations (this VM: 30-55 between runs)
+    bf16_tflops=0.4202,       # 2048^3 bf16 matmul
+    disk_gbps=2.45,           # cold sequential read of a 256 MiB file after posix_fadvise(DONTNEED)
+    decode_efficiency=0.2675,  # a decode step's bytes / time beyond overhead, over read_gbps (width-640 model)
+    prefill_efficiency=0.4005,  # prefill FLOP/s over bf16_tflops (width-640 model, 512 tokens)
+    engine=EngineCosts(layer_ms=0.777, seq_layer_ms=0.113, group_us=2.02, expert_call_us=18.7,
+                       fp4_gweights_per_s=32.9, store_layer_ms=0.085, miss_gbps=1.61, runtime_gib=0.217,
+                       source="bench/plan_vs_measured.py --calibrate, 2026-11-30, this 2-vCPU box"),
 )
 
 _GPU_DECODE_SRC = ("0.35 = gpt-fast's Mixtral-8x7B int8 on one A100-80GB (github.com/pytorch-labs/gpt-fast, "
