@@ -150,7 +150,7 @@ def quant_fp8(w: torch.Tensor, block: int = FP8_BLOCK) -> tuple[torch.Tensor, to
     """
     if w.dim() != 2:
         raise ValueError(f"quant_fp8 expects a 2-D weight [out, in], got shape {list(w.shape)}")
-    x = w.to(torch.float32)
+    x = w.to(torch.float32).contiguous()
     out, in_ = x.shape
     ob, ib = fp8_scale_shape(out, in_, block)
     tiles = _pad_to(x, ob * block, ib * block).view(ob, block, ib, block)
@@ -178,7 +178,7 @@ def quant_fp4(w: torch.Tensor, group: int = FP4_GROUP) -> tuple[torch.Tensor, to
     """
     if w.dim() != 2:
         raise ValueError(f"quant_fp4 expects a 2-D weight [out, in], got shape {list(w.shape)}")
-    x = w.to(torch.float32)
+    x = w.to(torch.float32).contiguous()
     out, in_ = x.shape
     if in_ % 2:
         raise ValueError(f"FP4 packs two inputs per byte, so `in` must be even (got {in_})")
