@@ -68,8 +68,7 @@ class DiskExperts:
 
     def __init__(self, ckpt, config, drop_page_cache: bool = True):
         self.config, self.drop_page_cache = config, drop_page_cache
-        self._fds: dict[Path, int] = {}
-        self._data_start: dict[Path, int] = {}
+        self._ckpt = ckpt  # its file descriptors serve the reads; closed with the store
         self.spans: dict[tuple[int, int], dict[str, tuple[_Span, _Span | None, str | None]]] = {}
         for i in range(config.num_hidden_layers):
             for j in range(config.n_routed_experts):
@@ -85,14 +84,10 @@ class DiskExperts:
         self.expert_disk_bytes = sum(s.nbytes + (c.nbytes if c else 0) for s, c, _ in self.spans[(0, 0)].values())
 
     def _span(self, t) -> _Span:
-        if t.file not in self._fds:
-            fd = os.open(t.file, os.O_RDONLY)
-            self._fds[t.file] = fd
-            self._data_start[t.file] = 8 + int.from_bytes(os.pread(fd, 8, 0), "little")
         if t.dtype not in TORCH_DTYPES:
             raise ValueError(f"expert tensor {t.name} has dtype {t.dtype}, which the expert store cannot read")
-        return _Span(self._fds[t.file], self._data_start[t.file] + t.start, t.end - t.start, TORCH_DTYPES[t.dtype],
-                     t.shape)
+        fd, base = self._ckpt.fd(t.file)
+        return _Span(fd, base + t.start, t.end - t.start, TORCH_DTYPES[t.dtype], t.shape)
 
     def _read(self, s: _Span) -> torch.Tensor:
         buf = pread_exact(s.fd, s.offset, s.nbytes)
@@ -104,9 +99,7 @@ class DiskExperts:
         return {w: (self._read(s), self._read(c) if c else None, fmt) for w, (s, c, fmt) in self.spans[key].items()}
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._ckpt.close()
 
 
 class ResidentExpert:
@@ -184,10 +177,6 @@ class FP4Slab:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() for t in (self.q13, self.s13, self.q2, self.s2))
-
 
 @dataclass
 class LayerCounters:
@@ -215,16 +204,14 @@ class ExpertStore:
         c = self.config
         self.n_layers, self.n_experts = c.num_hidden_layers, c.n_routed_experts
         _unmap_large_frees()
-        probe = ResidentExpert(self.disk.read((0, 0)), c.swiglu_limit, self.dtype)
-        del probe.parts
-        self.expert_bytes = probe.nbytes
+        first = self.disk.read((0, 0))
+        self.expert_bytes = ResidentExpert(first, c.swiglu_limit, self.dtype).nbytes
         capacity = self.budget_bytes // self.expert_bytes
         if capacity < 1:
             raise ValueError(f"an expert budget of {self.budget_bytes / 2**20:.1f} MiB holds no expert: one "
                              f"expert takes {self.expert_bytes / 2**20:.2f} MiB")
         self.capacity = min(capacity, self.n_layers * self.n_experts)
         self.policy = make_policy(self.policy_name, self.capacity, **self.policy_kw)
-        first = self.disk.read((0, 0))
         self.slab = FP4Slab(self.capacity, first) if FP4Slab.holds(first) else None
         # key -> ResidentExpert, or its slab slot (int) when the experts are FP4
         self.cache: dict[tuple[int, int], ResidentExpert | int] = {}

@@ -416,8 +416,9 @@ class Checkpoint:
                 raise CheckpointError(f"cannot open {file} as safetensors: {e}") from e
         return self._handles[file]
 
-    def _fd(self, file: Path) -> tuple[int, int]:
-        """(file descriptor, offset of the data section) for pread."""
+    def fd(self, file: Path) -> tuple[int, int]:
+        """(file descriptor, offset of the data section) of one of the checkpoint's files, for pread;
+        open until `close`."""
         if file not in self._fds:
             fd = os.open(file, os.O_RDONLY)
             self._fds[file] = (fd, 8 + int.from_bytes(os.pread(fd, 8, 0), "little"))
@@ -433,7 +434,7 @@ class Checkpoint:
             return None
         first, count, shape = span
         item = torch.empty((), dtype=dtype).element_size()
-        fd, base = self._fd(t.file)
+        fd, base = self.fd(t.file)
         return torch.frombuffer(pread_exact(fd, base + t.start + first * item, count * item), dtype=dtype).view(shape) \
             if count else torch.empty(shape, dtype=dtype)
 
