@@ -17,6 +17,17 @@ from .reference import GGUF_BLOCK_BYTES, GGUF_BLOCK_VALUES
 FP8_BLOCK = 128
 
 
+def _fuse_rows(mods: list, name: str, make) -> nn.Module:
+    """One layer `make(buffer)` over the row-wise concatenation of the modules' buffer `name`; each
+    module's buffer becomes a view of its rows in the fused one (Bf16Linear, GgufLinear)."""
+    fused = make(torch.cat([getattr(m, name) for m in mods]))
+    start = 0
+    for m in mods:
+        setattr(m, name, getattr(fused, name)[start:start + m.out_features])
+        start += m.out_features
+    return fused
+
+
 class Fp8Linear(nn.Module):
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
@@ -85,12 +96,7 @@ class Bf16Linear(nn.Module):
         """One layer computing all of `mods` (same input); their buffers become views of the fused one."""
         if len({m.in_features for m in mods}) != 1:
             return None
-        fused = Bf16Linear(torch.cat([m.weight for m in mods]))
-        start = 0
-        for m in mods:
-            m.weight = fused.weight[start:start + m.out_features]
-            start += m.out_features
-        return fused
+        return _fuse_rows(mods, "weight", Bf16Linear)
 
 
 class GgufLinear(nn.Module):
@@ -125,9 +131,4 @@ class GgufLinear(nn.Module):
         """One layer for several of the same type and input; their buffers become views of the fused one."""
         if len({(m.qtype, m.in_features) for m in mods}) != 1:
             return None
-        fused = GgufLinear(torch.cat([m.qblocks for m in mods]), mods[0].qtype)
-        start = 0
-        for m in mods:
-            m.qblocks = fused.qblocks[start:start + m.out_features]
-            start += m.out_features
-        return fused
+        return _fuse_rows(mods, "qblocks", lambda blocks: GgufLinear(blocks, mods[0].qtype))
