@@ -38,6 +38,11 @@ BENCH_DIR = Path(os.environ.get("MOEFLASH_BENCH_DIR", "/tmp/moeflash-bench"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def rss_bytes() -> int:
+    """This process's resident memory now (bytes), from /proc/self/statm."""
+    return int(open("/proc/self/statm").read().split()[1]) * 4096
+
+
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 

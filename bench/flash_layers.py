@@ -30,17 +30,15 @@ from common import BENCH_DIR, ROOT, machine_info, print_json, rounded
 CHILD = r"""
 import json, resource, statistics, sys, time, torch
 sys.path.insert(0, sys.argv[4])
-from common import bytes_per_token, moeflash_greedy_steps, read_bandwidth_probe
+from common import bytes_per_token, moeflash_greedy_steps, read_bandwidth_probe, rss_bytes
 torch.set_num_threads(int(sys.argv[2]))
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
 from moeflash import kernels
 from moeflash.weights.build import load_model
-runtime = rss()
+runtime = rss_bytes()
 t0 = time.perf_counter()
 model, _ = load_model(sys.argv[1])
 load_s = time.perf_counter() - t0
-after = rss()
+after = rss_bytes()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 tokens = int(sys.argv[3])
 with torch.inference_mode():

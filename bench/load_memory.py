@@ -20,16 +20,14 @@ from common import BENCH_DIR, ROOT, machine_info, print_json, rounded
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, sys.argv[4])
-from common import moeflash_greedy_steps
+from common import moeflash_greedy_steps, rss_bytes
 torch.set_num_threads(int(sys.argv[3]))
-def rss():
-    return int(open('/proc/self/statm').read().split()[1]) * 4096
 from moeflash.weights.build import load_model
-runtime = rss()
+runtime = rss_bytes()
 t0 = time.perf_counter()
 model, _ = load_model(sys.argv[1], dtype="float32", dequantize=sys.argv[2] == "dequantize")
 load_s = time.perf_counter() - t0
-after = rss()
+after = rss_bytes()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 times, ids, *_ = moeflash_greedy_steps(model, torch.arange(1, 17), 4, 32)
 print(json.dumps({"load_s": load_s, "runtime_bytes": runtime, "resident_bytes": after, "peak_bytes": peak,

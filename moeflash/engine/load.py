@@ -27,8 +27,7 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
         return build.load_model(spec, dtype, memory_limit, dequantize, progress)
     name = str(spec)
     if not Path(name).is_dir():
-        raise ValueError("--expert-memory and --memory-limit need a V4 checkpoint directory (experts are "
-                         "streamed from its files); convert a preset with `moeflash convert --preset NAME --out DIR`")
+        raise ValueError(build.NEEDS_CHECKPOINT_DIR)
     if dequantize:
         raise ValueError("--dequantize loads every weight decoded; it does not combine with --expert-memory")
     path = build.checkpoint_dir(name)

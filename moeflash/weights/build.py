@@ -221,6 +221,10 @@ def _load_checkpoint(path: str | Path, dtype: str | torch.dtype, expert_memory: 
     return _fast_layout(model.eval(), pack_experts=False), ckpt, torch_dtype, budget
 
 
+NEEDS_CHECKPOINT_DIR = ("--expert-memory and --memory-limit need a V4 checkpoint directory (experts are streamed "
+                        "from its files); convert a preset with `moeflash convert --preset NAME --out DIR`")
+
+
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", memory_limit: float | None = None,
                dequantize: bool = False, progress=None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory, every
@@ -228,8 +232,7 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", memory_limit
     directories only). Models whose experts stream from disk: `moeflash.engine.load.load_model`."""
     name = str(spec)
     if memory_limit is not None and not Path(name).is_dir():
-        raise ValueError("--expert-memory and --memory-limit need a V4 checkpoint directory (experts are "
-                         "streamed from its files); convert a preset with `moeflash convert --preset NAME --out DIR`")
+        raise ValueError(NEEDS_CHECKPOINT_DIR)
     path = checkpoint_dir(name)
     if path is None:
         return named_model(name, dtype)
