@@ -33,6 +33,7 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from moeflash.config import CSA, HCA, SLIDING  # noqa: E402
+from moeflash.engine.forward import run_tokens
 
 BENCH_DIR = Path(os.environ.get("MOEFLASH_BENCH_DIR", "/tmp/moeflash-bench"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -370,12 +371,12 @@ def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int)
     id produced, the last next-token tensor, the sequence states). One step = forward_tokens of one
     token + logits + argmax, what the engine's step does for one sequence."""
     st = [model.new_seq_state()]
-    x = model.forward_tokens(prompt, st, [prompt.numel()])
+    x = run_tokens(model, prompt, st, [prompt.numel()])
     nxt = model.logits(x[-1:]).argmax(-1)
     times, ids = [], []
     for i in range(warmup + tokens):
         t0 = time.perf_counter()
-        x = model.forward_tokens(nxt, st, [1])
+        x = run_tokens(model, nxt, st, [1])
         nxt = model.logits(x).argmax(-1)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -388,11 +389,11 @@ def moeflash_decode_and_prefill(model, prompt: torch.Tensor, long_prompt: torch.
                                 tokens: int) -> dict:
     """Batch-1 greedy decode after `prompt` (`moeflash_greedy_steps`) and a one-call prefill of
     `long_prompt` in a fresh sequence: what the peer comparisons (transformers, llama.cpp) measure."""
-    model.forward_tokens(long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
+    run_tokens(model, long_prompt[:32], [model.new_seq_state()], [32])  # warm-up
     times, ids, _, _ = moeflash_greedy_steps(model, prompt, warmup, tokens)
     dec = sum(times)
     t0 = time.perf_counter()
-    x = model.forward_tokens(long_prompt, [model.new_seq_state()], [long_prompt.numel()])
+    x = run_tokens(model, long_prompt, [model.new_seq_state()], [long_prompt.numel()])
     model.logits(x[-1:]).argmax(-1)
     pre = time.perf_counter() - t0
     return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),

@@ -1,7 +1,7 @@
 """Batched decode throughput and achieved bandwidth (DESIGN.md "Performance model").
 
 For each batch size B: B sequences get prompts of `--prompt` random tokens (fixed seed) and are
-prefilled in one `model.forward_tokens(tokens, states, lengths)` call (states from
+prefilled in one `run_tokens(model, tokens, states, lengths)` call (states from
 `model.new_seq_state()`); then `--warmup` + `--tokens` decode steps run, each exactly what the
 engine's step does: ONE `forward_tokens` call with one token for each of the B sequences, then
 `model.logits(streams)` and argmax. Only the `--tokens` steps after the warm-up are timed.
@@ -31,6 +31,7 @@ import torch
 from common import (add_common_args, apply_common_args, bytes_per_token, log, machine_info,
                     make_or_load, param_bytes, print_json, random_tokens, read_bandwidth_probe,
                     rounded)
+from moeflash.engine.forward import run_tokens
 
 
 def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[torch.Tensor]:
@@ -41,9 +42,9 @@ def prompts_for(vocab: int, batch: int, length: int, seed: int) -> list[torch.Te
 def warm_up(model) -> None:
     """One short untimed prefill + decode so first-call costs (allocator, kernels) are not measured."""
     st = [model.new_seq_state()]
-    x = model.forward_tokens(random_tokens(model.config.vocab_size, 16, 123), st, [16])
+    x = run_tokens(model, random_tokens(model.config.vocab_size, 16, 123), st, [16])
     for _ in range(2):
-        x = model.forward_tokens(model.logits(x[-1:]).argmax(-1), st, [1])
+        x = run_tokens(model, model.logits(x[-1:]).argmax(-1), st, [1])
 
 
 @torch.inference_mode()
@@ -52,7 +53,7 @@ def raw_decode(model, batch: int, prompt_len: int, tokens: int, warmup: int, see
     prompts = prompts_for(cfg.vocab_size, batch, prompt_len, seed)
     states = [model.new_seq_state() for _ in range(batch)]
     t0 = time.perf_counter()
-    x = model.forward_tokens(torch.cat(prompts), states, [prompt_len] * batch)
+    x = run_tokens(model, torch.cat(prompts), states, [prompt_len] * batch)
     last = torch.arange(1, batch + 1) * prompt_len - 1
     nxt = model.logits(x[last]).argmax(-1)
     prefill_s = time.perf_counter() - t0
@@ -60,7 +61,7 @@ def raw_decode(model, batch: int, prompt_len: int, tokens: int, warmup: int, see
     ones = [1] * batch
     for i in range(warmup + tokens):
         t0 = time.perf_counter()
-        x = model.forward_tokens(nxt, states, ones)
+        x = run_tokens(model, nxt, states, ones)
         nxt = model.logits(x).argmax(-1)
         dt = time.perf_counter() - t0
         if i >= warmup:

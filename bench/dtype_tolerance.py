@@ -35,6 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_flags, log, machine_info, print_json, rounded  # noqa: E402
+from moeflash.engine.forward import run_tokens
 
 CAPS = {
     "native": {},
@@ -73,7 +74,7 @@ def worker(dtype: str, ids_file: str, out_file: str, threads: int) -> None:
     st = [model.new_seq_state()]
     rows = []
     for t in ids:  # teacher-forced decode: one token per step
-        rows.append(model.logits(model.forward_tokens(torch.tensor([t]), st, [1])).float()[0].numpy())
+        rows.append(model.logits(run_tokens(model, torch.tensor([t]), st, [1])).float()[0].numpy())
     prompt = _encode_prompt(tok, QUESTION, chat=True, system=None)
     out = LLMEngine(model, tok).generate([prompt], SamplingParams(max_tokens=16, temperature=0.0))[0]
     np.save(out_file, np.stack(rows))

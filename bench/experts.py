@@ -30,6 +30,7 @@ import sys
 import time
 
 from common import BENCH_DIR, add_common_args, apply_common_args, log, machine_info, make_or_load, print_json, rounded
+from moeflash.engine.forward import run_tokens
 
 PRESET = "flash-shaped"
 
@@ -56,14 +57,14 @@ def worker(cfg: dict) -> dict:
     prompt = random_tokens(model.config.vocab_size, 64, 0)
     with torch.inference_mode():
         st = [model.new_seq_state()]
-        x = model.forward_tokens(prompt, st, [prompt.numel()])
+        x = run_tokens(model, prompt, st, [prompt.numel()])
         nxt = model.logits(x[-1:]).argmax(-1)
         for _ in range(cfg["warmup"]):  # warm the cache (and the allocator) before measuring
-            nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
         before = store.stats() if store else None
         t0 = time.perf_counter()
         for _ in range(cfg["tokens"]):
-            nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
         dt = time.perf_counter() - t0
     out = {"load_s": load_s, "decode_tokens_per_s": cfg["tokens"] / dt, "decode_ms_per_token": 1e3 * dt / cfg["tokens"]}
     if store:

@@ -34,6 +34,7 @@ from common import bytes_per_token, moeflash_greedy_steps, read_bandwidth_probe,
 torch.set_num_threads(int(sys.argv[2]))
 from moeflash import kernels
 from moeflash.weights.build import load_model
+from moeflash.engine.forward import run_tokens
 runtime = rss_bytes()
 t0 = time.perf_counter()
 model, _ = load_model(sys.argv[1])
@@ -44,7 +45,7 @@ tokens = int(sys.argv[3])
 with torch.inference_mode():
     times, ids, nxt, st = moeflash_greedy_steps(model, torch.arange(1, 33), 2, tokens)
     moved = bytes_per_token(model, st)
-    x = model.forward_tokens(nxt, st, [1])
+    x = run_tokens(model, nxt, st, [1])
     head = []
     for _ in range(5):
         t = time.perf_counter(); model.logits(x).argmax(-1); head.append(time.perf_counter() - t)

@@ -25,6 +25,7 @@ from common import (add_common_args, apply_common_args, machine_info, print_json
 
 from moeflash import kernels as K
 from moeflash.weights.quant import quant_fp4, quant_fp8
+from moeflash.engine.forward import run_tokens
 
 
 def median_time(fn, iters: int = 30) -> float:
@@ -85,13 +86,13 @@ def decode_split(path: str, tokens: int) -> dict:
     timed(v4, "hc_weights", "mhc weights")
     timed(model, "logits", "logits")
     st = [model.new_seq_state()]
-    nxt = model.logits(model.forward_tokens(torch.arange(1, 65), st, [64])[-1:]).argmax(-1)
+    nxt = model.logits(run_tokens(model, torch.arange(1, 65), st, [64])[-1:]).argmax(-1)
     for _ in range(4):
-        nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+        nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
     spent.clear()
     t0 = time.perf_counter()
     for _ in range(tokens):
-        nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+        nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
     total = (time.perf_counter() - t0) / tokens
     return {"ms_per_token": 1e3 * total, "tokens_per_s": 1 / total, "kernels": K.status(),
             "parts_ms_per_token": {k: 1e3 * v / tokens for k, v in spent.most_common()}}

@@ -23,6 +23,7 @@ import torch
 
 from common import (add_common_args, apply_common_args, bytes_per_token, log, machine_info, make_or_load,
                     print_json, random_tokens, read_bandwidth_probe, rounded, state_element_size)
+from moeflash.engine.forward import run_tokens
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     log(f"[long] read bandwidth {probe:.1f} GB/s")
     with torch.inference_mode():  # warm-up: one chunk on a throwaway state (first-touch memory costs)
         n = min(args.chunk, max(args.contexts))
-        model.forward_tokens(random_tokens(cfg.vocab_size, n, args.seed + 7), [model.new_seq_state()], [n])
+        run_tokens(model, random_tokens(cfg.vocab_size, n, args.seed + 7), [model.new_seq_state()], [n])
     gc.collect()
     st = model.new_seq_state()
     esize = state_element_size(st)
@@ -63,7 +64,7 @@ def main() -> None:
             x = None
             while fed < ctx:
                 b = min(fed + args.chunk, ctx)
-                x = model.forward_tokens(prompt[fed:b], [st], [b - fed])
+                x = run_tokens(model, prompt[fed:b], [st], [b - fed])
                 fed = b
                 if fed % (8 * args.chunk) == 0 or fed == ctx:
                     el = time.perf_counter() - t0
@@ -74,7 +75,7 @@ def main() -> None:
             times, reads = [], []
             for i in range(args.decode + 1):
                 t1 = time.perf_counter()
-                x = model.forward_tokens(nxt, [st], [1])
+                x = run_tokens(model, nxt, [st], [1])
                 nxt = model.logits(x).argmax(-1)
                 dt = time.perf_counter() - t1
                 if i:  # the first step is a warm-up

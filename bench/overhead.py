@@ -25,6 +25,7 @@ import torch
 from common import (add_common_args, apply_common_args, build_hf, hf_experts_impl, hf_greedy_steps, log,
                     machine_info, make_or_load, moeflash_greedy_steps, print_json, random_tokens,
                     rounded)
+from moeflash.engine.forward import run_tokens
 
 
 def median(xs):
@@ -35,7 +36,7 @@ def median(xs):
 @torch.inference_mode()
 def moeflash_decode(model, prompt: torch.Tensor, tokens: int, warmup: int) -> dict:
     times, _, nxt, st = moeflash_greedy_steps(model, prompt, warmup, tokens)
-    ops = count_ops(lambda: model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1))
+    ops = count_ops(lambda: model.logits(run_tokens(model, nxt, st, [1])).argmax(-1))
     return {"ms_per_token_mean": 1e3 * sum(times) / len(times), "ms_per_token_median": 1e3 * median(times),
             "ms_per_token_best": 1e3 * min(times), "torch_ops_per_token": ops,
             "us_per_op": 1e6 * median(times) / ops if ops else None,

@@ -47,6 +47,7 @@ from common import (
     print_json,
     rounded,
 )
+from moeflash.engine.forward import run_tokens
 
 GIB = 2 ** 30
 
@@ -99,26 +100,26 @@ def worker(cfg: dict) -> dict:
     with torch.inference_mode():
         if store is not None:  # fill the cache: one long prompt touches every expert
             st = [model.new_seq_state()]
-            model.forward_tokens(random_tokens(vocab, cfg["store_prompt"], 99), st, [cfg["store_prompt"]])
+            run_tokens(model, random_tokens(vocab, cfg["store_prompt"], 99), st, [cfg["store_prompt"]])
         st = [model.new_seq_state()]  # untimed warm-up decode: first steps after a load run slow here
-        nxt = model.logits(model.forward_tokens(random_tokens(vocab, 16, 7), st, [16])[-1:]).argmax(-1)
+        nxt = model.logits(run_tokens(model, random_tokens(vocab, 16, 7), st, [16])[-1:]).argmax(-1)
         for _ in range(8):
-            nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
         for b in cfg["batches"]:
             states = [model.new_seq_state() for _ in range(b)]
             p = cfg["prompt"]
             ids = torch.cat([random_tokens(vocab, p, 1000 * b + i) for i in range(b)])
-            x = model.forward_tokens(ids, states, [p] * b)
+            x = run_tokens(model, ids, states, [p] * b)
             nxt = model.logits(x[torch.arange(1, b + 1) * p - 1]).argmax(-1)
             for _ in range(cfg["warmup"]):
-                nxt = model.logits(model.forward_tokens(nxt, states, [1] * b)).argmax(-1)
+                nxt = model.logits(run_tokens(model, nxt, states, [1] * b)).argmax(-1)
             before = store.stats() if store else None
             reps = []  # `--repeats` runs of `--tokens` steps; the fastest median counts (as the probe does)
             for _ in range(cfg["repeats"]):
                 times = []
                 for _ in range(cfg["tokens"]):
                     t1 = time.perf_counter()
-                    nxt = model.logits(model.forward_tokens(nxt, states, [1] * b)).argmax(-1)
+                    nxt = model.logits(run_tokens(model, nxt, states, [1] * b)).argmax(-1)
                     times.append(time.perf_counter() - t1)
                 reps.append(times)
             meds = [sorted(t)[len(t) // 2] for t in reps]

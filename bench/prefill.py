@@ -26,6 +26,7 @@ import torch
 
 from common import (activated_flops_per_token, add_common_args, apply_common_args, attention_flops, log,
                     machine_info, make_or_load, matmul_probe, print_json, random_tokens, rounded)
+from moeflash.engine.forward import run_tokens
 
 
 @torch.inference_mode()
@@ -38,7 +39,7 @@ def prefill(model, length: int, chunk: int, seed: int) -> dict:
     for a in range(0, length, chunk):
         t0 = time.perf_counter()
         b = min(a + chunk, length)
-        x = model.forward_tokens(tokens[a:b], [st], [b - a])
+        x = run_tokens(model, tokens[a:b], [st], [b - a])
         chunk_s.append(time.perf_counter() - t0)
     model.logits(x[-1:]).argmax(-1)
     total = time.perf_counter() - t_all
@@ -64,7 +65,7 @@ def main() -> None:
     log(f"[prefill] matmul fp32 {peak:.1f} GFLOP/s; {args.dtype} {peak_dtype:.1f} GFLOP/s")
     with torch.inference_mode():  # warm-up: one chunk on a throwaway state (first-touch memory costs)
         n = min(args.chunk, max(args.lengths))
-        model.forward_tokens(random_tokens(cfg.vocab_size, n, 99), [model.new_seq_state()], [n])
+        run_tokens(model, random_tokens(cfg.vocab_size, n, 99), [model.new_seq_state()], [n])
     per_tok = activated_flops_per_token(cfg)
     rows = []
     for L in args.lengths:

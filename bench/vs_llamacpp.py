@@ -34,6 +34,7 @@ import torch
 
 from common import (BENCH_DIR, add_common_args, apply_common_args, log, machine_info, make_or_load,
                     moeflash_decode_and_prefill, print_json, random_tokens, rounded)
+from moeflash.engine.forward import run_tokens
 
 
 def bench_llama_cpp(path, prompt: list[int], long_prompt: list[int], warmup: int, tokens: int,
@@ -182,8 +183,8 @@ def v4_mini_official(args) -> dict:
     res = moeflash_decode_and_prefill(model, prompt, long_prompt, args.warmup, args.tokens)
     st = [model.new_seq_state()]
     with torch.inference_mode():
-        model.forward_tokens(prompt, st, [prompt.numel()])
-        model.forward_tokens(prompt[:1], st, [1])
+        run_tokens(model, prompt, st, [prompt.numel()])
+        run_tokens(model, prompt[:1], st, [1])
     per_token = bytes_per_token(model, st)["per_token"]
     res["bytes_per_token"] = per_token
     res["roofline_fraction"] = per_token * res["decode_tokens_per_s"] / (probe * 1e9)

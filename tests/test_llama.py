@@ -13,6 +13,7 @@ import torch
 from moeflash.config import LlamaConfig
 from moeflash.engine import LLMEngine, SamplingParams
 from moeflash.model.llama import Llama
+from moeflash.engine.forward import run_tokens
 
 transformers = pytest.importorskip("transformers", reason="transformers==5.23.0 (the test extra) is the oracle")
 
@@ -98,7 +99,7 @@ def test_chunked_and_decode_match_transformers(pair, fused):
     state = ours.new_seq_state()
     out, pos = [], 0
     for n in (7, 1, 13, 3, 16):  # ragged prompt chunks, then single tokens
-        x = ours.forward_tokens(ids[0, pos:pos + n], [state], [n])
+        x = run_tokens(ours, ids[0, pos:pos + n], [state], [n])
         out.append(ours.logits(x))
         pos += n
     err = (torch.cat(out) - ref[0]).abs().max().item()
@@ -110,8 +111,8 @@ def test_chunked_and_decode_match_transformers(pair, fused):
 def test_two_sequences_in_one_flat_batch(pair):
     cfg, _, ours, ids, ref = pair
     s0, s1 = ours.new_seq_state(), ours.new_seq_state()
-    ours.forward_tokens(ids[0, :10], [s0], [10])
-    x = ours.forward_tokens(torch.cat([ids[0, 10:11], ids[1, :25]]), [s0, s1], [1, 25])
+    run_tokens(ours, ids[0, :10], [s0], [10])
+    x = run_tokens(ours, torch.cat([ids[0, 10:11], ids[1, :25]]), [s0, s1], [1, 25])
     assert (ours.logits(x[:1]) - ref[0, 10]).abs().max() < TOL
     assert (ours.logits(x[1:]) - ref[1, :25]).abs().max() < TOL
 

@@ -25,6 +25,7 @@ from moeflash.plan.planner import (
     state_per_token,
     tensor_bytes,
 )
+from moeflash.engine.forward import run_tokens
 
 FLASH = ModelConfig.preset("v4-flash")
 
@@ -108,10 +109,10 @@ def test_memory_prediction_equals_engine_allocation(dtype, fmt):
     st = model.new_seq_state()
     g = torch.Generator().manual_seed(0)
     with torch.inference_mode():
-        x = model.forward_tokens(torch.randint(0, cfg.vocab_size, (37,), generator=g), [st], [37])
+        x = run_tokens(model, torch.randint(0, cfg.vocab_size, (37,), generator=g), [st], [37])
         nxt = model.logits(x[-1:]).argmax(-1)
         for _ in range(11):
-            nxt = model.logits(model.forward_tokens(nxt, [st], [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, [st], [1])).argmax(-1)
     assert st.pos == 48
     predicted = state_components(cfg, 48, fmt)["total"]
     assert st.used_bytes() == predicted

@@ -137,3 +137,21 @@ def test_fused_projections_match(tiny):
         ids = torch.randint(0, 262, (2, 25), generator=torch.Generator().manual_seed(9))
         assert (fused(ids) - tiny(ids)).abs().max() < 1e-5
         assert all(torch.equal(v, tiny.state_dict()[k]) for k, v in fused.state_dict().items())
+
+
+@torch.no_grad()
+def test_model_writes_state_and_the_caller_advances_it(tiny):
+    """forward_tokens leaves positions alone (the engine owns them); run_tokens advances them."""
+    from moeflash.engine.forward import run_tokens
+
+    ids = torch.randint(0, tiny.config.vocab_size, (12,), generator=torch.Generator().manual_seed(5))
+    a, b = tiny.new_seq_state(), tiny.new_seq_state()
+    tiny.forward_tokens(ids[:7], [a], [7])
+    assert a.pos == 0
+    a.pos = 7
+    run_tokens(tiny, ids[:7], [b], [7])
+    assert b.pos == 7
+    x = tiny.forward_tokens(ids[7:], [a], [5])
+    y = run_tokens(tiny, ids[7:], [b], [5])
+    assert a.pos == 7 and b.pos == 12
+    assert torch.equal(x, y)

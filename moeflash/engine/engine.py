@@ -20,6 +20,7 @@ from .detok import IncrementalDetokenizer
 from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Logprob, RequestOutput, Sequence, Status
+from .forward import run_tokens
 
 
 class LLMEngine:
@@ -172,7 +173,7 @@ class LLMEngine:
                 self.stats["prompt_tokens"] += min(n, len(seq.prompt) - start)
             offset += n
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        streams = self.model.forward_tokens(ids, [s.state for s in seqs], lengths)
+        streams = run_tokens(self.model, ids, [s.state for s in seqs], lengths)
         self.stats["forward_tokens"] += len(tokens)
         if hasattr(self.model, "experts_read"):
             self.stats["routed_experts_read"] += self.model.experts_read()

@@ -35,6 +35,7 @@ from ..kernels import fp4_linear
 from ..weights.loader import TORCH_DTYPES, pread_exact
 from ..weights.quant import dequant_fp8
 from .expert_policy import make_policy
+from .forward import run_tokens
 
 def _unmap_large_frees() -> None:
     """Make glibc serve allocations of 128 KiB and more with their own mappings, returned to the OS
@@ -413,13 +414,13 @@ def record_trace(model, prompts: list[list[int]], max_new_tokens: int) -> dict:
     out = {"tokens": [], "seqs": [], "positions": [], "token_ids": [], "decode_seconds": 0.0, "decode_steps": 0}
     for s, ids in enumerate(prompts):
         state = model.new_seq_state()
-        x = model.forward_tokens(torch.tensor(ids), [state], [len(ids)])
+        x = run_tokens(model, torch.tensor(ids), [state], [len(ids)])
         rows = rec.take()
         nxt = int(model.logits(x[-1:]).argmax(-1))
         fed = list(ids)
         for _ in range(max_new_tokens):
             t0 = time.perf_counter()
-            x = model.forward_tokens(torch.tensor([nxt]), [state], [1])
+            x = run_tokens(model, torch.tensor([nxt]), [state], [1])
             new = int(model.logits(x).argmax(-1))
             out["decode_seconds"] += time.perf_counter() - t0
             out["decode_steps"] += 1

@@ -179,7 +179,8 @@ class Llama(nn.Module):
     # -- forward ----------------------------------------------------------------------------------
     def forward_tokens(self, tokens: torch.Tensor, seqs: list[LlamaSeqState], lengths: list[int]) -> torch.Tensor:
         """tokens [N] = the new tokens of seqs back to back (lengths[i] for seqs[i]) -> hidden [N, dim]
-        (fp32); advances every sequence."""
+        (fp32). Caches are written at positions pos..pos+n-1 and `pos` is left to the caller to
+        advance (the engine does; `engine.forward.run_tokens`)."""
         if tokens.dim() != 1 or tokens.shape[0] != sum(lengths):
             raise ValueError(f"tokens must be a flat [sum(lengths)={sum(lengths)}] tensor, got {tuple(tokens.shape)}")
         if len(seqs) != len(lengths):
@@ -197,8 +198,6 @@ class Llama(nn.Module):
         for i, layer in enumerate(self.layers):
             x = x + layer.attn(layer.attn_norm(x).to(dtype), i, seqs, lengths, cos, sin).float()
             x = x + layer.ffn(layer.ffn_norm(x).to(dtype)).float()
-        for seq, n in zip(seqs, lengths):
-            seq.pos += n
         return x
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,9 @@
 (embedding -> n streams -> blocks -> hyper head -> norm -> logits) and the MTP module.
 
 Module and parameter names equal the official checkpoint names (V4-SPEC §5.2), so a state dict
-loads without renaming. Every forward call consumes new tokens and advances the sequences' states;
-a full forward, a chunked prefill and token-by-token decode produce the same logits. Tokens of many
+loads without renaming. Every forward call writes new tokens into the sequences' states (their
+owner advances the positions); a full forward, a chunked prefill and token-by-token decode produce
+the same logits. Tokens of many
 sequences (each at its own position, any number of new tokens each) run through one call as a flat
 batch: `forward_tokens(tokens, seqs, lengths)`; this is what continuous batching uses.
 """
@@ -124,7 +125,10 @@ class Transformer(nn.Module):
 
     def forward_tokens(self, tokens: torch.Tensor, seqs: list[SeqState], lengths: list[int]) -> torch.Tensor:
         """Run new tokens of several sequences: tokens [N] = the sequences' new tokens back to back,
-        lengths[i] of them for seqs[i]. Returns the final streams [N, n, dim]; advances each seq."""
+        lengths[i] of them for seqs[i]. Returns the final streams [N, n, dim].
+
+        Each seq's state is written at positions pos..pos+n-1, and `pos` is left alone: the caller
+        owns the sequence and advances it (the engine does; `engine.forward.run_tokens`)."""
         if tokens.dim() != 1 or tokens.shape[0] != sum(lengths):
             raise ValueError(f"tokens must be a flat [sum(lengths)={sum(lengths)}] tensor, got {tuple(tokens.shape)}")
         vocab = self.config.vocab_size
@@ -136,16 +140,18 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
             x = layer(x, tokens, segs, [s.layers[i] for s in seqs], positions, rope)
-        for seq, n in zip(seqs, lengths):
-            seq.pos += n
         return x
 
     def forward_streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
-        """ids [B, S] for a ModelState of B sequences at one position -> streams [B, S, n, dim]."""
+        """ids [B, S] for a ModelState of B sequences at one position -> streams [B, S, n, dim].
+
+        The stand-alone API (as transformers' models update their cache): it advances `state`."""
         b, s = ids.shape
         if state.batch_size != b:
             raise ValueError(f"state holds {state.batch_size} sequences but ids has batch size {b}")
         x = self.forward_tokens(ids.reshape(-1), state.seqs, [s] * b)
+        for seq in state.seqs:
+            seq.pos += s
         return x.view(b, s, *x.shape[1:])
 
     def logits(self, x: torch.Tensor, fn=None, base=None, scale=None, norm=None) -> torch.Tensor:

@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from ..engine.forward import run_tokens
 
 
 @dataclass(frozen=True)
@@ -323,15 +324,15 @@ def _store_decode(model, steps: int = 12, warm: int = 256) -> tuple[float, float
     store = model.expert_store
     with torch.inference_mode():
         st = [model.new_seq_state()]
-        x = model.forward_tokens(torch.randint(0, model.config.vocab_size, (warm,), generator=g), st, [warm])
+        x = run_tokens(model, torch.randint(0, model.config.vocab_size, (warm,), generator=g), st, [warm])
         nxt = model.logits(x[-1:]).argmax(-1)
         for _ in range(3):
-            nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
         before = store.stats()["bytes_read"]
         times = []
         for _ in range(steps):
             t0 = time.perf_counter()
-            nxt = model.logits(model.forward_tokens(nxt, st, [1])).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, st, [1])).argmax(-1)
             times.append(time.perf_counter() - t0)
         read = (store.stats()["bytes_read"] - before) / steps
     return sorted(times)[len(times) // 2], read
@@ -423,12 +424,12 @@ def decode_step_seconds(model, batch: int, prompt: int = 64, steps: int = 12, wa
     vocab = model.config.vocab_size
     with torch.inference_mode():
         states = [model.new_seq_state() for _ in range(batch)]
-        x = model.forward_tokens(torch.randint(0, vocab, (batch * prompt,), generator=g), states, [prompt] * batch)
+        x = run_tokens(model, torch.randint(0, vocab, (batch * prompt,), generator=g), states, [prompt] * batch)
         nxt = model.logits(x[torch.arange(1, batch + 1) * prompt - 1]).argmax(-1)
         times = []
         for i in range(warmup + steps):
             t0 = time.perf_counter()
-            nxt = model.logits(model.forward_tokens(nxt, states, [1] * batch)).argmax(-1)
+            nxt = model.logits(run_tokens(model, nxt, states, [1] * batch)).argmax(-1)
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
@@ -442,13 +443,13 @@ def prefill_seconds(model, tokens: int, chunk: int = 512) -> float:
     g = torch.Generator().manual_seed(7)
     ids = torch.randint(0, model.config.vocab_size, (tokens,), generator=g)
     with torch.inference_mode():
-        model.forward_tokens(ids[:min(chunk, tokens)], [model.new_seq_state()], [min(chunk, tokens)])
+        run_tokens(model, ids[:min(chunk, tokens)], [model.new_seq_state()], [min(chunk, tokens)])
         st = model.new_seq_state()
         t0 = time.perf_counter()
         x = None
         for a in range(0, tokens, chunk):
             b = min(a + chunk, tokens)
-            x = model.forward_tokens(ids[a:b], [st], [b - a])
+            x = run_tokens(model, ids[a:b], [st], [b - a])
         model.logits(x[-1:]).argmax(-1)
         return time.perf_counter() - t0
 
