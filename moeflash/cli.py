@@ -227,7 +227,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .engine.async_engine import AsyncLLMEngine
     from .engine.load import load_model
 
-    for name in ("max_num_seqs", "max_num_batched_tokens", "port"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "port", "max_seqs_per_request", "max_prompt_tokens",
+                 "max_tokens_limit"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
@@ -235,6 +236,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if getattr(args, name) < 0:
             print(f"error: --{name.replace('_', '-')} must be >= 0 (dollars per million tokens)", file=sys.stderr)
             return 2
+    if args.max_waiting is not None and args.max_waiting < 0:
+        print("error: --max-waiting must be >= 0", file=sys.stderr)
+        return 2
+    if args.request_timeout < 0 or (args.max_state_gb is not None and args.max_state_gb <= 0):
+        print("error: --request-timeout must be >= 0 and --max-state-gb > 0", file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -263,10 +270,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
               else "deepseek_v4" if isinstance(model, Transformer) and not getattr(tokenizer, "chat_template", None)
               else "template")
     name = args.served_model_name or _default_name(args.model)
+    from .engine.async_engine import AdmissionLimits
+    from .weights.build import available_ram
+
+    # state memory: the flag, else what --memory-limit leaves, else 75% of the RAM free now
+    state_bytes = (int(args.max_state_gb * 2**30) if args.max_state_gb is not None
+                   else getattr(model, "state_budget_bytes", None) or int(0.75 * available_ram()))
+    limits = AdmissionLimits(max_waiting=4 * args.max_num_seqs if args.max_waiting is None else args.max_waiting,
+                             request_timeout=args.request_timeout or None)
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                                      max_state_bytes=getattr(model, "state_budget_bytes", None),
-                                      batch_invariant=args.batch_invariant))
+                                      max_state_bytes=state_bytes, batch_invariant=args.batch_invariant),
+                            limits=limits)
     # sampling defaults for requests that set none: the flags, else the model card's recommendation
     # for SmolLM2 (temperature 0.2, top_p 0.9; at OpenAI's 1.0 a 135M model rambles), else OpenAI's 1.0
     card = SMOLLM2_SAMPLING if args.model == "smollm2" else {}
@@ -278,7 +293,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(served_model_name=name, max_model_len=max_len, api_key=args.api_key,
                           chat_family=family, price_input=args.price_input, price_output=args.price_output,
                           price_cached=args.price_cached, max_body_bytes=int(args.max_body_mb * (1 << 20)),
-                          default_temperature=temperature, default_top_p=top_p)
+                          default_temperature=temperature, default_top_p=top_p,
+                          max_seqs_per_request=args.max_seqs_per_request or args.max_num_seqs,
+                          max_prompt_tokens=args.max_prompt_tokens or max_len,
+                          max_tokens_limit=args.max_tokens_limit or min(16384, max_len),
+                          trust_special_tokens=args.trust_special_tokens)
     app = create_app(engine.start(), tokenizer, config)
     import uvicorn
 
@@ -565,6 +584,24 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--price-output", type=float, default=0.0, help="$ per million completion tokens")
     v.add_argument("--price-cached", type=float, default=0.0, help="$ per million cached prompt tokens")
     v.add_argument("--max-body-mb", type=float, default=4.0, help="largest request body accepted")
+    v.add_argument("--max-waiting", type=int, default=None,
+                   help="sequences (prompts x n) accepted but not yet running; beyond it requests get 429 "
+                        "with Retry-After (default: 4 x --max-num-seqs)")
+    v.add_argument("--max-seqs-per-request", type=int, default=None,
+                   help="prompts x n of one request (default: --max-num-seqs)")
+    v.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="prompt tokens of one request, summed over its prompts (default: the context length)")
+    v.add_argument("--max-tokens-limit", type=int, default=None,
+                   help="the most tokens one request may generate, and the default when it names none "
+                        "(default: 16384, or the context if shorter)")
+    v.add_argument("--max-state-gb", type=float, default=None,
+                   help="sequence state (KV, compressed entries) held at once; admission waits beyond it "
+                        "(default: 75%% of the RAM free after loading, or what --memory-limit leaves)")
+    v.add_argument("--request-timeout", type=float, default=1800.0,
+                   help="seconds a request may run before it ends with finish_reason 'timeout' (0: never)")
+    v.add_argument("--trust-special-tokens", action="store_true",
+                   help="parse special-token strings written in chat message content (a trusted local "
+                        "caller only: otherwise a user could forge turns); by default they stay text")
     v.add_argument("--default-temperature", type=float, default=None,
                    help="temperature for requests that give none (default: 1.0, OpenAI's; smollm2: 0.2, "
                         "its model card's)")

@@ -37,9 +37,12 @@ class ByteTokenizer:
         alternatives = sorted(self.special_tokens, key=len, reverse=True)
         self._special_re = re.compile("|".join(re.escape(t) for t in alternatives))
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Special-token strings in `text` become their ids; everything else becomes its UTF-8 bytes."""
+    def encode(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """Special-token strings in `text` become their ids (with `special`; else they stay text);
+        everything else becomes its UTF-8 bytes."""
         ids = [self.bos_token_id] if add_bos else []
+        if not special:
+            return ids + list(_utf8(text))
         pos = 0
         for m in self._special_re.finditer(text):
             ids.extend(_utf8(text[pos:m.start()]))
@@ -47,6 +50,15 @@ class ByteTokenizer:
             pos = m.end()
         ids.extend(_utf8(text[pos:]))
         return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (a byte, or a special token's text)."""
+        i = int(token_id)
+        if 0 <= i < 256:
+            return bytes([i])
+        if i in self._id_to_special:
+            return self._id_to_special[i].encode()
+        raise ValueError(f"token id {i} is outside the tiny model's vocabulary (0..{self.vocab_size - 1})")
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Invalid UTF-8 byte sequences become U+FFFD, as Hugging Face tokenizers do."""
@@ -69,6 +81,23 @@ class ByteTokenizer:
                 )
         parts.append(run.decode("utf-8", errors="replace"))
         return "".join(parts)
+
+
+def _plain_copy(tok):
+    """`tok._tok` copied with special-token matching off (`encode_special_tokens`), made once: the
+    flag is per object, and the shared one may be encoding on another thread."""
+    if tok._plain is None:
+        from tokenizers import Tokenizer
+
+        plain = Tokenizer.from_str(tok._tok.to_str())
+        plain.encode_special_tokens = True
+        tok._plain = plain
+    return tok._plain
+
+
+def _byte_unmap() -> dict[str, int]:
+    """Byte-level BPE's printable stand-in characters -> the bytes they stand for."""
+    return {c: b for b, c in byte_level_alphabet().items()}
 
 
 def _utf8(text: str) -> bytes:
@@ -101,6 +130,8 @@ class HFTokenizer:
             t.content: i for i, t in self._tok.get_added_tokens_decoder().items() if t.special
         }
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self._plain = None         # a copy that reads special-token strings as text (`_plain_copy`)
+        self._byte_level = None    # whether pieces are byte-level BPE (known on first `token_bytes`)
 
         config = _read_tokenizer_config(file.parent / "tokenizer_config.json")
         self.bos_token_id = self._token_id(config.get("bos_token"), "bos_token", bos_token_id)
@@ -117,9 +148,10 @@ class HFTokenizer:
                              "fix the config or remove the key to use the model config's id")
         return tid
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """No implicit special tokens (no template, no BOS) unless `add_bos`."""
-        ids = self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """No implicit special tokens (no template, no BOS) unless `add_bos`. Special-token strings
+        written in `text` become their ids only with `special` (else they are tokenized as text)."""
+        ids = (self._tok if special else _plain_copy(self)).encode(text, add_special_tokens=False).ids
         if add_bos:
             if self.bos_token_id is None:
                 raise ValueError("this tokenizer has no BOS token; set bos_token in tokenizer_config.json "
@@ -129,6 +161,24 @@ class HFTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for: byte-level BPE pieces mapped back to bytes, `<0xNN>` byte
+        tokens as that byte, SentencePiece's '▁' as a space; special tokens as their text."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside this vocabulary (0..{self.vocab_size - 1})")
+        if piece in self.special_tokens:
+            return piece.encode()
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        if self._byte_level is None:
+            self._byte_level = '"ByteLevel"' in self._tok.to_str()
+        if self._byte_level:
+            unmap = _byte_unmap()
+            if all(c in unmap for c in piece):
+                return bytes(unmap[c] for c in piece)
+        return piece.replace("▁", " ").encode()
 
 
 def _read_tokenizer_config(file: Path) -> dict:
@@ -405,6 +455,7 @@ class GGUFTokenizer:
         self._tok.add_tokens([AddedToken(tokens[i], special=attr[i] != TOKEN_USER_DEFINED, normalized=False)
                               for i in added])
         self._pieces: list[bytes] | None = None
+        self._plain = None  # a copy that reads special-token strings as text (`_plain_copy`)
 
     # -- building the tokenizers.Tokenizer --------------------------------------------------------------
 
@@ -499,9 +550,16 @@ class GGUFTokenizer:
             parts = out
         return parts
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """No implicit special tokens (no BOS, no EOS) unless `add_bos`."""
+    def encode(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """No implicit special tokens (no BOS, no EOS) unless `add_bos`. Special-token strings written
+        in `text` become their ids only with `special` (llama.cpp's `parse_special`)."""
         _utf8(text)  # a clear error for lone surrogates
+        if not special:
+            ids = [self.bos_token_id] if add_bos and self.bos_token_id is not None else []
+            if add_bos and self.bos_token_id is None:
+                raise ValueError("this GGUF tokenizer has no BOS token (tokenizer.ggml.bos_token_id); "
+                                 "encode without add_bos")
+            return ids + self._fix(_plain_copy(self).encode(text, add_special_tokens=False).ids)
         parts = self._split_specials(text) if self._specials else [text]
         ids = []
         if add_bos:
@@ -562,6 +620,13 @@ class GGUFTokenizer:
             self._pieces = pieces
         return self._pieces
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one id stands for (llama.cpp's piece; special tokens as their text)."""
+        i = int(token_id)
+        if not 0 <= i < self.vocab_size:
+            raise ValueError(f"token id {i} is outside this GGUF vocabulary (0..{self.vocab_size - 1})")
+        return self._piece_table()[i]
+
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Invalid UTF-8 byte sequences become U+FFFD, as Hugging Face tokenizers do."""
         pieces, attr, n = self._piece_table(), self._attr, self.vocab_size
@@ -615,7 +680,8 @@ class IdTokenizer:
         self.vocab_size, self.bos_token_id, self.eos_token_id = vocab_size, bos_token_id, eos_token_id
         self.special_tokens: dict[str, int] = {}
 
-    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, add_bos: bool = False, special: bool = True) -> list[int]:
+        """`<|id|>` pieces -> ids (`special` changes nothing: every id is written this way)."""
         ids, pos = [], 0
         for m in self._PIECE.finditer(text):
             if text[pos:m.start()].strip():
@@ -633,3 +699,6 @@ class IdTokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         return "".join(f"<|{int(i)}|>" for i in ids)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.decode([token_id]).encode()

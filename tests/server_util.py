@@ -24,7 +24,9 @@ def free_port() -> int:
 class RunningServer:
     def __init__(self, model, tokenizer, name: str, family: str, **config):
         self.engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=config.pop("max_num_seqs", 16),
-                                               max_num_batched_tokens=64)).start()
+                                               max_num_batched_tokens=64,
+                                               max_state_bytes=config.pop("max_state_bytes", None)),
+                                     limits=config.pop("limits", None)).start()
         self.config = ServerConfig(served_model_name=name, max_model_len=config.pop("max_model_len", 512),
                                    chat_family=family, **config)
         self.app = create_app(self.engine, tokenizer, self.config)

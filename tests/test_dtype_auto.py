@@ -65,11 +65,11 @@ def test_auto_is_float32_when_it_fits_and_bfloat16_when_it_does_not(monkeypatch)
 
     smol = llama_config(GGUFFile(smollm2_path()))
     tiny = ModelConfig.preset("tiny")
-    monkeypatch.setattr(build, "_available_ram", lambda: 16 << 30)
+    monkeypatch.setattr(build, "available_ram", lambda: 16 << 30)
     assert resolve_dtype("auto", smol) == torch.float32
     assert resolve_dtype("auto", tiny) == torch.float32
     # whatever the CPU: the choice follows memory only
-    monkeypatch.setattr(build, "_available_ram", lambda: 100 << 20)  # 0.4 x 100 MiB < 4 x 135M bytes
+    monkeypatch.setattr(build, "available_ram", lambda: 100 << 20)  # 0.4 x 100 MiB < 4 x 135M bytes
     assert resolve_dtype("auto", smol) == torch.bfloat16
     assert resolve_dtype("float32", smol) == torch.float32
     with pytest.raises(ValueError, match="unknown dtype"):

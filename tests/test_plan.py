@@ -298,7 +298,7 @@ def test_memory_prediction_for_the_official_format_at_storage_precision(tmp_path
     auto`'s choice is the planner's default compute dtype on a profile with this machine's free RAM."""
     from moeflash.model.init import randomize_
     from moeflash.model.v4 import Transformer
-    from moeflash.weights.build import _available_ram, load_model
+    from moeflash.weights.build import available_ram, load_model
     from moeflash.weights.save import save_checkpoint
 
     cfg = ModelConfig.preset("tiny").replace(hidden_size=128, moe_intermediate_size=128, q_lora_rank=128,
@@ -314,6 +314,6 @@ def test_memory_prediction_for_the_official_format_at_storage_precision(tmp_path
     print(f"\n[plan] official tiny in {dtype}: held {held} B, predicted {predicted} B")
     assert abs(predicted - held) <= 0.01 * held
     auto, _ = load_model(ckpt, dtype="auto")
-    ram = hw.replace(memory_gib=_available_ram() / 2**30)
+    ram = hw.replace(memory_gib=available_ram() / 2**30)
     want = plan(PlanInputs(model=str(ckpt), context=16, mtp=True), ram)["inputs"]["compute_dtype"]
     assert {"fp32": torch.float32, "bf16": torch.bfloat16}[want] == auto.embed.weight.dtype

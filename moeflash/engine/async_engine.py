@@ -1,21 +1,29 @@
 """One engine loop shared by many concurrent callers (the server's HTTP requests).
 
 `LLMEngine` is synchronous: whoever calls `step` advances every running request. Here one background
-thread owns that loop; callers on an asyncio event loop add requests and await their outputs
-through per-request queues, so requests arriving at any time join the same batched steps
-(continuous batching across HTTP requests). A caller that stops listening (a client that
-disconnects) aborts its request, which frees its state at once. An exception inside a step fails
-the requests of that step with the error and the loop carries on: the engine never dies with one
-bad request.
+thread owns it, and nothing else touches it: callers on an asyncio event loop hand requests and
+aborts to the loop through an inbox (a thread-safe queue) and receive outputs through per-request
+asyncio queues, so a new request or a metrics scrape never waits for a step to end. Requests
+arriving at any time join the same batched steps (continuous batching across HTTP requests).
+
+Admission is bounded (`AdmissionLimits`): beyond `max_waiting` queued sequences `add_request` raises
+`Overloaded` with a suggested retry delay, and every request carries a deadline, after which the loop
+aborts it with finish_reason "timeout". A caller that stops listening (a client that disconnects)
+aborts its request, which the loop applies before its next step. A failing sequence fails alone
+(`LLMEngine`'s isolation); if a step fails outside any sequence, the loop fails that step's
+requests and carries on: the engine never dies with one bad request.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 from .engine import LLMEngine
 from .sampler import SamplingParams
@@ -28,14 +36,47 @@ class EngineDeadError(RuntimeError):
     """The engine loop is not running (shut down, or never started)."""
 
 
+class Overloaded(RuntimeError):
+    """The waiting queue is full; try again after `retry_after` seconds (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass
+class AdmissionLimits:
+    """What one server admits. `max_waiting`: sequences (one per prompt and choice) queued but not yet
+    running; `request_timeout`: seconds from arrival after which a request is aborted (None: never)."""
+
+    max_waiting: int = 64
+    request_timeout: float | None = 1800.0
+
+    def __post_init__(self):
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
+        if self.request_timeout is not None and not self.request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0 seconds, got {self.request_timeout}")
+
+
 class AsyncLLMEngine:
-    def __init__(self, engine: LLMEngine, on_step: Callable[[list[RequestOutput], float], None] | None = None):
+    def __init__(self, engine: LLMEngine, on_step: Callable[[list[RequestOutput], float], None] | None = None,
+                 limits: AdmissionLimits | None = None):
         """`on_step(outputs, seconds)` is called on the loop thread after every step (for metrics)."""
         self.engine = engine
         self.on_step = on_step
-        self._lock = threading.Lock()      # every call into `engine` holds it
+        self.limits = limits or AdmissionLimits()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # rid -> (event loop, output queue, deadline, queued at); the loop thread owns it
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, float | None, float]] = {}
+        self._count = threading.Lock()     # guards the two counters below (never held across a step)
+        self._outstanding = 0              # sequences added and not yet finished
+        self._running = 0                  # sequences running after the last step (published by the loop)
+        self._rejected = 0
+        self._step_seconds = 0.0           # moving average of a step's wall time
+        self._service_seconds = 0.0        # moving average of a request's time from queueing to finish
+        self._snapshot = self._stats_now()
         self._stop = False
         self._thread: threading.Thread | None = None
 
@@ -54,45 +95,70 @@ class AsyncLLMEngine:
         if self._thread is not None:
             self._thread.join(timeout)
             self._thread = None
-        with self._lock:
-            for rid in list(self._streams):
-                self.engine.abort(rid)
-        for rid, (loop, queue) in list(self._streams.items()):
-            _put(loop, queue, EngineDeadError("the server is shutting down"))
+        self._drain()  # requests that arrived after the last iteration
+        for rid, (loop, q, _, _) in list(self._streams.items()):
+            self.engine.abort(rid)
+            _put(loop, q, EngineDeadError("the server is shutting down"))
         self._streams.clear()
 
     @property
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    # -- requests ---------------------------------------------------------------------------------
-    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str) -> asyncio.Queue:
-        """Queue a request (validated now: ValueError for bad input) and return its output queue.
-        Call from a coroutine: outputs are delivered on the calling event loop."""
+    # -- requests (any thread; never touches the engine) ------------------------------------------
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """Validate without queueing (ValueError for bad input)."""
+        return self.engine.check_request(prompt_token_ids, params)
+
+    def reserve(self, sequences: int) -> None:
+        """Count `sequences` about to be added against `max_waiting`; raises `Overloaded` (and counts
+        a rejection) when they do not fit. Each reserved sequence is released when it finishes."""
+        with self._count:
+            waiting = self._outstanding - self._running
+            if waiting + sequences > self.limits.max_waiting:
+                self._rejected += 1
+                raise Overloaded(f"the server is busy: {waiting} sequences are waiting and this request "
+                                 f"adds {sequences} (the limit is {self.limits.max_waiting})",
+                                 self._retry_after(waiting))
+            self._outstanding += sequences
+
+    def release(self, sequences: int = 1) -> None:
+        with self._count:
+            self._outstanding = max(0, self._outstanding - sequences)
+
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
+                    reserved: bool = False, sink: asyncio.Queue | None = None) -> asyncio.Queue:
+        """Queue a request (validated now: ValueError for bad input; `Overloaded` when the queue is
+        full, unless the caller `reserve`d it) and return its output queue. Call from a coroutine:
+        outputs are delivered on the calling event loop. With `sink`, outputs (or the exception that
+        ends the request) go there as (request_id, item) pairs, so one queue serves many requests."""
         if not self.running:
             raise EngineDeadError("the engine loop is not running")
+        prompt = self.check_request(prompt_token_ids, params)
+        if not reserved:
+            self.reserve(1)
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        with self._lock:
-            self.engine.add_request(prompt_token_ids, params, request_id)
-            self._streams[request_id] = (loop, queue)
+        q: asyncio.Queue = asyncio.Queue() if sink is None else _Tagged(sink, request_id)
+        timeout = self.limits.request_timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._inbox.put(("add", request_id, prompt, params, loop, q, deadline))
         self._wake.set()
-        return queue
+        return q
 
     def abort(self, request_id: str) -> None:
-        with self._lock:
-            self._streams.pop(request_id, None)
-            self.engine.abort(request_id)
+        """Ask the loop to abort a request before its next step (a no-op once it has finished)."""
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str) -> AsyncIterator[RequestOutput]:
+                       request_id: str, reserved: bool = False) -> AsyncIterator[RequestOutput]:
         """Yield this request's outputs as steps produce them; leaving early (an exception, a
         cancelled task, a closed generator) aborts the request."""
-        queue = self.add_request(prompt_token_ids, params, request_id)
+        q = self.add_request(prompt_token_ids, params, request_id, reserved)
         finished = False
         try:
             while not finished:
-                out = await queue.get()
+                out = await q.get()
                 if isinstance(out, BaseException):
                     finished = True
                     raise out
@@ -103,63 +169,122 @@ class AsyncLLMEngine:
                 self.abort(request_id)
 
     def stats(self) -> dict:
-        """A consistent snapshot of the engine's gauges and counters."""
-        with self._lock:
-            e = self.engine
-            out = {"running": e.num_running(), "waiting": e.num_waiting(), "state_bytes": e.state_bytes(),
-                   **e.stats}
-            store = getattr(e.model, "expert_store", None)
-            if store is not None:
-                out["experts"] = store.stats()
-            return out
+        """The engine's gauges and counters as of the last step (published by the loop thread; reading
+        them takes no lock the loop holds)."""
+        with self._count:
+            waiting = max(0, self._outstanding - self._running)
+            rejected = self._rejected
+        return {**self._snapshot, "queued": waiting, "rejected": rejected}
 
-    # -- the loop ---------------------------------------------------------------------------------
+    def _retry_after(self, waiting: int) -> int:
+        """Seconds until the queue has likely moved on: rounds of `max_num_seqs` waiting sequences at
+        the measured mean time a request takes (1 s before any has finished; at most 10 minutes)."""
+        width = max(1, self.engine.scheduler.max_num_seqs)
+        rounds = max(1, math.ceil(waiting / width))
+        return int(min(600, max(1, math.ceil(self._service_seconds * rounds))))
+
+    # -- the loop (the only thread that touches `engine`) -----------------------------------------
     def _run(self) -> None:
         while not self._stop:
-            with self._lock:
-                busy = self.engine.has_unfinished()
-                outputs, error, seconds = [], None, 0.0
-                if busy:
-                    t0 = time.perf_counter()
-                    try:
-                        outputs = self.engine.step()
-                    except Exception as e:  # fail this step's requests, keep serving the others
-                        log.exception("engine step failed")
-                        error = e
-                    seconds = time.perf_counter() - t0
-                    if error is not None:
-                        self._fail_running(error)
-                    else:
-                        self._deliver(outputs)
-            if not busy:
+            self._drain()
+            self._expire()
+            e = self.engine
+            if not e.has_unfinished():
+                self._publish()
                 self._wake.wait(0.1)
                 self._wake.clear()
-            elif error is None and self.on_step is not None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                outputs = e.step()
+            except Exception as err:  # outside any one sequence: fail what the step held
+                log.exception("engine step failed")
+                outputs = self._fail_running(err)
+            seconds = time.perf_counter() - t0
+            self._step_seconds = seconds if not self._step_seconds else 0.9 * self._step_seconds + 0.1 * seconds
+            self._deliver(outputs)
+            self._publish()
+            if self.on_step is not None:
                 try:
                     self.on_step(outputs, seconds)
                 except Exception:
                     log.exception("on_step callback failed")
+
+    def _drain(self) -> None:
+        """Apply the inbox: register and add new requests, abort those asked for."""
+        while True:
+            try:
+                cmd = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if cmd[0] == "add":
+                _, rid, prompt, params, loop, q, deadline = cmd
+                try:
+                    self.engine.add_request(prompt, params, rid)
+                except Exception as err:
+                    self.release()
+                    _put(loop, q, err if isinstance(err, ValueError) else RuntimeError(str(err)))
+                    continue
+                self._streams[rid] = (loop, q, deadline, time.monotonic())
+            else:
+                _, rid = cmd
+                if self._streams.pop(rid, None) is not None:
+                    self.release()
+                self.engine.abort(rid)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        late = [rid for rid, (_, _, deadline, _) in self._streams.items()
+                if deadline is not None and now > deadline]
+        for rid in late:
+            out = self.engine.abort(rid, "timeout")
+            if out is not None:
+                self._deliver([out])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
             target = self._streams.get(out.request_id)
             if target is None:
                 continue
-            _put(*target, out)
+            _put(target[0], target[1], out)
             if out.finished:
+                took = time.monotonic() - target[3]
+                self._service_seconds = (took if not self._service_seconds
+                                         else 0.8 * self._service_seconds + 0.2 * took)
                 del self._streams[out.request_id]
+                self.release()
 
-    def _fail_running(self, error: Exception) -> None:
-        for seq in list(self.engine.scheduler.running):
-            rid = seq.request_id
-            self.engine.abort(rid)
-            target = self._streams.pop(rid, None)
-            if target is not None:
-                _put(*target, RuntimeError(f"the engine failed on this request: {error}"))
+    def _fail_running(self, error: Exception) -> list[RequestOutput]:
+        return self.engine.fail_running(error)
+
+    def _stats_now(self) -> dict:
+        e = self.engine
+        out = {"running": e.num_running(), "waiting": e.num_waiting(), "state_bytes": e.state_bytes(),
+               **e.stats, "step_seconds": self._step_seconds if hasattr(self, "_step_seconds") else 0.0}
+        store = getattr(e.model, "expert_store", None)
+        if store is not None:
+            out["experts"] = store.stats()
+        return out
+
+    def _publish(self) -> None:
+        snap = self._stats_now()
+        with self._count:
+            self._running = snap["running"]
+        self._snapshot = snap
 
 
-def _put(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+class _Tagged:
+    """Puts into a shared queue as (request_id, item)."""
+
+    def __init__(self, sink: asyncio.Queue, request_id: str):
+        self.sink, self.request_id = sink, request_id
+
+    def put_nowait(self, item) -> None:
+        self.sink.put_nowait((self.request_id, item))
+
+
+def _put(loop: asyncio.AbstractEventLoop, q: asyncio.Queue, item) -> None:
     try:
-        loop.call_soon_threadsafe(queue.put_nowait, item)
+        loop.call_soon_threadsafe(q.put_nowait, item)
     except RuntimeError:  # the caller's event loop is closed: nobody is listening any more
         pass

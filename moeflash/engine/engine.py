@@ -4,11 +4,18 @@
 chunks within a token budget), runs the model once over all of them as a flat batch, samples a token
 for every sequence whose prompt is complete, applies stop conditions and frees finished states at
 once. `generate` and `stream` are conveniences built on `step`.
+
+A failure fails one sequence, not the step: when a forward call raises, its sequences drop their
+state and go back to the head of the queue as suspects (preemption by recompute: they feed prompt +
+output again); a suspect runs in a forward call of its own, so the one that fails again alone is
+finished with `finish_reason` "error" and the others continue with the same tokens. Sampling and
+stop handling fail per sequence the same way.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -21,6 +28,8 @@ from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Logprob, RequestOutput, Sequence, Status
 from .forward import run_tokens
+
+log = logging.getLogger("moeflash.engine")
 
 
 class LLMEngine:
@@ -48,14 +57,29 @@ class LLMEngine:
         self._queues: dict[str, deque[RequestOutput]] = {}
         self.device = model.embed.weight.device
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
-        # model, and distinct routed experts read (summed over layers and steps; MoE models only)
+        # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
+        # preempted after a failed forward call, and requests failed
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "forward_tokens": 0,
-                      "routed_experts_read": 0}
+                      "routed_experts_read": 0, "preemptions": 0, "failed_requests": 0}
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
+        prompt = self.check_request(prompt_token_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.seqs:
+            raise ValueError(f"request id {rid!r} is already in use")
+        detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [], params.skip_special_tokens)
+                 if self.tokenizer is not None else None)
+        seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
+        self.seqs[rid] = seq
+        self.scheduler.add(seq)
+        return rid
+
+    def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as ints, or ValueError naming what is wrong. Reads only the configuration, so any
+        thread may call it while a step runs."""
         prompt = [int(t) for t in prompt_token_ids]
         if not prompt:
             raise ValueError("prompt_token_ids is empty: give at least one token")
@@ -68,28 +92,27 @@ class LLMEngine:
                              f"the model's context length {self.max_model_len}")
         if (params.stop) and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; give LLMEngine(tokenizer=...) or use stop_token_ids")
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self.seqs:
-            raise ValueError(f"request id {rid!r} is already in use")
-        detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [], params.skip_special_tokens)
-                 if self.tokenizer is not None else None)
-        seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
-        self.seqs[rid] = seq
-        self.scheduler.add(seq)
-        return rid
+        if self.max_state_bytes is not None:
+            need = self.model.state_bytes(len(prompt) + params.max_tokens)
+            if need > self.max_state_bytes:
+                raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) needs "
+                                 f"{need / 2**30:.2f} GiB of sequence state; the engine holds at most "
+                                 f"{self.max_state_bytes / 2**30:.2f} GiB")
+        return prompt
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its state; False if it is unknown or already finished."""
+    def abort(self, request_id: str, reason: str = "abort") -> RequestOutput | None:
+        """Stop a request now and free its state; its final output (finish_reason `reason`: "abort",
+        or "timeout" for a deadline), or None if it is unknown or already finished."""
         seq = self.seqs.get(request_id)
         if seq is None or seq.status == Status.FINISHED:
-            return False
+            return None
         self.scheduler.remove(seq)
-        self._finish(seq, "abort")
+        self._finish(seq, reason)
         out = self._output(seq, [], "", [])
         if request_id in self._queues:
             self._queues[request_id].append(out)
         del self.seqs[request_id]
-        return True
+        return out
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
@@ -131,17 +154,20 @@ class LLMEngine:
             return []
         self.stats["steps"] += 1
         logits, samplers = [], []
-        for group in self._groups(plan):
-            rows, seqs = self._forward(group)
-            if seqs:
-                logits.append(self.model.logits(rows).float())
-                samplers.extend(seqs)
         outputs: list[RequestOutput] = []
+        for group in self._groups(plan):
+            try:
+                rows, seqs = self._forward(group)
+                if seqs:
+                    logits.append(self.model.logits(rows).float())
+                    samplers.extend(seqs)
+            except Exception as e:  # isolate: preempt the call's sequences, fail a suspect that ran alone
+                outputs.extend(self._isolate([seq for seq, _ in group], e))
+                continue
+            for seq, _ in group:
+                seq.suspect = False
         if samplers:
-            results = sample(torch.cat(logits), [s.params for s in samplers], [s.generator for s in samplers],
-                             [s.prompt for s in samplers], [s.output for s in samplers])
-            for seq, res in zip(samplers, results):
-                outputs.append(self._append(seq, res))
+            outputs.extend(self._sample(torch.cat(logits), samplers))
         for out in outputs:
             if out.request_id in self._queues:
                 self._queues[out.request_id].append(out)
@@ -149,12 +175,70 @@ class LLMEngine:
 
     def _groups(self, plan: list) -> list[list]:
         """The forward calls of one step: all of it at once, or (batch_invariant) decode rows in calls
-        of at most ROW_KERNEL_MAX_ROWS and each prompt chunk alone."""
+        of at most ROW_KERNEL_MAX_ROWS and each prompt chunk alone. Suspects always run alone."""
+        alone = [[e] for e in plan if e[0].suspect]
+        plan = [e for e in plan if not e[0].suspect]
         if not self.batch_invariant:
-            return [plan]
+            return ([plan] if plan else []) + alone
         decode = [(seq, n) for seq, n in plan if n == 1]
         width = ROW_KERNEL_MAX_ROWS
-        return [decode[i:i + width] for i in range(0, len(decode), width)] + [[e] for e in plan if e[1] != 1]
+        return ([decode[i:i + width] for i in range(0, len(decode), width)]
+                + [[e] for e in plan if e[1] != 1] + alone)
+
+    def _isolate(self, seqs: list[Sequence], error: Exception) -> list[RequestOutput]:
+        """A forward call over `seqs` raised: a suspect that ran alone fails; every other sequence drops
+        its (possibly half-written) state and is queued again as a suspect."""
+        if len(seqs) == 1 and seqs[0].suspect:
+            log.error("request %s failed alone: %s: %s", seqs[0].request_id, type(error).__name__, error,
+                      exc_info=error)
+            return [self._fail(seqs[0], error)]
+        log.warning("a forward call over %d sequence(s) failed (%s: %s); they are recomputed as suspects",
+                    len(seqs), type(error).__name__, error)
+        for seq in reversed(seqs):  # keep their order at the head of the queue
+            seq.state, seq.suspect = None, True
+            self.stats["preemptions"] += 1
+            self.scheduler.preempt(seq)
+        return []
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        self.scheduler.remove(seq)
+        self._finish(seq, "error")
+        self.stats["failed_requests"] += 1
+        out = self._output(seq, [], "", [])
+        out.error = f"{type(error).__name__}: {error}"
+        if seq.request_id not in self._queues:
+            del self.seqs[seq.request_id]
+        return out
+
+    def fail_running(self, error: Exception) -> list[RequestOutput]:
+        """Fail every running sequence (a step failed outside any one of them); their final outputs."""
+        return [self._fail(seq, error) for seq in list(self.scheduler.running)]
+
+    def _sample(self, logits: torch.Tensor, samplers: list[Sequence]) -> list[RequestOutput]:
+        """Sample and append a token for each sequence; one that fails fails alone."""
+        try:
+            results = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
+                             [s.prompt for s in samplers], [s.output for s in samplers])
+        except Exception:  # find the culprit row by row (the others' draws are unaffected)
+            results = []
+            for i, seq in enumerate(samplers):
+                try:
+                    results.append(sample(logits[i:i + 1], [seq.params], [seq.generator], [seq.prompt],
+                                          [seq.output])[0])
+                except Exception as e:
+                    log.error("sampling failed for request %s", seq.request_id, exc_info=e)
+                    results.append(e)
+        outputs = []
+        for seq, res in zip(samplers, results):
+            if isinstance(res, Exception):
+                outputs.append(self._fail(seq, res))
+                continue
+            try:
+                outputs.append(self._append(seq, res))
+            except Exception as e:
+                log.error("stop handling failed for request %s", seq.request_id, exc_info=e)
+                outputs.append(self._fail(seq, e))
+        return outputs
 
     def _forward(self, group: list) -> tuple[torch.Tensor, list[Sequence]]:
         """Run one forward call over (seq, n_tokens) pairs; (final streams of the rows to sample,
@@ -169,7 +253,7 @@ class LLMEngine:
             if start + n == len(seq.prompt) + len(seq.output):  # all known tokens fed: sample
                 sample_rows.append(offset + n - 1)
                 samplers.append(seq)
-            if seq.prefilling:
+            if start < len(seq.prompt):
                 self.stats["prompt_tokens"] += min(n, len(seq.prompt) - start)
             offset += n
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)

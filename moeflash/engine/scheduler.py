@@ -32,6 +32,14 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
+    def preempt(self, seq: Sequence) -> None:
+        """Back to the head of the queue (its state already dropped): it is admitted first and feeds
+        prompt + output again."""
+        if seq in self.running:
+            self.running.remove(seq)
+        seq.status = Status.WAITING
+        self.waiting.appendleft(seq)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 

@@ -38,10 +38,11 @@ class RequestOutput:
     token_ids: list[int]
     text: str
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | None
+    finish_reason: str | None  # "stop" | "length" | "abort" | "timeout" | "error" | None
     prompt_tokens: int
     new_logprobs: list[Logprob] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    error: str | None = None  # with finish_reason "error": what failed (for the log, not for clients)
 
 
 @dataclass
@@ -60,6 +61,7 @@ class Sequence:
     text: str = ""
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
+    suspect: bool = False  # in a forward call that failed: runs alone until one step succeeds
 
     @property
     def consumed(self) -> int:
@@ -77,7 +79,9 @@ class Sequence:
 
     @property
     def prefilling(self) -> bool:
-        return self.consumed < len(self.prompt)
+        """Feeding known tokens: the prompt, or prompt + output again after a preemption (a decoder
+        has exactly one token pending, the one it sampled last)."""
+        return self.consumed < len(self.prompt) or self.pending_tokens() > 1
 
     def pending_tokens(self) -> int:
         """Tokens known but not yet fed to the model (prompt rest, or the last sampled token)."""

@@ -3,14 +3,24 @@ server-sent events), DeepSeek's usage and reasoning fields, /health and Promethe
 
 HTTP only: requests become token ids and SamplingParams, the shared engine loop
 (`AsyncLLMEngine`) produces outputs, and outputs become JSON. Every failure a client can cause is an
-OpenAI-style error body with a 4xx status; a client that goes away has its requests aborted.
+OpenAI-style error body with a 4xx status; a client that goes away has its requests aborted before
+the next step.
+
+Under load it stays bounded and responsive: a request is refused up front when it asks for more
+sequences, prompt tokens or max_tokens than `ServerConfig` allows (400), and with 429 and
+`Retry-After` when the waiting queue is full; tokenizing and chat rendering run on worker threads,
+and nothing here waits for the engine's step. Message content is tokenized as plain text (special
+tokens written in it stay text) unless `trust_special_tokens`. A 500 never carries internal text:
+the details go to the log under the request id the body names.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -18,9 +28,10 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine.async_engine import AsyncLLMEngine, EngineDeadError
+from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, Overloaded
 from ..engine.sampler import SamplingParams
 from .chat import ChatError, make_chat_encoder, normalize_messages
 from .metrics import CONTENT_TYPE, Metrics
@@ -39,24 +50,50 @@ class ServerConfig:
     max_body_bytes: int = 4 << 20
     default_temperature: float = 1.0      # used when a request gives none (OpenAI's default: 1.0)
     default_top_p: float = 1.0
+    max_seqs_per_request: int = 16        # prompts x n of one request
+    max_prompt_tokens: int | None = None   # summed over a request's prompts (None: max_model_len)
+    max_tokens_limit: int | None = None    # a request's max_tokens at most; also its default (None: no cap)
+    trust_special_tokens: bool = False     # parse special-token strings in chat message content
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        if self.max_prompt_tokens is None:
+            self.max_prompt_tokens = self.max_model_len
+        for name in ("max_seqs_per_request", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_tokens_limit is not None and self.max_tokens_limit < 1:
+            raise ValueError(f"max_tokens_limit must be >= 1, got {self.max_tokens_limit}")
+
+    def limits(self) -> dict[str, float]:
+        """The request-shape limits, for /metrics."""
+        return {"max_seqs_per_request": self.max_seqs_per_request, "max_prompt_tokens": self.max_prompt_tokens,
+                "max_tokens": self.max_tokens_limit or self.max_model_len, "max_model_len": self.max_model_len,
+                "max_body_bytes": self.max_body_bytes}
+
+
+log = logging.getLogger("moeflash.server")
 
 
 def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastAPI:
     app = FastAPI(title="moeflash", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(engine.stats, config.served_model_name)
+    limits = {**config.limits(), "max_waiting_sequences": engine.limits.max_waiting,
+              "request_timeout_seconds": engine.limits.request_timeout or 0,
+              "max_state_bytes": engine.engine.max_state_bytes or 0}
+    metrics = Metrics(engine.stats, config.served_model_name, limits)
     engine.on_step = lambda outputs, seconds: metrics.on_step(engine.engine.stats)
     encoder = make_chat_encoder(tokenizer, config.chat_family)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
 
-    def error(e: APIError) -> JSONResponse:
+    def error(e: APIError, headers: dict | None = None) -> JSONResponse:
         metrics.errors.labels(config.served_model_name, str(e.status)).inc()
-        headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
         return JSONResponse(e.body(), status_code=e.status, headers=headers)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        return error(e)
+        return error(e, getattr(e, "headers", None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
@@ -67,8 +104,10 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         return error(APIError(e.status_code, msg, kind))
 
     @app.exception_handler(Exception)
-    async def _unexpected(request: Request, e: Exception):  # a bug: say so, keep serving
-        return error(APIError(500, f"internal error: {type(e).__name__}: {e}", "server_error"))
+    async def _unexpected(request: Request, e: Exception):  # a bug: log it, say only that, keep serving
+        ref = uuid.uuid4().hex[:12]
+        log.error("internal error %s on %s %s", ref, request.method, request.url.path, exc_info=e)
+        return error(_internal_error(ref))
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
@@ -107,9 +146,14 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
     async def completions(request: Request):
         req: CompletionRequest = parse(CompletionRequest, await _json_body(request, config))
         _check_model(req.model, config)
+        _check_shape(len(req.prompt) * req.n, config)
+
+        def encode():  # the whole prompt is the caller's: special-token strings in it count
+            return [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
+                    for p in req.prompt]
+
         try:
-            prompts = [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
-                       for p in req.prompt]
+            prompts = await asyncio.to_thread(encode)
         except ValueError as e:
             raise APIError(400, str(e), param="prompt") from None
         for p in prompts:
@@ -121,12 +165,16 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         req: ChatCompletionRequest = parse(ChatCompletionRequest, await _json_body(request, config))
         _check_model(req.model, config)
         thinking = None if req.thinking is None else req.thinking.type == "enabled"
-        try:
+        _check_shape(req.n, config)
+
+        def encode():
             messages = normalize_messages(req.messages)
             if thinking and not encoder.supports_thinking:
                 raise ChatError("this model has no thinking mode", "thinking")
-            text = encoder.encode(messages, thinking=thinking)
-            ids = tokenizer.encode(text)
+            return encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens)
+
+        try:
+            ids = await asyncio.to_thread(encode)
         except ChatError as e:
             raise APIError(400, e.message, param=e.param) from None
         except ValueError as e:
@@ -136,8 +184,19 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
     # -- generation -------------------------------------------------------------------------------
     async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None):
         chat = kind == "chat.completion"
-        max_tokens = (getattr(req, "max_completion_tokens", None) or req.max_tokens
-                      or config.max_model_len - max(len(p) for p in prompts))
+        total = sum(len(p) for p in prompts)
+        if total > config.max_prompt_tokens:
+            raise APIError(400, f"the prompts hold {total} tokens; this server accepts at most "
+                           f"{config.max_prompt_tokens} prompt tokens per request",
+                           param="messages" if chat else "prompt", code="prompt_too_long")
+        asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        cap = config.max_tokens_limit
+        if asked is not None and cap is not None and asked > cap:
+            raise APIError(400, f"max_tokens is {asked}; this server generates at most {cap} tokens per request",
+                           param="max_completion_tokens" if getattr(req, "max_completion_tokens", None)
+                           else "max_tokens", code="max_tokens_exceeded")
+        max_tokens = asked or max(1, min(cap or config.max_model_len,
+                                         config.max_model_len - max(len(p) for p in prompts)))
         for p in prompts:
             if len(p) + max_tokens > config.max_model_len:
                 raise APIError(400, f"this model's maximum context length is {config.max_model_len} tokens; "
@@ -159,85 +218,123 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                     logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not thinking))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
+        for i, sp in enumerate(params[::req.n]):  # state memory and other engine checks, per prompt
+            try:
+                engine.check_request(prompts[i], sp)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+        try:
+            engine.reserve(len(params))
+        except Overloaded as e:
+            err = APIError(429, str(e), "rate_limit_error", code="server_busy")
+            err.headers = {"Retry-After": str(e.retry_after)}
+            raise err from None
+        except EngineDeadError as e:
+            raise APIError(503, str(e), "server_error") from None
+        lease = _Lease(engine, len(params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
         parsers = {i: encoder.reasoning_parser(bool(thinking)) for i, _, _ in jobs} if chat else {}
         head = {"id": rid, "object": kind + (".chunk" if chat and req.stream else ""), "created": created,
                 "model": config.served_model_name}
-        stream = _merged(request, rid, jobs)
         if req.stream:
+            stream = _merged(request, rid, jobs, lease, watch_disconnect=False)  # Starlette watches
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(stream, head, chat, parsers, prompts, req.n, include_usage),
-                                     media_type="text/event-stream",
+            body = _sse(stream, head, chat, parsers, prompts, req.n, include_usage)
+
+            async def cleanup():  # after the response, whether it ended or the client left
+                await body.aclose()
+                await stream.aclose()
+                lease.close()
+
+            return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(cleanup),
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        stream = _merged(request, rid, jobs, lease, watch_disconnect=True)
         choices: dict[int, dict] = {i: {"text": "", "logprobs": [], "finish_reason": None, "tokens": 0}
                                     for i, _, _ in jobs}
-        async for i, out in stream:
-            c = choices[i]
-            c["text"] += out.new_text
-            c["tokens"] = len(out.token_ids)
-            if out.new_logprobs:
-                c["logprobs"].extend(out.new_logprobs)
-            if out.finished:
-                c["finish_reason"] = _finish_reason(out.finish_reason)
+        try:
+            async for i, out in stream:
+                c = choices[i]
+                c["text"] += out.new_text
+                c["tokens"] = len(out.token_ids)
+                if out.new_logprobs:
+                    c["logprobs"].extend(out.new_logprobs)
+                if out.finished:
+                    c["finish_reason"] = out.finish_reason
+        finally:
+            await stream.aclose()
+            lease.close()
+        if all(c["finish_reason"] == "error" for c in choices.values()):
+            raise _internal_error(rid)
+        if any(c["finish_reason"] is None for c in choices.values()):  # the client left: nobody reads this
+            return Response(status_code=499)
         body = dict(head)
         body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer) for i, c in choices.items()]
         body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config)
         return body
 
-    async def _merged(request: Request, rid: str, jobs) -> AsyncIterator[tuple[int, Any]]:
-        """Outputs of every choice as they come: (choice index, RequestOutput). Observes latency
-        metrics; a client that disconnects (checked while waiting) aborts everything."""
-        queue: asyncio.Queue = asyncio.Queue()
+    async def _merged(request: Request, rid: str, jobs, lease: "_Lease",
+                      watch_disconnect: bool) -> AsyncIterator[tuple[int, Any]]:
+        """Outputs of every choice as they come: (choice index, RequestOutput). Adds the jobs to the
+        engine (their sequences reserved by `lease`), observes latency metrics, and aborts whatever is
+        unfinished when it stops: the consumer closed it, or (`watch_disconnect`) the client left."""
+        sink: asyncio.Queue = asyncio.Queue()
         t0 = time.monotonic()
-
-        async def pump(i, prompt, params):
-            last = None
-            try:
-                async for out in engine.generate(prompt, params, f"{rid}-{i}"):
-                    now = time.monotonic()
-                    if out.new_token_ids:
-                        if last is None:
-                            metrics.ttft.labels(config.served_model_name).observe(now - t0)
-                        else:
-                            metrics.itl.labels(config.served_model_name).observe(now - last)
-                        last = now
-                    if out.finished:
-                        metrics.e2e.labels(config.served_model_name).observe(now - t0)
-                        metrics.requests.labels(config.served_model_name,
-                                                _finish_reason(out.finish_reason)).inc()
-                    await queue.put((i, out))
-            except Exception as e:
-                await queue.put((i, e))
-            finally:
-                await queue.put((i, None))
-
-        tasks = []
+        index, last = {}, {}
         try:
-            for job in jobs:
-                tasks.append(asyncio.create_task(pump(*job)))
-            open_jobs = len(jobs)
-            while open_jobs:
-                try:
-                    i, item = await asyncio.wait_for(queue.get(), timeout=1.0)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
+            for i, prompt, params in jobs:
+                erid = f"{rid}-{i}"
+                engine.add_request(prompt, params, erid, reserved=True, sink=sink)
+                lease.transfer()
+                index[erid] = i
+        except EngineDeadError as e:
+            for erid in index:
+                engine.abort(erid)
+            raise APIError(503, str(e), "server_error") from None
+        open_ids = set(index)
+        watcher = asyncio.ensure_future(_disconnected(request)) if watch_disconnect else None
+        try:
+            while open_ids:
+                getter = asyncio.ensure_future(sink.get())
+                if watcher is not None:
+                    await asyncio.wait({getter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    if not getter.done():
+                        getter.cancel()
+                        metrics.disconnects.labels(config.served_model_name).inc()
                         return
-                    continue
-                if item is None:
-                    open_jobs -= 1
-                elif isinstance(item, ValueError):
-                    raise APIError(400, str(item))
-                elif isinstance(item, EngineDeadError):
-                    raise APIError(503, str(item), "server_error")
-                elif isinstance(item, Exception):
-                    raise APIError(500, str(item), "server_error")
-                else:
-                    yield i, item
+                erid, item = await getter
+                i = index[erid]
+                if isinstance(item, BaseException):
+                    open_ids.discard(erid)
+                    if isinstance(item, EngineDeadError):
+                        raise APIError(503, str(item), "server_error")
+                    if isinstance(item, ValueError):
+                        raise APIError(400, str(item))
+                    log.error("request %s failed", erid, exc_info=item)
+                    raise _internal_error(rid)
+                now = time.monotonic()
+                if item.new_token_ids:
+                    if erid not in last:
+                        metrics.ttft.labels(config.served_model_name).observe(now - t0)
+                    else:
+                        metrics.itl.labels(config.served_model_name).observe(now - last[erid])
+                    last[erid] = now
+                if item.finished:
+                    open_ids.discard(erid)
+                    metrics.e2e.labels(config.served_model_name).observe(now - t0)
+                    metrics.requests.labels(config.served_model_name, item.finish_reason).inc()
+                    if item.finish_reason == "error":
+                        log.error("request %s failed in the engine: %s", erid, item.error)
+                yield i, item
+        except (GeneratorExit, asyncio.CancelledError):  # the stream's client left
+            metrics.disconnects.labels(config.served_model_name).inc()
+            raise
         finally:
-            for t in tasks:
-                t.cancel()  # aborts unfinished requests (AsyncLLMEngine.generate's finally)
+            if watcher is not None:
+                watcher.cancel()
+            for erid in open_ids:  # closed early: abort what is still running
+                engine.abort(erid)
 
     async def _sse(stream, head, chat, parsers, prompts, n, include_usage) -> AsyncIterator[str]:
         tokens = {}
@@ -246,7 +343,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
             async for i, out in stream:
                 tokens[i] = len(out.token_ids)
                 lp = _logprobs(out.new_logprobs, chat, tokenizer) if out.new_logprobs else None
-                finish = _finish_reason(out.finish_reason) if out.finished else None
+                finish = out.finish_reason if out.finished else None
                 if chat:
                     delta: dict[str, Any] = {}
                     if i not in first:
@@ -280,6 +377,46 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+class _Lease:
+    """Sequences reserved against the waiting limit and not yet handed to the engine (which releases
+    them as they finish). `close` gives back whatever was never handed over; it runs after every
+    response, and on garbage collection as a last resort."""
+
+    def __init__(self, engine: AsyncLLMEngine, sequences: int):
+        self.engine, self.left = engine, sequences
+
+    def transfer(self) -> None:
+        self.left -= 1
+
+    def close(self) -> None:
+        if self.left > 0:
+            self.engine.release(self.left)
+        self.left = 0
+
+    def __del__(self):
+        self.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (its body has been read already, so the next ASGI message is
+    the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _internal_error(ref: str) -> APIError:
+    return APIError(500, f"the server failed on this request; its log has the details under {ref}",
+                    "server_error")
+
+
+def _check_shape(sequences: int, config: ServerConfig) -> None:
+    if sequences > config.max_seqs_per_request:
+        raise APIError(400, f"this request asks for {sequences} sequences (prompts x n); the server runs at most "
+                       f"{config.max_seqs_per_request} per request", param="n", code="too_many_sequences")
+
+
 def _event(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -331,10 +468,6 @@ async def _json_body(request: Request, config: ServerConfig):
         raise APIError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
-def _finish_reason(reason: str | None) -> str | None:
-    return {"abort": "stop"}.get(reason, reason)
-
-
 def _usage(prompts: list[list[int]], n: int, completion: int, config: ServerConfig) -> dict:
     prompt = sum(len(p) for p in prompts)
     cached = 0  # no prefix cache yet: every prompt token is a cache miss
@@ -346,27 +479,41 @@ def _usage(prompts: list[list[int]], n: int, completion: int, config: ServerConf
             "cost": round(cost, 10)}
 
 
-def _token_str(tokenizer, tid: int) -> str:
-    return tokenizer.decode([tid])
+def _token_str(tokenizer, tid: int) -> tuple[str, bytes]:
+    """(token, bytes) as OpenAI reports them: the token's text, or for a piece of a UTF-8 character
+    (whose text alone is not valid) "bytes:" and its bytes escaped, e.g. "bytes:\\xe2\\x80"."""
+    raw = tokenizer.token_bytes(tid)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
 
 
 def _logprobs(lps, chat: bool, tokenizer):
     if chat:
         content = []
         for lp in lps:
-            tok = _token_str(tokenizer, lp.token_id)
-            content.append({"token": tok, "logprob": lp.logprob, "bytes": list(tok.encode()),
-                            "top_logprobs": [{"token": (t := _token_str(tokenizer, i)), "logprob": v,
-                                              "bytes": list(t.encode())} for i, v in (lp.top or [])]})
+            tok, raw = _token_str(tokenizer, lp.token_id)
+            top = []
+            for i, v in lp.top or []:
+                t, r = _token_str(tokenizer, i)
+                top.append({"token": t, "logprob": v, "bytes": list(r)})
+            content.append({"token": tok, "logprob": lp.logprob, "bytes": list(raw), "top_logprobs": top})
         return {"content": content}
     tokens = [_token_str(tokenizer, lp.token_id) for lp in lps]
     offsets, pos = [], 0
-    for t in tokens:
+    chars = codecs.getincrementaldecoder("utf-8")("replace")  # a character counts where it completes
+    for _, raw in tokens:
         offsets.append(pos)
-        pos += len(t)
-    return {"tokens": tokens, "token_logprobs": [lp.logprob for lp in lps],
-            "top_logprobs": [{_token_str(tokenizer, i): v for i, v in (lp.top or [])} for lp in lps],
-            "text_offset": offsets}
+        pos += len(chars.decode(raw))
+    tops = []
+    for lp in lps:  # keyed by token text: two ids with one text keep the likelier (listed first)
+        top: dict[str, float] = {}
+        for i, v in lp.top or []:
+            top.setdefault(_token_str(tokenizer, i)[0], v)
+        tops.append(top)
+    return {"tokens": [t for t, _ in tokens], "token_logprobs": [lp.logprob for lp in lps],
+            "top_logprobs": tops, "text_offset": offsets}
 
 
 def _final_choice(i: int, c: dict, chat: bool, parser, n_lp, tokenizer) -> dict:

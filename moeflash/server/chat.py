@@ -12,6 +12,7 @@ This module knows nothing of tensors (no torch); the server encodes the prompt t
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,10 @@ THINK_START = "<think>"
 THINK_END = "</think>"
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
+
+# Placeholders for message contents while a Jinja template renders (private-use characters).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{_MARK_OPEN}(\\d+){_MARK_CLOSE}")
 
 
 class ChatError(ValueError):
@@ -187,12 +192,30 @@ class ReasoningParser:
 # -- encoders ---------------------------------------------------------------------------------------
 
 class ChatEncoder:
-    """One model family's chat encoding: messages -> prompt text with the generation prompt appended."""
+    """One model family's chat encoding: messages -> prompt text with the generation prompt appended.
+
+    `encode_parts` gives the prompt as (text, markup) pieces: markup is the encoding's own text (role
+    markers, BOS, think tags), where special-token strings become special tokens; the rest is message
+    content, which the server tokenizes as plain text unless the caller is trusted, so a user cannot
+    forge a turn by writing `<｜Assistant｜>` or `<|im_start|>`. `encode` joins the pieces."""
 
     supports_thinking: bool = False
 
     def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+        return "".join(text for text, _ in self.encode_parts(messages, thinking))
+
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
         raise NotImplementedError
+
+    def encode_ids(self, tokenizer: Any, messages: list[dict], thinking: bool | None = None,
+                   trust_content: bool = False) -> list[int]:
+        """Token ids of the prompt: markup with special tokens parsed, content as text (parsed too when
+        `trust_content`, for a trusted local caller)."""
+        ids: list[int] = []
+        for text, markup in self.encode_parts(messages, thinking):
+            if text:
+                ids.extend(tokenizer.encode(text, special=markup or trust_content))
+        return ids
 
     def reasoning_parser(self, thinking: bool) -> ReasoningParser:
         self._check_thinking(thinking)
@@ -232,7 +255,7 @@ class DeepSeekV4Encoder(ChatEncoder):
     def __init__(self, think_end_id: int | None = None) -> None:
         self.think_end_id = think_end_id  # "</think>"'s id, for ReasoningParser.push_token
 
-    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
         msgs = normalize_messages(messages)
         for i, m in enumerate(msgs):
             if m["role"] == "tool":
@@ -242,19 +265,19 @@ class DeepSeekV4Encoder(ChatEncoder):
         if msgs[last]["role"] != "user":
             raise ChatError(f"the last message must be from the user, not {msgs[last]['role']!r}: the reply "
                             "is generated after it", f"messages[{last}].role")
-        parts = [BOS]
+        parts = [(BOS, True)]
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
             if role == "system":
-                parts.append(content)
+                parts.append((content, False))
             elif role == "assistant":
-                parts.append(content + EOS)
+                parts += [(content, False), (EOS, True)]
             else:  # user
                 joined = i > 0 and msgs[i - 1]["role"] == "user"
-                parts.append(("\n\n" if joined else USER) + content)
+                parts += [("\n\n" if joined else USER, True), (content, False)]
                 if i == last or msgs[i + 1]["role"] == "assistant":
-                    parts.append(ASSISTANT + (THINK_START if thinking and i == last else THINK_END))
-        return "".join(parts)
+                    parts.append((ASSISTANT + (THINK_START if thinking and i == last else THINK_END), True))
+        return parts
 
     def reasoning_parser(self, thinking: bool) -> ReasoningParser:
         return ReasoningParser(thinking=bool(thinking), marker=THINK_END, marker_id=self.think_end_id)
@@ -266,14 +289,37 @@ class TemplateEncoder(ChatEncoder):
 
     supports_thinking = False
 
-    def __init__(self, template: str, bos_token: str = "", eos_token: str = "") -> None:
+    def __init__(self, template: str, bos_token: str = "", eos_token: str = "",
+                 special_tokens: Sequence[str] = ()) -> None:
         self.template = template
         self.bos_token = bos_token
         self.eos_token = eos_token
+        self.special_tokens = tuple(special_tokens)
 
-    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
+        """The template rendered with a placeholder for each content, then split at the placeholders:
+        what the template wrote is markup, the contents are content. A template that rewrites content
+        (so the placeholders do not come back intact, once each, in order) is rendered as one piece of
+        markup, and refused only when a content holds a special-token string."""
         self._check_thinking(thinking)
         msgs = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
+        marked = [{"role": m["role"], "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(msgs)]
+        pieces = _MARK.split(self._render(marked))  # text, index, text, index, ..., text
+        if [int(k) for k in pieces[1::2]] == list(range(len(msgs))) and not any(
+                _MARK_OPEN in t or _MARK_CLOSE in t for t in pieces[0::2]):
+            parts = []
+            for j, text in enumerate(pieces):
+                parts.append((text, True) if j % 2 == 0 else (msgs[int(text)]["content"], False))
+            return parts
+        for i, m in enumerate(msgs):
+            hit = next((t for t in self.special_tokens if t and t in m["content"]), None)
+            if hit is not None:
+                raise ChatError(f"messages[{i}].content holds the special token {hit!r}, and this model's chat "
+                                "template rewrites message content, so it cannot be kept as plain text; "
+                                "remove it", f"messages[{i}].content")
+        return [(self._render(msgs), True)]
+
+    def _render(self, msgs: list[dict]) -> str:
         try:
             return render_chat(self.template, msgs, add_generation_prompt=True,
                                bos_token=self.bos_token, eos_token=self.eos_token)
@@ -286,7 +332,7 @@ class NoTemplateEncoder(ChatEncoder):
 
     supports_thinking = False
 
-    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
         raise ChatError("this model has no chat template; use /v1/completions", "messages")
 
 
@@ -301,7 +347,7 @@ def make_chat_encoder(tokenizer: Any, family: str) -> ChatEncoder:
     if not template:
         return NoTemplateEncoder()
     return TemplateEncoder(template, _token_text(tokenizer, specials, "bos_token_id"),
-                           _token_text(tokenizer, specials, "eos_token_id"))
+                           _token_text(tokenizer, specials, "eos_token_id"), tuple(specials))
 
 
 def _token_text(tokenizer: Any, specials: dict[str, int], attr: str) -> str:

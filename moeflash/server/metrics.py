@@ -1,8 +1,8 @@
 """Prometheus metrics under the `moeflash:` prefix, named as vLLM names them where they overlap.
 
 Latencies are observed by the HTTP layer per request (time to first token, time between tokens,
-end to end); engine gauges and counters are read from the engine at scrape time, so they are never
-stale; per-step MoE figures (distinct routed experts read per token) are observed by the engine
+end to end); engine gauges and counters come from the snapshot the engine loop publishes after
+each step (a scrape never waits for a step); per-step MoE figures (distinct routed experts read per token) are observed by the engine
 loop's step callback. Each server gets its own registry, so several servers in one process (tests)
 do not collide.
 """
@@ -21,14 +21,16 @@ _E2E_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 120.0, 30
 class _EngineCollector:
     """Gauges and counters read from `stats()` (AsyncLLMEngine.stats) at each scrape."""
 
-    def __init__(self, stats, model_name: str):
-        self.stats, self.model_name = stats, model_name
+    def __init__(self, stats, model_name: str, limits: dict[str, float] | None = None):
+        self.stats, self.model_name, self.limits = stats, model_name, dict(limits or {})
 
     def collect(self):
         s = self.stats()
         labels = ["model_name"]
         for name, doc, key in (("num_requests_running", "Requests holding state and being advanced.", "running"),
                                ("num_requests_waiting", "Requests queued for admission.", "waiting"),
+                               ("num_sequences_queued", "Sequences accepted and not yet running (counted "
+                                "against the max_waiting_sequences limit).", "queued"),
                                ("state_memory_bytes", "Bytes of sequence state (KV / compressed "
                                 "entries) held by running requests.", "state_bytes")):
             g = GaugeMetricFamily(f"moeflash:{name}", doc, labels=labels)
@@ -38,10 +40,22 @@ class _EngineCollector:
                                ("generation_tokens", "Tokens generated.", "generated_tokens"),
                                ("routed_experts_read", "Distinct routed experts read, summed over "
                                 "layers and steps.", "routed_experts_read"),
-                               ("forward_tokens", "Tokens run through the model.", "forward_tokens")):
+                               ("forward_tokens", "Tokens run through the model.", "forward_tokens"),
+                               ("requests_rejected", "Requests refused with 429 (waiting queue full).",
+                                "rejected"),
+                               ("preemptions", "Sequences recomputed after a failed forward call.",
+                                "preemptions"),
+                               ("requests_failed", "Sequences that failed alone (finish_reason error).",
+                                "failed_requests")):
             c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
             c.add_metric([self.model_name], float(s[key]))
             yield c
+        if self.limits:
+            g = GaugeMetricFamily("moeflash:limit", "Admission limits this server enforces (0: none).",
+                                  labels=labels + ["limit"])
+            for name, value in sorted(self.limits.items()):
+                g.add_metric([self.model_name, name], float(value))
+            yield g
         experts = s.get("experts")
         if experts is not None:
             yield from self._experts(experts)
@@ -72,10 +86,10 @@ class _EngineCollector:
 
 
 class Metrics:
-    def __init__(self, stats, model_name: str):
+    def __init__(self, stats, model_name: str, limits: dict[str, float] | None = None):
         self.registry = CollectorRegistry()
         self.model_name = model_name
-        self.registry.register(_EngineCollector(stats, model_name))
+        self.registry.register(_EngineCollector(stats, model_name, limits))
         r, lab = self.registry, ["model_name"]
         self.ttft = Histogram("moeflash:time_to_first_token_seconds", "Time from request arrival to its "
                               "first generated token.", lab, buckets=_LATENCY_BUCKETS, registry=r)
@@ -89,6 +103,8 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096), registry=r)
         self.requests = Counter("moeflash:request_success", "Finished requests by finish reason.",
                                 lab + ["finished_reason"], registry=r)
+        self.disconnects = Counter("moeflash:client_disconnects", "Requests aborted because the client "
+                                   "left before the end.", lab, registry=r)
         self.errors = Counter("moeflash:request_errors", "Requests answered with an error, by status code.",
                               lab + ["status"], registry=r)
         self._last = {"forward_tokens": 0, "routed_experts_read": 0}

@@ -25,7 +25,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def _available_ram() -> int:
+def available_ram() -> int:
+    """Bytes of RAM the OS can give now (MemAvailable), else the machine's total."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -54,7 +55,7 @@ def resolve_dtype(dtype: str | torch.dtype, config: ModelConfig | LlamaConfig,
     if dtype != "auto":
         raise ValueError(f"unknown dtype {dtype!r}; use auto, float32 or bfloat16")
     fp32_bytes = 4 * (params_in_dtype if params_in_dtype is not None else _total_parameters(config))
-    return torch.float32 if fp32_bytes <= 0.4 * _available_ram() else torch.bfloat16
+    return torch.float32 if fp32_bytes <= 0.4 * available_ram() else torch.bfloat16
 
 
 def _total_parameters(config: ModelConfig | LlamaConfig) -> int:
