@@ -242,3 +242,26 @@ def test_logprobs_none_and_zero():
     r_none, r_zero = run(torch.stack([logits, logits]), [SamplingParams(), SamplingParams(logprobs=0)])
     assert r_none.top_logprobs is None and r_zero.top_logprobs == []
     assert r_zero.logprob <= 0
+
+
+def test_extreme_penalties_keep_sampling_defined():
+    """A repetition penalty of 5e-324 (valid: > 0) turns positive logits into +inf; the row must
+    still sample (a schema fuzzer found the NaN probabilities this used to give)."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    for penalty in (5e-324, 1e-300, 2.0):
+        p = SamplingParams(temperature=1.0, repetition_penalty=penalty, seed=0)
+        res = sample(logits, [p], [make_generator(0)], [[0, 1, 2]], [[3]])
+        assert 0 <= res[0].token_id < 4
+        p = SamplingParams(temperature=0.7, repetition_penalty=penalty, presence_penalty=2.0, top_p=0.5,
+                           min_p=0.1, seed=0, logprobs=2)
+        res = sample(logits, [p], [make_generator(0)], [[0, 1, 2]], [[3]])
+        assert 0 <= res[0].token_id < 4 and not math.isnan(res[0].logprob)
+
+
+def test_top_k_beyond_the_vocabulary_keeps_everything():
+    """top_k larger than the vocabulary (even beyond int64, as a fuzzer sent) means no top-k cut."""
+    logits = torch.tensor([[3.0, 1.0, -2.0, 0.5]])
+    for k in (4, 5, 2**70):
+        res = sample(logits, [SamplingParams(temperature=1.0, top_k=k, logprobs=4)], [make_generator(1)],
+                     [[0]], [[]])
+        assert len(res[0].top_logprobs) == 4

@@ -256,7 +256,10 @@ def _penalise(row: torch.Tensor, p: SamplingParams, prompt, output, i: int) -> t
     if p.presence_penalty != 0 or p.frequency_penalty != 0:
         counts = torch.bincount(out, minlength=vocab).to(row.dtype)
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
-    return row
+    # A tiny repetition penalty (5e-324 is a valid "> 0") divides a logit into +inf, and the softmax
+    # of a row holding inf is NaN: keep every penalised logit finite (-inf, a banned token, stays).
+    big = torch.finfo(row.dtype).max
+    return row.clamp(min=-big, max=big).where(row != float("-inf"), row)
 
 
 def _filter(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -272,7 +275,7 @@ def _filter(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     ordered, order = torch.sort(rows, dim=-1, descending=True, stable=True)
     keep = torch.ones_like(ordered, dtype=torch.bool)
     if use_k:
-        ks = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=device)
+        ks = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=device)
         keep &= torch.arange(vocab, device=device) < ks.unsqueeze(1)
         ordered = ordered.masked_fill(~keep, -math.inf)
     if use_p:

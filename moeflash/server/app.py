@@ -35,7 +35,7 @@ from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, Overloaded
 from ..engine.sampler import SamplingParams
 from .chat import ChatError, make_chat_encoder, normalize_messages
 from .metrics import CONTENT_TYPE, Metrics
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, parse
+from .protocol import MAX_N, APIError, ChatCompletionRequest, CompletionRequest, parse
 
 
 @dataclass
@@ -76,7 +76,8 @@ log = logging.getLogger("moeflash.server")
 
 
 def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="moeflash", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(title="moeflash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.openapi = lambda: _openapi(app, config, engine.engine.config.vocab_size)
     limits = {**config.limits(), "max_waiting_sequences": engine.limits.max_waiting,
               "request_timeout_seconds": engine.limits.request_timeout or 0,
               "max_state_bytes": engine.engine.max_state_bytes or 0}
@@ -377,6 +378,61 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
 
 
 # -- helpers ---------------------------------------------------------------------------------------
+_ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {"error": {
+    "type": "object", "required": ["message", "type"],
+    "properties": {"message": {"type": "string"}, "type": {"type": "string"},
+                   "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
+
+
+def _openapi(app: FastAPI, config: ServerConfig, vocab_size: int) -> dict:
+    """The API's OpenAPI document (/openapi.json): the request bodies come from the pydantic models
+    the endpoints parse with (they read the raw body themselves, to answer with OpenAI's errors),
+    and every status an endpoint answers with is listed, so a schema fuzzer can check them."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    doc = get_openapi(title="moeflash", version="1", routes=app.routes)
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas["Error"] = _ERROR_SCHEMA
+    error = {"description": "an OpenAI error body",
+             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, model in (("/v1/completions", CompletionRequest), ("/v1/chat/completions", ChatCompletionRequest)):
+        js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        props = js["properties"]
+        props["model"] = {"type": "string", "enum": [config.served_model_name]}  # the one model served
+        for key in ("max_tokens", "max_completion_tokens"):  # this server's limits, as schema maxima
+            if key in props and config.max_tokens_limit:
+                props[key] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": config.max_tokens_limit},
+                                        {"type": "null"}]}
+        props["n"] = {"type": "integer", "minimum": 1, "maximum": min(MAX_N, config.max_seqs_per_request)}
+        if "prompt" in props:
+            ids = {"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 0, "maximum": vocab_size - 1}}
+            props["prompt"] = {"anyOf": [{"type": "string", "minLength": 1},
+                                         {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
+                                         ids, {"type": "array", "minItems": 1, "items": ids}]}
+        if "messages" in props:
+            props["messages"] = {"type": "array", "minItems": 1, "items": {
+                "type": "object", "required": ["role", "content"],
+                "properties": {"role": {"type": "string", "enum": ["system", "user", "assistant"]},
+                               "content": {"type": "string"}}}}
+        schemas.update(js.pop("$defs", {}))
+        schemas[model.__name__] = js
+        op = doc["paths"][path]["post"]
+        op["requestBody"] = {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        op["responses"] = {"200": {"description": "the completion (JSON, or server-sent events when streamed)",
+                                   "content": {"application/json": {"schema": {"type": "object"}},
+                                               "text/event-stream": {"schema": {"type": "string"}}}},
+                           **{str(c): error for c in (400, 401, 404, 413, 415, 429, 499, 500, 503)}}
+    doc["paths"]["/metrics"]["get"]["responses"]["200"] = {
+        "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    for path, op in ((p, o) for p, item in doc["paths"].items() for o in item.values()):
+        op.setdefault("responses", {}).update({str(c): error for c in (401, 404, 503) if str(c) not in op["responses"]})
+    app.openapi_schema = doc
+    return doc
+
+
 class _Lease:
     """Sequences reserved against the waiting limit and not yet handed to the engine (which releases
     them as they finish). `close` gives back whatever was never handed over; it runs after every
