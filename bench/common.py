@@ -33,15 +33,16 @@ if str(ROOT) not in sys.path:  # run as `python bench/x.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
 from moeflash.config import CSA, HCA, SLIDING  # noqa: E402
-from moeflash.engine.forward import run_tokens
+from moeflash.engine.forward import run_tokens  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("MOEFLASH_BENCH_DIR", "/tmp/moeflash-bench"))
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
-def rss_bytes() -> int:
-    """This process's resident memory now (bytes), from /proc/self/statm."""
-    return int(open("/proc/self/statm").read().split()[1]) * 4096
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident memory now (bytes; this one by default), from /proc/<pid>/statm."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def log(*args) -> None:

@@ -97,6 +97,7 @@ def test_chunked_and_decode_match_transformers(pair, fused):
     if fused:
         ours.fuse_projections_()
     state = ours.new_seq_state()
+    assert state.used_bytes() == 0  # an empty state (zero-capacity buffers) counts nothing
     out, pos = [], 0
     for n in (7, 1, 13, 3, 16):  # ragged prompt chunks, then single tokens
         x = run_tokens(ours, ids[0, pos:pos + n], [state], [n])

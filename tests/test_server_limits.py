@@ -36,6 +36,8 @@ def wait_idle(server, timeout=20.0):
     while time.monotonic() < deadline:
         e = server.engine.engine
         if not e.has_unfinished() and server.engine.stats()["queued"] == 0:
+            # nothing left behind: no sequence, no output route, no reservation
+            assert not e.seqs and not server.engine._streams and server.engine._outstanding == 0
             return
         time.sleep(0.02)
     raise AssertionError("the engine did not go idle")
@@ -102,10 +104,12 @@ def test_state_memory_limit_refuses_what_can_never_fit(tiny):
 def test_full_queue_gets_429_with_retry_after_and_admitted_requests_finish(tiny):
     limits = AdmissionLimits(max_waiting=2)
     with RunningServer(*tiny, MODEL, "deepseek_v4", limits=limits, max_num_seqs=1) as s:
-        r = post(s, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 3, "max_tokens": 2})
+        # the engine holds 1 running + 2 waiting: 4 sequences never fit, 3 do
+        r = post(s, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 4, "max_tokens": 2})
         assert r.status_code == 429, r.text
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "rate_limit_error"
+        assert post(s, "/v1/completions", {"model": MODEL, "prompt": "a", "n": 3, "max_tokens": 2}).status_code == 200
         with SlowSteps(s.engine.engine, 0.05):
             results = {}
 
@@ -290,3 +294,13 @@ def test_logprob_bytes_of_partial_utf8_and_distinct_top_keys(tiny):
                 assert entry["token"] == f"bytes:\\x{raw[0]:02x}"
             elif len(raw) == 1:
                 assert entry["token"] == raw.decode()
+
+
+def test_a_streamed_event_is_one_line_whatever_the_text():
+    """U+0085 / U+2028 / U+2029 in generated text (the tiny model writes any byte) stay inside one SSE
+    line for clients that split with str.splitlines (found by bench/serve_load.py)."""
+    from moeflash.server.app import _event
+
+    event = _event({"choices": [{"text": "a\u2028b\x85c\u2029d\re\nf"}]})
+    assert event.endswith("\n\n") and len(event[:-2].splitlines()) == 1
+    assert json.loads(event[len("data: "):])["choices"][0]["text"] == "a\u2028b\x85c\u2029d\re\nf"

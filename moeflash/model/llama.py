@@ -51,7 +51,7 @@ class LlamaSeqState:
 
     def used_bytes(self) -> int:
         """Bytes of live keys and values (positions 0..pos-1)."""
-        return sum(2 * self.pos * k[0].numel() * k.element_size() for k in self.keys)
+        return sum(2 * self.pos * k.shape[1] * k.shape[2] * k.element_size() for k in self.keys)
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
@@ -84,6 +85,10 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
     metrics = Metrics(engine.stats, config.served_model_name, limits)
     engine.on_step = lambda outputs, seconds: metrics.on_step(engine.engine.stats)
     encoder = make_chat_encoder(tokenizer, config.chat_family)
+    # tokenizing and chat rendering run here, off the event loop: two threads bound the CPU they take
+    # from the engine on a small machine (and the malloc arenas a pool of many threads would keep)
+    text_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="moeflash-text")
+    app.router.on_shutdown.append(lambda: text_pool.shutdown(wait=False, cancel_futures=True))
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
 
     def error(e: APIError, headers: dict | None = None) -> JSONResponse:
@@ -148,18 +153,23 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         req: CompletionRequest = parse(CompletionRequest, await _json_body(request, config))
         _check_model(req.model, config)
         _check_shape(len(req.prompt) * req.n, config)
+        lease = _admit(len(req.prompt) * req.n)  # before tokenizing: a full queue answers 429 at once
 
         def encode():  # the whole prompt is the caller's: special-token strings in it count
             return [p if isinstance(p, list) else tokenizer.encode(p, add_bos=_add_bos(tokenizer))
                     for p in req.prompt]
 
         try:
-            prompts = await asyncio.to_thread(encode)
-        except ValueError as e:
-            raise APIError(400, str(e), param="prompt") from None
-        for p in prompts:
-            _check_ids(p, tokenizer, engine)
-        return await _run(request, "text_completion", req, prompts, None)
+            try:
+                prompts = await asyncio.get_running_loop().run_in_executor(text_pool, encode)
+            except ValueError as e:
+                raise APIError(400, str(e), param="prompt") from None
+            for p in prompts:
+                _check_ids(p, tokenizer, engine)
+            return await _run(request, "text_completion", req, prompts, None, lease)
+        except BaseException:
+            lease.close()
+            raise
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -167,6 +177,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         _check_model(req.model, config)
         thinking = None if req.thinking is None else req.thinking.type == "enabled"
         _check_shape(req.n, config)
+        lease = _admit(req.n)
 
         def encode():
             messages = normalize_messages(req.messages)
@@ -175,15 +186,30 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
             return encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens)
 
         try:
-            ids = await asyncio.to_thread(encode)
-        except ChatError as e:
-            raise APIError(400, e.message, param=e.param) from None
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
-        return await _run(request, "chat.completion", req, [ids], bool(thinking))
+            try:
+                ids = await asyncio.get_running_loop().run_in_executor(text_pool, encode)
+            except ChatError as e:
+                raise APIError(400, e.message, param=e.param) from None
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages") from None
+            return await _run(request, "chat.completion", req, [ids], bool(thinking), lease)
+        except BaseException:
+            lease.close()
+            raise
 
     # -- generation -------------------------------------------------------------------------------
-    async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None):
+    def _admit(sequences: int) -> "_Lease":
+        """Reserve room for a request's sequences in the engine, or answer 429 with Retry-After."""
+        try:
+            engine.reserve(sequences)
+        except Overloaded as e:
+            err = APIError(429, str(e), "rate_limit_error", code="server_busy")
+            err.headers = {"Retry-After": str(e.retry_after)}
+            raise err from None
+        return _Lease(engine, sequences)
+
+    async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None,
+                   lease: "_Lease"):
         chat = kind == "chat.completion"
         total = sum(len(p) for p in prompts)
         if total > config.max_prompt_tokens:
@@ -224,15 +250,6 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                 engine.check_request(prompts[i], sp)
             except ValueError as e:
                 raise APIError(400, str(e), param="messages" if chat else "prompt") from None
-        try:
-            engine.reserve(len(params))
-        except Overloaded as e:
-            err = APIError(429, str(e), "rate_limit_error", code="server_busy")
-            err.headers = {"Retry-After": str(e.retry_after)}
-            raise err from None
-        except EngineDeadError as e:
-            raise APIError(503, str(e), "server_error") from None
-        lease = _Lease(engine, len(params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
@@ -473,8 +490,14 @@ def _check_shape(sequences: int, config: ServerConfig) -> None:
                        f"{config.max_seqs_per_request} per request", param="n", code="too_many_sequences")
 
 
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _event(obj) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+    """One server-sent event. U+0085, U+2028 and U+2029 (which JSON may leave raw, and which clients
+    that split lines with str.splitlines take for line ends) are written as escapes, so an event is
+    always one line whatever the model generated."""
+    return f"data: {json.dumps(obj, ensure_ascii=False).translate(_LINE_BREAKS)}\n\n"
 
 
 def _model_card(config: ServerConfig) -> dict:
