@@ -265,3 +265,12 @@ def test_top_k_beyond_the_vocabulary_keeps_everything():
         res = sample(logits, [SamplingParams(temperature=1.0, top_k=k, logprobs=4)], [make_generator(1)],
                      [[0]], [[]])
         assert len(res[0].top_logprobs) == 4
+
+
+def test_temperatures_below_1e5_are_greedy():
+    """4e-244 (a fuzzer's value) underflows to 0 in fp32; such temperatures sample as argmax."""
+    logits = torch.tensor([[0.5, 3.0, 2.9, -1.0]])
+    for t in (4.4711029294290025e-244, 1e-6):
+        p = SamplingParams(temperature=t, top_p=0.78, min_p=0.78)
+        assert p.greedy and sample(logits, [p], [make_generator(3)], [[0]], [[]])[0].token_id == 1
+    assert not SamplingParams(temperature=1e-4).greedy

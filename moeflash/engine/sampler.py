@@ -16,6 +16,9 @@ from typing import Sequence
 import torch
 
 MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs
+# Temperatures below this are greedy, as in vLLM: dividing logits by 4e-244 (a fuzzer's value)
+# underflows to a division by zero in fp32 and gives NaN probabilities.
+GREEDY_BELOW = 1e-5
 _SEED_MIN, _SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 
 
@@ -44,7 +47,7 @@ def _float(name: str, value) -> float:
 class SamplingParams:
     """How to pick tokens for one request; defaults and ranges follow vLLM and the OpenAI API.
 
-    temperature 0 is greedy. top_k 0 or -1 disables it. presence / frequency penalties apply to generated
+    temperature 0 (below GREEDY_BELOW) is greedy. top_k 0 or -1 disables it. presence / frequency penalties apply to generated
     tokens only (OpenAI); repetition_penalty applies to prompt and generated tokens (vLLM). logprobs asks
     for that many top alternatives per generated token, besides the chosen token's own logprob.
     `stop` and `stop_token_ids` are normalised to lists.
@@ -116,7 +119,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def _stop_strings(stop) -> list[str]:
@@ -190,8 +193,8 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams],
             x[i] = _penalise(x[i], p, prompt_ids[i], output_ids[i], i)
 
     tokens = torch.empty(batch, dtype=torch.long, device=raw.device)
-    greedy = [i for i, p in enumerate(params) if p.temperature == 0]
-    drawn = [i for i, p in enumerate(params) if p.temperature != 0]
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
     if greedy:
         tokens[greedy] = x[greedy].argmax(dim=-1)  # argmax returns the first maximum: lowest id on ties
     if drawn:

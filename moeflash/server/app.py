@@ -440,7 +440,10 @@ def _openapi(app: FastAPI, config: ServerConfig, vocab_size: int) -> dict:
             "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
         op["responses"] = {"200": {"description": "the completion (JSON, or server-sent events when streamed)",
                                    "content": {"application/json": {"schema": {"type": "object"}},
-                                               "text/event-stream": {"schema": {"type": "string"}}}},
+                                               # each server-sent event: a data line (JSON, or [DONE])
+                                               "text/event-stream": {"schema": {
+                                                   "type": "object", "required": ["data"],
+                                                   "properties": {"data": {"type": "string"}}}}}},
                            **{str(c): error for c in (400, 401, 404, 413, 415, 429, 499, 500, 503)}}
     doc["paths"]["/metrics"]["get"]["responses"]["200"] = {
         "description": "Prometheus text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}
