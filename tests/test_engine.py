@@ -189,3 +189,34 @@ def test_bad_requests(model):
         SamplingParams(temperature=-1)
     with pytest.raises(ValueError, match="tokenizer"):
         LLMEngine(model).add_request([1], SamplingParams(stop=["x"]))
+
+
+@pytest.mark.parametrize("budget", [512, 7])
+def test_identical_prompts_prefill_once_and_keep_their_tokens(budget):
+    """n choices of one prompt: the first prefills, the others copy its state one token before the end
+    and feed only the last token; every choice's tokens equal its solo run (greedy and seeded)."""
+    from moeflash.tokenizer import ByteTokenizer
+    from moeflash.weights.build import build_tiny
+
+    model, tok = build_tiny("float32"), ByteTokenizer()
+    prompt = tok.encode("a prompt long enough to span several chunks")
+    params = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)] + [
+        SamplingParams(max_tokens=10, temperature=0.9, seed=s, ignore_eos=True) for s in (1, 2, 3)]
+    solo = [LLMEngine(model, tok).generate([prompt], p)[0].token_ids for p in params]
+    eng = LLMEngine(model, tok, max_num_batched_tokens=budget)
+    outs = eng.generate([prompt] * 4, params)
+    assert [o.token_ids for o in outs] == solo
+    assert eng.stats["prompt_tokens_shared"] == 3 * (len(prompt) - 1)
+    assert eng.stats["prompt_tokens"] == len(prompt) + 3  # the prompt once, then each follower's last token
+    # a follower whose leader is aborted before it gets there prefills alone, with the same tokens
+    eng = LLMEngine(model, tok, max_num_batched_tokens=7)
+    a = eng.add_request(prompt, params[0])
+    b = eng.add_request(prompt, params[1])
+    eng.step()
+    eng.abort(a)
+    final = {}
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.finished:
+                final[out.request_id] = out
+    assert final[b].token_ids == solo[1] and eng.stats["prompt_tokens_shared"] == 0

@@ -137,3 +137,16 @@ def test_config_errors_name_the_field():
         LlamaConfig(head_dim=15)
     with pytest.raises(ValueError, match="LlamaConfig.eos_token_id"):
         LlamaConfig(vocab_size=10, bos_token_id=1, eos_token_id=10)
+
+
+def test_identical_prompts_share_one_prefill(pair):
+    """The KV cache copied from the first of three identical prompts gives each the tokens it gets alone."""
+    cfg, _, ours, ids, _ = pair
+    prompt = ids[0, :21].tolist()
+    params = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=1.0, seed=4, ignore_eos=True),
+              SamplingParams(max_tokens=8, temperature=1.0, seed=5, ignore_eos=True)]
+    solo = [LLMEngine(ours).generate([prompt], p)[0].token_ids for p in params]
+    engine = LLMEngine(ours, max_num_batched_tokens=8)
+    assert [o.token_ids for o in engine.generate([prompt] * 3, params)] == solo
+    assert engine.stats["prompt_tokens_shared"] == 2 * 20

@@ -58,9 +58,10 @@ class LLMEngine:
         self.device = model.embed.weight.device
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
         # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
-        # preempted after a failed forward call, and requests failed
+        # preempted after a failed forward call, requests failed, and prompt tokens not recomputed
+        # because a follower copied its leader's state (n > 1)
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "forward_tokens": 0,
-                      "routed_experts_read": 0, "preemptions": 0, "failed_requests": 0}
+                      "routed_experts_read": 0, "preemptions": 0, "failed_requests": 0, "prompt_tokens_shared": 0}
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
@@ -73,6 +74,11 @@ class LLMEngine:
         detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [], params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
+        if len(prompt) > 1:  # the same prompt already queued: prefill it once (n > 1 choices)
+            leader = next((w for w in self.scheduler.waiting if w.leader is None and w.prompt == prompt), None)
+            if leader is not None:
+                seq.leader = leader
+                leader.followers += 1
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -132,14 +138,33 @@ class LLMEngine:
         return sum(1 for s in self.seqs.values() if s.state is not None)
 
     def _admit(self, seq: Sequence) -> bool:
+        leader = seq.leader
+        if leader is not None:
+            at = len(seq.prompt) - 1  # where the follower takes over
+            if leader.status == Status.RUNNING and leader.state is not None and leader.consumed < at:
+                return False  # not there yet: wait (the leader pauses there)
+            if not (leader.status == Status.RUNNING and leader.state is not None and leader.consumed == at):
+                self._detach(seq)  # the leader finished, failed or went past: prefill alone
         if self.max_state_bytes is not None and self.scheduler.running:
             need = self.model.state_bytes(len(seq.prompt) + seq.params.max_tokens)
             if self.state_bytes() + need > self.max_state_bytes:
                 return False
-        seq.state = self.model.new_seq_state()
+        if seq.leader is not None:
+            seq.state = seq.leader.state.clone()
+            self.stats["prompt_tokens_shared"] += seq.consumed
+            self._detach(seq)
+        else:
+            seq.state = self.model.new_seq_state()
         return True
 
+    @staticmethod
+    def _detach(seq: Sequence) -> None:
+        if seq.leader is not None:
+            seq.leader.followers -= 1
+            seq.leader = None
+
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        self._detach(seq)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason

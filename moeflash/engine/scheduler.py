@@ -3,6 +3,8 @@
 Every step first gives each decoding sequence its one token, then spends what is left of the
 per-step token budget on prompt chunks (sequences already prefilling first, then new admissions,
 oldest first). A long prompt therefore never stalls the decoders: it is spread over several steps.
+A sequence whose prompt others share (n > 1) pauses one token before its prompt's end, where they
+copy its state.
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ class Scheduler:
                 budget -= 1
         for seq in self.running:  # unfinished prompts continue
             if seq.prefilling and budget > 0:
-                n = min(seq.pending_tokens(), budget)
+                n = min(_chunk(seq), budget)
                 plan.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -64,7 +66,16 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.pending_tokens(), budget)
+            n = min(_chunk(seq), budget)
             plan.append((seq, n))
             budget -= n
         return plan
+
+
+def _chunk(seq: Sequence) -> int:
+    """Tokens a prefilling sequence may feed now: all pending, except that a leader with followers
+    stops one token short of its prompt's end once, so they can copy its state there."""
+    n = seq.pending_tokens()
+    if seq.followers and seq.consumed < len(seq.prompt) - 1:
+        n = min(n, len(seq.prompt) - 1 - seq.consumed)
+    return n

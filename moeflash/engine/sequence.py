@@ -62,6 +62,10 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     suspect: bool = False  # in a forward call that failed: runs alone until one step succeeds
+    # one prefill for identical prompts: a follower waits for its leader to reach the prompt's last
+    # token, then starts from a copy of the leader's state (`LLMEngine._admit`)
+    leader: "Sequence | None" = None
+    followers: int = 0
 
     @property
     def consumed(self) -> int:

@@ -34,6 +34,11 @@ class LlamaSeqState:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
+    def clone(self) -> "LlamaSeqState":
+        """An independent copy at the same position (buffers trimmed to it; appends grow them again)."""
+        return LlamaSeqState(self.pos, [k[: self.pos].clone() for k in self.keys],
+                             [v[: self.pos].clone() for v in self.values])
+
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n, kv_heads, head_dim] at positions pos..pos+n-1 of `layer`; return the
         layer's keys and values for positions 0..pos+n-1."""

@@ -45,6 +45,12 @@ class CompressorState:
     def view(self) -> torch.Tensor:
         return self.entries[: self.count]
 
+    def clone(self) -> "CompressorState":
+        """An independent copy (entries trimmed to the emitted ones; appends grow it again)."""
+        opt = (lambda t: None if t is None else t.clone())
+        return CompressorState(self.ratio, self.pending_kv.clone(), self.pending_gate.clone(), opt(self.prev_kv),
+                               opt(self.prev_gate), self.entries[: max(self.count, 1)].clone(), self.count)
+
     def used_bytes(self, pos: int) -> int:
         """Bytes holding live data at position `pos`: entries, the open window, overlap halves."""
         size = self.entries.element_size()
@@ -70,6 +76,10 @@ class LayerState:
     def parts(self) -> list[CompressorState]:
         return [c for c in (self.compressor, self.indexer) if c is not None]
 
+    def clone(self) -> "LayerState":
+        return LayerState(self.window.clone(), self.compressor and self.compressor.clone(),
+                          self.indexer and self.indexer.clone())
+
 
 @dataclass
 class SeqState:
@@ -78,6 +88,11 @@ class SeqState:
     pos: int
     layers: list[LayerState]
     mtp: list[LayerState] = field(default_factory=list)
+
+    def clone(self) -> "SeqState":
+        """An independent copy at the same position: a second sequence continues from here (the engine
+        forks one prefill into the n choices of a request)."""
+        return SeqState(self.pos, [layer.clone() for layer in self.layers], [layer.clone() for layer in self.mtp])
 
     def used_bytes(self) -> int:
         """Exact bytes of live state: filled window slots, pending rows, overlap halves, entries."""

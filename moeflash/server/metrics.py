@@ -46,7 +46,10 @@ class _EngineCollector:
                                ("preemptions", "Sequences recomputed after a failed forward call.",
                                 "preemptions"),
                                ("requests_failed", "Sequences that failed alone (finish_reason error).",
-                                "failed_requests")):
+                                "failed_requests"),
+                               ("prompt_tokens_shared", "Prompt tokens not prefilled again because a "
+                                "choice copied the state of another with the same prompt (n > 1).",
+                                "prompt_tokens_shared")):
             c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
             c.add_metric([self.model_name], float(s[key]))
             yield c
