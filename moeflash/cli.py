@@ -239,6 +239,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.max_waiting is not None and args.max_waiting < 0:
         print("error: --max-waiting must be >= 0", file=sys.stderr)
         return 2
+    if args.prefix_cache_gb < 0 or args.prefix_cache_disk_gb <= 0:
+        print("error: --prefix-cache-gb must be >= 0 and --prefix-cache-disk-gb > 0", file=sys.stderr)
+        return 2
     if args.request_timeout < 0 or (args.max_state_gb is not None and args.max_state_gb <= 0):
         print("error: --request-timeout must be >= 0 and --max-state-gb > 0", file=sys.stderr)
         return 2
@@ -278,9 +281,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    else getattr(model, "state_budget_bytes", None) or int(0.75 * available_ram()))
     limits = AdmissionLimits(max_waiting=4 * args.max_num_seqs if args.max_waiting is None else args.max_waiting,
                              request_timeout=args.request_timeout or None)
+    from .engine.prefix_cache import DiskTier, PrefixCache, model_fingerprint
+
+    cache = None
+    if args.prefix_cache_gb > 0:
+        disk = None
+        if args.prefix_cache_dir:
+            try:
+                disk = DiskTier(args.prefix_cache_dir, int(args.prefix_cache_disk_gb * 2**30),
+                                model_fingerprint(model), model.state_from_tensors, model.new_seq_state())
+            except OSError as e:
+                print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
+                return 2
+        cache = PrefixCache(model.prefix_block_tokens, int(args.prefix_cache_gb * 2**30), disk)
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                                      max_state_bytes=state_bytes, batch_invariant=args.batch_invariant),
+                                      max_state_bytes=state_bytes, batch_invariant=args.batch_invariant,
+                                      prefix_cache=cache),
                             limits=limits)
     # sampling defaults for requests that set none: the flags, else the model card's recommendation
     # for SmolLM2 (temperature 0.2, top_p 0.9; at OpenAI's 1.0 a 135M model rambles), else OpenAI's 1.0
@@ -599,6 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 75%% of the RAM free after loading, or what --memory-limit leaves)")
     v.add_argument("--request-timeout", type=float, default=1800.0,
                    help="seconds a request may run before it ends with finish_reason 'timeout' (0: never)")
+    v.add_argument("--prefix-cache-gb", type=float, default=1.0,
+                   help="RAM for saved prompt states: a prompt that starts like an earlier one (a system "
+                        "prompt, a document, earlier chat turns) skips that prefill (0: off)")
+    v.add_argument("--prefix-cache-dir", default=None,
+                   help="also keep saved prompt states as files here, across restarts (default: RAM only)")
+    v.add_argument("--prefix-cache-disk-gb", type=float, default=10.0,
+                   help="disk space for --prefix-cache-dir (oldest used files go first)")
     v.add_argument("--trust-special-tokens", action="store_true",
                    help="parse special-token strings written in chat message content (a trusted local "
                         "caller only: otherwise a user could forge turns); by default they stay text")

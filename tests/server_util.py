@@ -25,7 +25,8 @@ class RunningServer:
     def __init__(self, model, tokenizer, name: str, family: str, **config):
         self.engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=config.pop("max_num_seqs", 16),
                                                max_num_batched_tokens=64,
-                                               max_state_bytes=config.pop("max_state_bytes", None)),
+                                               max_state_bytes=config.pop("max_state_bytes", None),
+                                               prefix_cache=config.pop("prefix_cache", None)),
                                      limits=config.pop("limits", None)).start()
         self.config = ServerConfig(served_model_name=name, max_model_len=config.pop("max_model_len", 512),
                                    chat_family=family, **config)

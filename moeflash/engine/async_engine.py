@@ -132,7 +132,8 @@ class AsyncLLMEngine:
             self._outstanding = max(0, self._outstanding - sequences)
 
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str,
-                    reserved: bool = False, sink: asyncio.Queue | None = None) -> asyncio.Queue:
+                    reserved: bool = False, sink: asyncio.Queue | None = None,
+                    cache_hints: list[int] = ()) -> asyncio.Queue:
         """Queue a request (validated now: ValueError for bad input; `Overloaded` when the queue is
         full, unless the caller `reserve`d it) and return its output queue. Call from a coroutine:
         outputs are delivered on the calling event loop. With `sink`, outputs (or the exception that
@@ -146,7 +147,7 @@ class AsyncLLMEngine:
         q: asyncio.Queue = asyncio.Queue() if sink is None else _Tagged(sink, request_id)
         timeout = self.limits.request_timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        self._inbox.put(("add", request_id, prompt, params, loop, q, deadline))
+        self._inbox.put(("add", request_id, prompt, params, loop, q, deadline, list(cache_hints)))
         self._wake.set()
         return q
 
@@ -228,9 +229,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if cmd[0] == "add":
-                _, rid, prompt, params, loop, q, deadline = cmd
+                _, rid, prompt, params, loop, q, deadline, hints = cmd
                 try:
-                    self.engine.add_request(prompt, params, rid)
+                    self.engine.add_request(prompt, params, rid, cache_hints=hints)
                 except Exception as err:
                     self.release()
                     _put(loop, q, err if isinstance(err, ValueError) else RuntimeError(str(err)))
@@ -274,6 +275,12 @@ class AsyncLLMEngine:
         store = getattr(e.model, "expert_store", None)
         if store is not None:
             out["experts"] = store.stats()
+        cache = e.prefix_cache
+        if cache is not None:
+            out["prefix_cache"] = {**cache.stats, "bytes": cache.bytes, "entries": len(cache),
+                                   "budget_bytes": cache.budget_bytes}
+            if cache.disk is not None:
+                out["prefix_cache"]["disk"] = {**cache.disk.stats, "bytes": cache.disk.bytes}
         return out
 
     def _publish(self) -> None:

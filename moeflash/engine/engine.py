@@ -36,13 +36,14 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  max_state_bytes: int | None = None, num_threads: int | None = None,
-                 batch_invariant: bool = False):
+                 batch_invariant: bool = False, prefix_cache=None):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
         `max_state_bytes` caps the sequence state held at once (admission waits when full).
         `batch_invariant`: a request's tokens never depend on what else is running. A step's decode
         rows then run in forward calls of at most ROW_KERNEL_MAX_ROWS rows (the kernels' row path, whose
         result for a row does not depend on the other rows) and each prompt chunk in a call of its own,
-        never mixed; costs extra weight reads when more than 16 sequences decode or prompts arrive."""
+        never mixed; costs extra weight reads when more than 16 sequences decode or prompts arrive.
+        `prefix_cache` (`PrefixCache`): prompts that start like earlier ones reuse their saved states."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
@@ -52,6 +53,7 @@ class LLMEngine:
         self.max_state_bytes = max_state_bytes
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.batch_invariant = batch_invariant
+        self.prefix_cache = prefix_cache
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._queues: dict[str, deque[RequestOutput]] = {}
@@ -59,13 +61,16 @@ class LLMEngine:
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
         # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
         # preempted after a failed forward call, requests failed, and prompt tokens not recomputed
-        # because a follower copied its leader's state (n > 1)
+        # because a follower copied its leader's state (n > 1), and prompt tokens taken from the prefix cache
         self.stats = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "forward_tokens": 0,
-                      "routed_experts_read": 0, "preemptions": 0, "failed_requests": 0, "prompt_tokens_shared": 0}
+                      "routed_experts_read": 0, "preemptions": 0, "failed_requests": 0, "prompt_tokens_shared": 0,
+                      "prompt_tokens_cached": 0}
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
+                    request_id: str | None = None, cache_hints: list[int] = ()) -> str:
+        """Queue a prompt. `cache_hints`: positions of the prompt worth saving in the prefix cache
+        besides its end (e.g. where its last chat message starts)."""
         params = params or SamplingParams()
         prompt = self.check_request(prompt_token_ids, params)
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
@@ -79,6 +84,8 @@ class LLMEngine:
             if leader is not None:
                 seq.leader = leader
                 leader.followers += 1
+        if self.prefix_cache is not None:
+            seq.cache_marks = self.prefix_cache.marks(prompt, list(cache_hints))
         self.seqs[rid] = seq
         self.scheduler.add(seq)
         return rid
@@ -154,8 +161,23 @@ class LLMEngine:
             self.stats["prompt_tokens_shared"] += seq.consumed
             self._detach(seq)
         else:
-            seq.state = self.model.new_seq_state()
+            hit = self.prefix_cache.lookup(seq.prompt) if self.prefix_cache is not None else None
+            if hit is not None:
+                tokens, seq.state = hit
+                if not seq.output and not seq.suspect:  # a first admission: what the request reused
+                    seq.cached_tokens = tokens
+                    self.stats["prompt_tokens_cached"] += tokens
+            else:
+                seq.state = self.model.new_seq_state()
+        seq.cache_marks = [m for m in seq.cache_marks if m > seq.consumed]
         return True
+
+    def _save_prefixes(self, group: list) -> None:
+        """Save the state of every sequence that has just reached one of its cache marks."""
+        for seq, _ in group:
+            if seq.cache_marks and seq.state is not None and seq.consumed == seq.cache_marks[0]:
+                mark = seq.cache_marks.pop(0)
+                self.prefix_cache.store(seq.prompt[:mark], seq.state)
 
     @staticmethod
     def _detach(seq: Sequence) -> None:
@@ -191,6 +213,8 @@ class LLMEngine:
                 continue
             for seq, _ in group:
                 seq.suspect = False
+            if self.prefix_cache is not None:
+                self._save_prefixes(group)
         if samplers:
             outputs.extend(self._sample(torch.cat(logits), samplers))
         for out in outputs:
@@ -325,7 +349,7 @@ class LLMEngine:
     def _output(self, seq: Sequence, new_ids, new_text, lp) -> RequestOutput:
         return RequestOutput(seq.request_id, list(new_ids), new_text, list(seq.output), seq.text,
                              seq.status == Status.FINISHED, seq.finish_reason, len(seq.prompt), lp,
-                             seq.stop_reason)
+                             seq.stop_reason, cached_tokens=seq.cached_tokens)
 
     # -- conveniences -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None

@@ -74,8 +74,13 @@ class Scheduler:
 
 def _chunk(seq: Sequence) -> int:
     """Tokens a prefilling sequence may feed now: all pending, except that a leader with followers
-    stops one token short of its prompt's end once, so they can copy its state there."""
+    stops one token short of its prompt's end once, so they can copy its state there, and a chunk ends
+    at the next position where the prefix cache saves the state."""
     n = seq.pending_tokens()
     if seq.followers and seq.consumed < len(seq.prompt) - 1:
         n = min(n, len(seq.prompt) - 1 - seq.consumed)
+    for mark in seq.cache_marks:  # end the chunk where the prefix cache saves the state
+        if mark > seq.consumed:
+            n = min(n, mark - seq.consumed)
+            break
     return n

@@ -43,6 +43,7 @@ class RequestOutput:
     new_logprobs: list[Logprob] | None = None
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None  # with finish_reason "error": what failed (for the log, not for clients)
+    cached_tokens: int = 0  # prompt tokens this request took from the prefix cache
 
 
 @dataclass
@@ -66,6 +67,8 @@ class Sequence:
     # token, then starts from a copy of the leader's state (`LLMEngine._admit`)
     leader: "Sequence | None" = None
     followers: int = 0
+    cache_marks: list[int] = field(default_factory=list)  # positions where prefill saves its state
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache at admission (billing)
 
     @property
     def consumed(self) -> int:

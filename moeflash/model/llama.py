@@ -34,6 +34,21 @@ class LlamaSeqState:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
 
+    def allocated_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Flat named tensors (keys and values up to `pos`) and the position."""
+        tensors = {f"{i}.k": k[: self.pos].contiguous() for i, k in enumerate(self.keys)}
+        tensors.update({f"{i}.v": v[: self.pos].contiguous() for i, v in enumerate(self.values)})
+        return tensors, {"pos": self.pos, "layers": len(self.keys)}
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> "LlamaSeqState":
+        n = int(meta["layers"])
+        return LlamaSeqState(int(meta["pos"]), [tensors[f"{i}.k"] for i in range(n)],
+                             [tensors[f"{i}.v"] for i in range(n)])
+
     def clone(self) -> "LlamaSeqState":
         """An independent copy at the same position (buffers trimmed to it; appends grow them again)."""
         return LlamaSeqState(self.pos, [k[: self.pos].clone() for k in self.keys],
@@ -174,6 +189,9 @@ class Llama(nn.Module):
         n = c.num_hidden_layers
         return LlamaSeqState(0, [torch.empty(shape, dtype=dtype, device=dev) for _ in range(n)],
                              [torch.empty(shape, dtype=dtype, device=dev) for _ in range(n)])
+
+    prefix_block_tokens = 16  # a prefix cache saves states at multiples of this (any position is exact)
+    state_from_tensors = staticmethod(LlamaSeqState.from_tensors)
 
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of KV cache a sequence of `tokens` tokens holds."""

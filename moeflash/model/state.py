@@ -110,6 +110,42 @@ class SeqState:
             total += sum(c.allocated_bytes() for c in layer.parts())
         return total
 
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Flat named tensors and the integers beside them (a prefix cache writes them to disk)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {"pos": self.pos, "layers": len(self.layers), "mtp": len(self.mtp), "parts": {}}
+        for i, layer in enumerate(self.layers + self.mtp):
+            tensors[f"{i}.window"] = layer.window
+            for name in ("compressor", "indexer"):
+                c = getattr(layer, name)
+                if c is None:
+                    continue
+                meta["parts"][f"{i}.{name}"] = {"ratio": c.ratio, "count": c.count}
+                for field_name in ("pending_kv", "pending_gate", "prev_kv", "prev_gate"):
+                    t = getattr(c, field_name)
+                    if t is not None:
+                        tensors[f"{i}.{name}.{field_name}"] = t
+                tensors[f"{i}.{name}.entries"] = c.entries[: max(c.count, 1)]
+        return {k: v.contiguous() for k, v in tensors.items()}, meta
+
+    @staticmethod
+    def from_tensors(tensors: dict[str, torch.Tensor], meta: dict) -> "SeqState":
+        """The inverse of `to_tensors` (KeyError / TypeError for a file that does not fit)."""
+        layers = []
+        for i in range(meta["layers"] + meta["mtp"]):
+            parts = {}
+            for name in ("compressor", "indexer"):
+                info = meta["parts"].get(f"{i}.{name}")
+                if info is not None:
+                    t = lambda f: tensors.get(f"{i}.{name}.{f}")  # noqa: E731
+                    parts[name] = CompressorState(int(info["ratio"]), t("pending_kv"), t("pending_gate"),
+                                                  t("prev_kv"), t("prev_gate"), t("entries"), int(info["count"]))
+                    if parts[name].pending_kv is None or parts[name].entries is None:
+                        raise KeyError(f"{i}.{name}")
+            layers.append(LayerState(tensors[f"{i}.window"], parts.get("compressor"), parts.get("indexer")))
+        n = meta["layers"]
+        return SeqState(int(meta["pos"]), layers[:n], layers[n:])
+
 
 @dataclass
 class ModelState:

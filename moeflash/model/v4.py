@@ -11,6 +11,8 @@ batch: `forward_tokens(tokens, seqs, lengths)`; this is what continuous batching
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -99,6 +101,15 @@ class Transformer(nn.Module):
         per call however many tokens chose it): the MoE part of that call's bytes."""
         return sum(int(layer.ffn.last_experts.numel()) for layer in self.layers
                    if layer.ffn.last_experts is not None)
+
+    state_from_tensors = staticmethod(SeqState.from_tensors)  # a prefix cache's files back to states
+
+    @property
+    def prefix_block_tokens(self) -> int:
+        """Where a prefix cache saves states: multiples of every compression ratio, where no
+        compressor holds pending rows (any position would be exact, these are the smallest)."""
+        ratios = [r for r in self.config.compress_ratios if r > 0]
+        return math.lcm(*ratios) if ratios else 16
 
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""

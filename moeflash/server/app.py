@@ -183,8 +183,10 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
             messages = normalize_messages(req.messages)
             if thinking and not encoder.supports_thinking:
                 raise ChatError("this model has no thinking mode", "thinking")
-            return encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens)
+            ids = encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens, starts)
+            return ids
 
+        starts: list[int] = []  # where each message's content starts: the last one is a cache hint
         try:
             try:
                 ids = await asyncio.get_running_loop().run_in_executor(text_pool, encode)
@@ -192,7 +194,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                 raise APIError(400, e.message, param=e.param) from None
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
-            return await _run(request, "chat.completion", req, [ids], bool(thinking), lease)
+            return await _run(request, "chat.completion", req, [ids], bool(thinking), lease, starts[-1:])
         except BaseException:
             lease.close()
             raise
@@ -209,7 +211,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         return _Lease(engine, sequences)
 
     async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None,
-                   lease: "_Lease"):
+                   lease: "_Lease", cache_hints: list[int] = ()):
         chat = kind == "chat.completion"
         total = sum(len(p) for p in prompts)
         if total > config.max_prompt_tokens:
@@ -257,7 +259,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         head = {"id": rid, "object": kind + (".chunk" if chat and req.stream else ""), "created": created,
                 "model": config.served_model_name}
         if req.stream:
-            stream = _merged(request, rid, jobs, lease, watch_disconnect=False)  # Starlette watches
+            stream = _merged(request, rid, jobs, lease, cache_hints, watch_disconnect=False)  # Starlette watches
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             body = _sse(stream, head, chat, parsers, prompts, req.n, include_usage)
 
@@ -268,14 +270,15 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
 
             return StreamingResponse(body, media_type="text/event-stream", background=BackgroundTask(cleanup),
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        stream = _merged(request, rid, jobs, lease, watch_disconnect=True)
-        choices: dict[int, dict] = {i: {"text": "", "logprobs": [], "finish_reason": None, "tokens": 0}
-                                    for i, _, _ in jobs}
+        stream = _merged(request, rid, jobs, lease, cache_hints, watch_disconnect=True)
+        choices: dict[int, dict] = {i: {"text": "", "logprobs": [], "finish_reason": None, "tokens": 0,
+                                        "cached": 0} for i, _, _ in jobs}
         try:
             async for i, out in stream:
                 c = choices[i]
                 c["text"] += out.new_text
                 c["tokens"] = len(out.token_ids)
+                c["cached"] = out.cached_tokens
                 if out.new_logprobs:
                     c["logprobs"].extend(out.new_logprobs)
                 if out.finished:
@@ -289,10 +292,11 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
             return Response(status_code=499)
         body = dict(head)
         body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer) for i, c in choices.items()]
-        body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config)
+        body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config,
+                               {i: c["cached"] for i, c in choices.items()})
         return body
 
-    async def _merged(request: Request, rid: str, jobs, lease: "_Lease",
+    async def _merged(request: Request, rid: str, jobs, lease: "_Lease", cache_hints,
                       watch_disconnect: bool) -> AsyncIterator[tuple[int, Any]]:
         """Outputs of every choice as they come: (choice index, RequestOutput). Adds the jobs to the
         engine (their sequences reserved by `lease`), observes latency metrics, and aborts whatever is
@@ -303,7 +307,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         try:
             for i, prompt, params in jobs:
                 erid = f"{rid}-{i}"
-                engine.add_request(prompt, params, erid, reserved=True, sink=sink)
+                engine.add_request(prompt, params, erid, reserved=True, sink=sink, cache_hints=cache_hints)
                 lease.transfer()
                 index[erid] = i
         except EngineDeadError as e:
@@ -355,11 +359,12 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                 engine.abort(erid)
 
     async def _sse(stream, head, chat, parsers, prompts, n, include_usage) -> AsyncIterator[str]:
-        tokens = {}
+        tokens, cached = {}, {}
         first = set()
         try:
             async for i, out in stream:
                 tokens[i] = len(out.token_ids)
+                cached[i] = out.cached_tokens
                 lp = _logprobs(out.new_logprobs, chat, tokenizer) if out.new_logprobs else None
                 finish = out.finish_reason if out.finished else None
                 if chat:
@@ -385,7 +390,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                     chunk["usage"] = None
                 yield _event(chunk)
             if include_usage:
-                yield _event(dict(head, choices=[], usage=_usage(prompts, n, sum(tokens.values()), config)))
+                yield _event(dict(head, choices=[], usage=_usage(prompts, n, sum(tokens.values()), config, cached)))
             yield "data: [DONE]\n\n"
         except APIError as e:  # the stream has started: report in-band, as OpenAI does
             yield _event(e.body())
@@ -550,9 +555,14 @@ async def _json_body(request: Request, config: ServerConfig):
         raise APIError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
 
 
-def _usage(prompts: list[list[int]], n: int, completion: int, config: ServerConfig) -> dict:
+def _usage(prompts: list[list[int]], n: int, completion: int, config: ServerConfig,
+           cached_by_choice: dict[int, int] | None = None) -> dict:
+    """Usage and cost. Each prompt counts once (its n choices share one prefill); its cached tokens are
+    what its choices took from the prefix cache (the most any of them took)."""
     prompt = sum(len(p) for p in prompts)
-    cached = 0  # no prefix cache yet: every prompt token is a cache miss
+    cached_by_choice = cached_by_choice or {}
+    cached = sum(max((cached_by_choice.get(k * n + j, 0) for j in range(n)), default=0)
+                 for k in range(len(prompts)))
     cost = ((prompt - cached) * config.price_input + cached * config.price_cached
             + completion * config.price_output) / 1e6
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,

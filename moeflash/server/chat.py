@@ -208,11 +208,14 @@ class ChatEncoder:
         raise NotImplementedError
 
     def encode_ids(self, tokenizer: Any, messages: list[dict], thinking: bool | None = None,
-                   trust_content: bool = False) -> list[int]:
+                   trust_content: bool = False, content_starts: list[int] | None = None) -> list[int]:
         """Token ids of the prompt: markup with special tokens parsed, content as text (parsed too when
-        `trust_content`, for a trusted local caller)."""
+        `trust_content`, for a trusted local caller). `content_starts`, when given, receives the
+        position where each message content starts (the server saves the prefix cache there)."""
         ids: list[int] = []
         for text, markup in self.encode_parts(messages, thinking):
+            if not markup and content_starts is not None:
+                content_starts.append(len(ids))
             if text:
                 ids.extend(tokenizer.encode(text, special=markup or trust_content))
         return ids

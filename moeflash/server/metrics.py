@@ -59,6 +59,33 @@ class _EngineCollector:
             for name, value in sorted(self.limits.items()):
                 g.add_metric([self.model_name, name], float(value))
             yield g
+        cache = s.get("prefix_cache")
+        if cache is not None:
+            for name, doc, key in (("prefix_cache_hit_tokens", "Prompt tokens taken from the prefix cache.",
+                                    "hit_tokens"),
+                                   ("prefix_cache_hits", "Admissions that found a saved prefix.", "hits"),
+                                   ("prefix_cache_lookups", "Admissions that looked for one.", "lookups"),
+                                   ("prefix_cache_stored", "States saved.", "stored"),
+                                   ("prefix_cache_evictions", "Saved states evicted for room.", "evictions")):
+                c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels + ["tier"])
+                c.add_metric([self.model_name, "ram"], float(cache[key]))
+                yield c
+            g = GaugeMetricFamily("moeflash:prefix_cache_bytes", "Bytes of saved states held, per tier.",
+                                  labels=labels + ["tier"])
+            g.add_metric([self.model_name, "ram"], float(cache["bytes"]))
+            disk = cache.get("disk")
+            if disk is not None:
+                g.add_metric([self.model_name, "disk"], float(disk["bytes"]))
+            yield g
+            if disk is not None:
+                for name, doc, key in (("prefix_cache_disk_hits", "States read back from disk.", "read"),
+                                       ("prefix_cache_disk_writes", "States written to disk.", "written"),
+                                       ("prefix_cache_disk_evictions", "Files removed for room.", "evictions"),
+                                       ("prefix_cache_bad_files", "Files found truncated, corrupt or foreign "
+                                        "(removed; a miss).", "bad_files")):
+                    c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
+                    c.add_metric([self.model_name], float(disk[key]))
+                    yield c
         experts = s.get("experts")
         if experts is not None:
             yield from self._experts(experts)
