@@ -215,3 +215,11 @@ def test_disk_budget_evicts_oldest_files(tiny, tmp_path):
         run(tiny, [prompts_sharing(vocab, 24, seed=seed)[0]], small)
     small.disk.flush()
     assert len(list((tmp_path / "small").glob("*.safetensors"))) == 1 and small.disk.stats["evictions"] == 2
+
+
+def test_marks_close_to_the_reused_prefix_are_not_saved_again():
+    cache = PrefixCache(16, 1 << 30)
+    assert cache.worth_saving([8000, 8016], 0) == [8000]          # 16 tokens past 8000: not worth a copy
+    assert cache.worth_saving([8016], 8000) == []                  # a question after a cached document
+    assert cache.worth_saving([496, 608], 0) == [496, 608]         # chat turns: each adds enough
+    assert cache.worth_saving([32, 48], 0) == [32, 48]

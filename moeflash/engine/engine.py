@@ -169,7 +169,8 @@ class LLMEngine:
                     self.stats["prompt_tokens_cached"] += tokens
             else:
                 seq.state = self.model.new_seq_state()
-        seq.cache_marks = [m for m in seq.cache_marks if m > seq.consumed]
+        if seq.cache_marks:
+            seq.cache_marks = self.prefix_cache.worth_saving(seq.cache_marks, seq.consumed)
         return True
 
     def _save_prefixes(self, group: list) -> None:

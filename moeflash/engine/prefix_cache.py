@@ -23,6 +23,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,8 @@ class DiskTier:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.budget_bytes, self.fingerprint, self.from_tensors = budget_bytes, fingerprint, from_tensors
         self._shapes = {k: (v.dtype, tuple(v.shape[1:])) for k, v in template.to_tensors()[0].items()}
-        self.stats = {"written": 0, "read": 0, "bad_files": 0, "evictions": 0, "bytes_written": 0, "bytes_read": 0}
+        self.stats = {"written": 0, "read": 0, "bad_files": 0, "evictions": 0, "bytes_written": 0, "bytes_read": 0,
+                      "write_seconds": 0.0, "read_seconds": 0.0}
         self._lock = threading.Lock()  # guards _files between the writer thread and lookups
         self._files: OrderedDict[bytes, int] = OrderedDict()  # key -> file bytes, oldest first
         for part in self.dir.glob("*.part"):  # a write that a crash interrupted: never trusted
@@ -106,6 +108,7 @@ class DiskTier:
 
         if key in self:
             return
+        t0 = time.perf_counter()
         tensors, meta = state.to_tensors()
         digest = _digest(tensors)
         path = self._path(key)
@@ -124,12 +127,14 @@ class DiskTier:
                 self.stats["evictions"] += 1
         self.stats["written"] += 1
         self.stats["bytes_written"] += size
+        self.stats["write_seconds"] += time.perf_counter() - t0
 
     def get(self, key: bytes) -> tuple[int, object] | None:
         """(tokens, state) read back, or None; a file that does not verify is removed."""
         if key not in self:
             return None
         path = self._path(key)
+        t0 = time.perf_counter()
         try:
             tokens, state = self._read(path)
         except Exception as e:  # truncated, corrupt, foreign: a miss, never wrong output
@@ -143,6 +148,7 @@ class DiskTier:
         os.utime(path)
         self.stats["read"] += 1
         self.stats["bytes_read"] += path.stat().st_size
+        self.stats["read_seconds"] += time.perf_counter() - t0
         return tokens, state
 
     def _read(self, path: Path):
@@ -223,6 +229,17 @@ class PrefixCache:
         (e.g. where the last message starts: the next question about the same document)."""
         b, last = self.block_tokens, len(prompt) - 1
         return sorted({p for p in [last // b * b, *[min(h, last) // b * b for h in hints]] if p > 0})
+
+    def worth_saving(self, marks: list[int], start: int) -> list[int]:
+        """The marks past `start` (what the sequence starts from) that each add at least an eighth to
+        the prefix before them (and a block): a question 16 tokens past a cached 8,000-token document
+        is not worth another full copy of the document's state."""
+        out, last = [], start
+        for m in marks:
+            if m - last >= max(self.block_tokens, last // 8):
+                out.append(m)
+                last = m
+        return out
 
     def lookup(self, prompt: list[int]) -> tuple[int, object] | None:
         """(tokens, a copy of the saved state) for the longest saved prefix of prompt[:-1], or None."""

@@ -28,7 +28,7 @@ from .layers import FusedLinears, RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rop
 @dataclass
 class LlamaSeqState:
     """One sequence's KV cache: per layer, keys and values [capacity, kv_heads, head_dim] for
-    positions 0..pos-1; the buffers double when full, so appends are amortised O(1)."""
+    positions 0..pos-1; the buffers grow geometrically when full, so appends are amortised O(1)."""
 
     pos: int = 0
     keys: list[torch.Tensor] = field(default_factory=list)
@@ -49,18 +49,22 @@ class LlamaSeqState:
         return LlamaSeqState(int(meta["pos"]), [tensors[f"{i}.k"] for i in range(n)],
                              [tensors[f"{i}.v"] for i in range(n)])
 
-    def clone(self) -> "LlamaSeqState":
-        """An independent copy at the same position (buffers trimmed to it; appends grow them again)."""
-        return LlamaSeqState(self.pos, [k[: self.pos].clone() for k in self.keys],
-                             [v[: self.pos].clone() for v in self.values])
+    def clone(self, headroom: int = 256) -> "LlamaSeqState":
+        """An independent copy at the same position, with room for `headroom` more tokens (a question
+        after a cached document appends without copying the whole cache again)."""
+        def copy(t):
+            out = t.new_empty((self.pos + headroom, *t.shape[1:]))
+            out[: self.pos] = t[: self.pos]
+            return out
+        return LlamaSeqState(self.pos, [copy(k) for k in self.keys], [copy(v) for v in self.values])
 
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v [n, kv_heads, head_dim] at positions pos..pos+n-1 of `layer`; return the
         layer's keys and values for positions 0..pos+n-1."""
         n, end = k.shape[0], self.pos + k.shape[0]
         cap = self.keys[layer].shape[0]
-        if end > cap:
-            new_cap = max(end, 2 * cap, 64)
+        if end > cap:  # geometric growth (1.25x): amortised O(1) appends without doubling a long cache
+            new_cap = max(end, cap + cap // 4, 64)
             for buf in (self.keys, self.values):
                 grown = buf[layer].new_empty((new_cap, *buf[layer].shape[1:]))
                 grown[: self.pos] = buf[layer][: self.pos]
@@ -72,9 +76,6 @@ class LlamaSeqState:
     def used_bytes(self) -> int:
         """Bytes of live keys and values (positions 0..pos-1)."""
         return sum(2 * self.pos * k.shape[1] * k.shape[2] * k.element_size() for k in self.keys)
-
-    def allocated_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
 
 class LlamaAttention(nn.Module):
