@@ -59,11 +59,16 @@ def test_api_never_fails_and_keeps_its_contract(fuzz_server):
 def test_fuzzing_leaves_nothing_running(fuzz_server):
     import time
 
+    engine = fuzz_server.engine
+
+    def idle():
+        return (not engine.engine.has_unfinished() and engine.engine.num_states() == 0
+                and engine.stats()["queued"] == 0 and not engine._streams)
+
     deadline = time.monotonic() + 30
-    while fuzz_server.engine.engine.has_unfinished() and time.monotonic() < deadline:
+    while not idle() and time.monotonic() < deadline:  # all at once: the loop thread moves meanwhile
         time.sleep(0.05)
-    assert fuzz_server.engine.engine.num_states() == 0
-    assert fuzz_server.engine.stats()["queued"] == 0
+    assert idle()
 
 
 def test_fuzzing_reached_the_model(fuzz_server):

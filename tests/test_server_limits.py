@@ -35,12 +35,14 @@ def wait_idle(server, timeout=20.0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         e = server.engine.engine
-        if not e.has_unfinished() and server.engine.stats()["queued"] == 0:
-            # nothing left behind: no sequence, no output route, no reservation
-            assert not e.seqs and not server.engine._streams and server.engine._outstanding == 0
+        # nothing left behind: no sequence, no output route, no reservation (read from another thread
+        # than the engine loop's, so wait until all hold at once rather than catch a step mid-way)
+        if (not e.has_unfinished() and server.engine.stats()["queued"] == 0 and not e.seqs
+                and not server.engine._streams and server.engine._outstanding == 0):
             return
         time.sleep(0.02)
-    raise AssertionError("the engine did not go idle")
+    raise AssertionError(f"the engine did not go idle: {len(e.seqs)} sequences, {len(server.engine._streams)} "
+                         f"routes, {server.engine._outstanding} reserved")
 
 
 class SlowSteps:
