@@ -19,6 +19,33 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
+def _encode_with_document(tokenizer, model, document: str, question: str, chat: bool, system: str | None,
+                          hints: list[int]) -> list[int]:
+    """Token ids for --prompt-file: the document, then the question. `hints` receives where the part
+    after the document starts (where the prefix cache saves the document's state). With --chat the
+    document is the system message (after --system) and the question the user message, in the
+    model's chat encoding (the server's: V4's own, or the model's template)."""
+    if not chat:
+        if system is not None:
+            raise ValueError("--system needs --chat")
+        add_bos = getattr(tokenizer, "add_bos_token", True) and tokenizer.bos_token_id is not None
+        ids = tokenizer.encode(document, add_bos=add_bos)
+        hints.append(len(ids))
+        return ids + (tokenizer.encode(question) if question else [])
+    from .model.v4 import Transformer
+    from .server.chat import make_chat_encoder
+
+    family = ("deepseek_v4" if isinstance(model, Transformer) and not getattr(tokenizer, "chat_template", None)
+              else "template")
+    content = document if system is None else f"{system}\n\n{document}"
+    starts: list[int] = []
+    ids = make_chat_encoder(tokenizer, family).encode_ids(
+        tokenizer, [{"role": "system", "content": content}, {"role": "user", "content": question}],
+        content_starts=starts)
+    hints.extend(starts[-1:])
+    return ids
+
+
 def _encode_prompt(tokenizer, text: str, chat: bool, system: str | None) -> list[int]:
     """Token ids for --prompt: raw text (with BOS when the tokenizer asks for one), or with --chat
     one user turn (after an optional system turn) in the model's own chat template."""
@@ -53,7 +80,20 @@ def cmd_generate(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.prompt_ids is not None:
+    hints: list[int] = []
+    if args.prompt_file is not None:
+        if args.prompt_ids is not None or tokenizer is None:
+            print("error: --prompt-file is text: it needs a tokenizer, and goes with --prompt, not --prompt-ids",
+                  file=sys.stderr)
+            return 2
+        try:
+            document = Path(args.prompt_file).read_text(encoding="utf-8")
+            prompt = _encode_with_document(tokenizer, model, document, args.prompt or "", args.chat, args.system,
+                                           hints)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            print(f"error: --prompt-file {args.prompt_file}: {e}", file=sys.stderr)
+            return 2
+    elif args.prompt_ids is not None:
         try:
             prompt = _parse_ids(args.prompt_ids)
         except ValueError as e:
@@ -70,23 +110,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     else:
-        print("error: give --prompt TEXT or --prompt-ids 1,2,3", file=sys.stderr)
+        print("error: give --prompt TEXT, --prompt-file FILE or --prompt-ids 1,2,3", file=sys.stderr)
         return 2
     from .engine import LLMEngine, SamplingParams
+
+    cache = None
+    if args.prefix_cache_dir:
+        from .engine.prefix_cache import DiskTier, PrefixCache, model_fingerprint
+
+        try:
+            disk = DiskTier(args.prefix_cache_dir, int(args.prefix_cache_disk_gb * 2**30), model_fingerprint(model),
+                            model.state_from_tensors, model.new_seq_state())
+        except OSError as e:
+            print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
+            return 2
+        cache = PrefixCache(model.prefix_block_tokens, 1 << 62, disk)  # one run: RAM holds what it saves
 
     try:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
                                 top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
-        engine = LLMEngine(model, tokenizer, max_state_bytes=getattr(model, "state_budget_bytes", None))
+        engine = LLMEngine(model, tokenizer, max_state_bytes=getattr(model, "state_budget_bytes", None),
+                           prefix_cache=cache)
         t0 = time.perf_counter()
         out = None
-        for out in engine.stream(prompt, params):
+        for out in engine.stream(prompt, params, cache_hints=hints):
             if not args.json and out.new_text:
                 print(out.new_text, end="", flush=True)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = time.perf_counter() - t0
+    if cache is not None:
+        cache.disk.flush()  # the saved states are on disk before the process ends
+    cached = out.cached_tokens if out is not None else 0
     store = getattr(model, "expert_store", None)
     if store is not None:
         st = store.stats()
@@ -99,11 +155,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     text = out.text if tokenizer is not None and out is not None else None
     if args.json:
         print(json.dumps({"token_ids": ids, "text": text, "finish_reason": out.finish_reason,
-                          "prompt_tokens": len(prompt), "seconds": round(dt, 4)}))
+                          "prompt_tokens": len(prompt), "cached_tokens": cached, "seconds": round(dt, 4)}))
     else:
         print("" if tokenizer is not None else ",".join(map(str, ids)))
         print(f"[{len(ids)} tokens in {dt:.2f}s, {len(ids) / max(dt, 1e-9):.1f} tok/s, "
-              f"finish: {out.finish_reason}]", file=sys.stderr)
+              f"finish: {out.finish_reason}" + (f", {cached} prompt tokens from the prefix cache" if cache else "")
+              + "]", file=sys.stderr)
     return 0
 
 
@@ -543,6 +600,12 @@ def build_parser() -> argparse.ArgumentParser:
     src = g.add_mutually_exclusive_group()
     src.add_argument("--prompt", help="prompt text (needs a tokenizer)")
     src.add_argument("--prompt-ids", help="prompt as comma-separated token ids")
+    g.add_argument("--prompt-file", default=None,
+                   help="a document read before --prompt (with --chat: as the system message); with "
+                        "--prefix-cache-dir its state is saved, and a later run with the same document skips it")
+    g.add_argument("--prefix-cache-dir", default=None,
+                   help="saved prompt states on disk, shared with other runs and with `serve --prefix-cache-dir`")
+    g.add_argument("--prefix-cache-disk-gb", type=float, default=10.0, help="disk space for --prefix-cache-dir")
     g.add_argument("--chat", action="store_true",
                    help="wrap --prompt as a user message in the model's chat template")
     g.add_argument("--system", default=None, help="system message (with --chat)")

@@ -59,3 +59,20 @@ def test_console_script_text_mode():
                         "Hi", "--max-new-tokens", "4"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "tokens in" in r.stderr
+
+
+def test_prompt_file_reuses_the_document_across_runs(capsys, tmp_path):
+    """`generate --prompt-file DOC --prompt Q --prefix-cache-dir DIR`: a second run with the same
+    document reads its state from disk and answers as a run without the cache does."""
+    doc = tmp_path / "doc.txt"
+    doc.write_text("The quick brown fox jumps over the lazy dog. " * 12)
+    cache = str(tmp_path / "cache")
+    first = run_json(capsys, "--prompt-file", str(doc), "--prompt", "Who jumps?", "--prefix-cache-dir", cache)
+    second = run_json(capsys, "--prompt-file", str(doc), "--prompt", "Who is lazy?", "--prefix-cache-dir", cache)
+    plain = run_json(capsys, "--prompt-file", str(doc), "--prompt", "Who is lazy?")
+    assert first["cached_tokens"] == 0 and plain["cached_tokens"] == 0
+    block = 8  # the tiny model's compression ratios 4 and 8
+    doc_tokens = 1 + len(doc.read_bytes())  # BOS + bytes
+    assert second["cached_tokens"] == doc_tokens // block * block
+    assert second["token_ids"] == plain["token_ids"]
+    assert main(["generate", "--model", "tiny", "--prompt-file", str(tmp_path / "missing.txt")]) == 2

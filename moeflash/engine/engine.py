@@ -368,10 +368,10 @@ class LLMEngine:
         return [final[r] for r in rids]
 
     def stream(self, prompt_token_ids: list[int], params: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[RequestOutput]:
+               request_id: str | None = None, cache_hints: list[int] = ()) -> Iterator[RequestOutput]:
         """Yield this request's deltas as they are produced; other requests keep running in the same
         steps. Closing the iterator early aborts the request."""
-        rid = self.add_request(prompt_token_ids, params, request_id)
+        rid = self.add_request(prompt_token_ids, params, request_id, cache_hints=cache_hints)
         queue = self._queues.setdefault(rid, deque())
         done = False
         try:
