@@ -77,7 +77,6 @@ class AsyncLLMEngine:
         self._outstanding = 0              # sequences added and not yet finished
         self._running = 0                  # sequences running after the last step (published by the loop)
         self._rejected = 0
-        self._step_seconds = 0.0           # moving average of a step's wall time
         self._service_seconds = 0.0        # moving average of a request's time from queueing to finish
         self._snapshot = self._stats_now()
         self._stop = False
@@ -212,7 +211,6 @@ class AsyncLLMEngine:
                 log.exception("engine step failed")
                 outputs = self._fail_running(err)
             seconds = time.perf_counter() - t0
-            self._step_seconds = seconds if not self._step_seconds else 0.9 * self._step_seconds + 0.1 * seconds
             self._deliver(outputs)
             self._publish()
             if self.on_step is not None:
@@ -271,7 +269,7 @@ class AsyncLLMEngine:
     def _stats_now(self) -> dict:
         e = self.engine
         out = {"running": e.num_running(), "waiting": e.num_waiting(), "state_bytes": e.state_bytes(),
-               **e.stats, "step_seconds": self._step_seconds if hasattr(self, "_step_seconds") else 0.0}
+               **e.stats}
         store = getattr(e.model, "expert_store", None)
         if store is not None:
             out["experts"] = store.stats()
