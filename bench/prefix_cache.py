@@ -25,7 +25,7 @@ import torch
 from common import add_common_args, apply_common_args, log, machine_info, make_or_load, print_json, rounded
 
 from moeflash.engine import LLMEngine, SamplingParams  # noqa: E402
-from moeflash.engine.prefix_cache import DiskTier, PrefixCache, model_fingerprint  # noqa: E402
+from moeflash.engine.prefix_cache import PrefixCache  # noqa: E402
 
 PARAMS = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
 
@@ -51,12 +51,6 @@ def ttft(engine: LLMEngine, prompt: list[int], hint: int) -> tuple[float, list[i
     return first, out.token_ids, out.cached_tokens
 
 
-def cache_for(model, directory, budget_gb: float) -> PrefixCache:
-    disk = DiskTier(directory, int(budget_gb * 2**30), model_fingerprint(model), model.state_from_tensors,
-                    model.new_seq_state())
-    return PrefixCache(model.prefix_block_tokens, int(budget_gb * 2**30), disk)
-
-
 def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
     model = load(name)
     vocab = model.config.vocab_size
@@ -66,7 +60,7 @@ def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
     fresh = qs.pop()  # asked only after the restart
     out: dict = {"model": name, "doc_tokens": doc_tokens, "block_tokens": model.prefix_block_tokens}
     with tempfile.TemporaryDirectory(prefix="moeflash-prefix-") as d, torch.inference_mode():
-        cache = cache_for(model, d, 8.0)
+        cache = PrefixCache.for_model(model, 8 << 30, d, 8 << 30)
         engine = LLMEngine(model, max_num_batched_tokens=512, prefix_cache=cache)
         times, tokens, cached = [], [], []
         for q in qs:
@@ -82,7 +76,7 @@ def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
         state_bytes = max(e.nbytes for e in cache._entries.values())
         saved_at = max(e.tokens for e in cache._entries.values())
         # a restart: a new engine and cache on the same directory; the first question reads the disk
-        cache2 = cache_for(model, d, 8.0)
+        cache2 = PrefixCache.for_model(model, 8 << 30, d, 8 << 30)
         engine2 = LLMEngine(model, max_num_batched_tokens=512, prefix_cache=cache2)
         t_disk, toks_disk, c_disk = ttft(engine2, doc + fresh, doc_tokens)
         disk, written = cache2.disk.stats, cache.disk.stats

@@ -116,15 +116,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     cache = None
     if args.prefix_cache_dir:
-        from .engine.prefix_cache import DiskTier, PrefixCache, model_fingerprint
+        from .engine.prefix_cache import PrefixCache
 
-        try:
-            disk = DiskTier(args.prefix_cache_dir, int(args.prefix_cache_disk_gb * 2**30), model_fingerprint(model),
-                            model.state_from_tensors, model.new_seq_state())
+        try:  # one run: RAM holds what it saves
+            cache = PrefixCache.for_model(model, 1 << 62, args.prefix_cache_dir,
+                                          int(args.prefix_cache_disk_gb * 2**30))
         except OSError as e:
             print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
             return 2
-        cache = PrefixCache(model.prefix_block_tokens, 1 << 62, disk)  # one run: RAM holds what it saves
 
     try:
         params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -338,19 +337,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
                    else getattr(model, "state_budget_bytes", None) or int(0.75 * available_ram()))
     limits = AdmissionLimits(max_waiting=4 * args.max_num_seqs if args.max_waiting is None else args.max_waiting,
                              request_timeout=args.request_timeout or None)
-    from .engine.prefix_cache import DiskTier, PrefixCache, model_fingerprint
+    from .engine.prefix_cache import PrefixCache
 
     cache = None
     if args.prefix_cache_gb > 0:
-        disk = None
-        if args.prefix_cache_dir:
-            try:
-                disk = DiskTier(args.prefix_cache_dir, int(args.prefix_cache_disk_gb * 2**30),
-                                model_fingerprint(model), model.state_from_tensors, model.new_seq_state())
-            except OSError as e:
-                print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
-                return 2
-        cache = PrefixCache(model.prefix_block_tokens, int(args.prefix_cache_gb * 2**30), disk)
+        try:
+            cache = PrefixCache.for_model(model, int(args.prefix_cache_gb * 2**30), args.prefix_cache_dir,
+                                          int(args.prefix_cache_disk_gb * 2**30))
+        except OSError as e:
+            print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
+            return 2
     engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
                                       max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
                                       max_state_bytes=state_bytes, batch_invariant=args.batch_invariant,

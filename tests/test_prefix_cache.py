@@ -148,10 +148,7 @@ def test_server_bills_what_the_cache_served(tiny):
 
 # -- the disk tier ----------------------------------------------------------------------------------
 def disk_cache(model, path, budget=1 << 30):
-    from moeflash.engine.prefix_cache import DiskTier, model_fingerprint
-
-    disk = DiskTier(path, budget, model_fingerprint(model), model.state_from_tensors, model.new_seq_state())
-    return PrefixCache(model.prefix_block_tokens, 1 << 30, disk)
+    return PrefixCache.for_model(model, 1 << 30, path, budget)
 
 
 @pytest.mark.parametrize("arch", ["v4", "llama"])

@@ -3,6 +3,7 @@ cancellation, failure isolation, content that stays content, and logprob bytes."
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import threading
@@ -187,24 +188,31 @@ def test_non_streaming_disconnect_aborts_within_a_step(tiny):
 POISON = 7  # a byte no ordinary prompt here contains
 
 
+@contextlib.contextmanager
+def poisoned(model, message: str):
+    """The model's forward call raises whenever a batch holds the POISON token."""
+    original = model.forward_tokens
+
+    def forward_tokens(tokens, seqs, lengths):
+        if POISON in tokens.tolist():
+            raise RuntimeError(message)
+        return original(tokens, seqs, lengths)
+
+    model.forward_tokens = forward_tokens
+    try:
+        yield
+    finally:
+        del model.forward_tokens
+
+
 def test_a_failing_sequence_fails_alone_and_the_others_keep_their_tokens(tiny):
     model, tok = tiny
     prompts = [tok.encode("the cat"), [65, 66, POISON, 67], tok.encode("a dog runs"), tok.encode("hello")]
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     solo = {i: LLMEngine(model, tok).generate([p], params)[0].token_ids for i, p in enumerate(prompts)}
     engine = LLMEngine(model, tok, max_num_batched_tokens=64)
-    original = model.forward_tokens
-
-    def forward_tokens(tokens, seqs, lengths):
-        if POISON in tokens.tolist():
-            raise RuntimeError("a kernel failed on this batch")
-        return original(tokens, seqs, lengths)
-
-    model.forward_tokens = forward_tokens
-    try:
+    with poisoned(model, "a kernel failed on this batch"):
         outs = engine.generate(prompts, params)
-    finally:
-        del model.forward_tokens
     assert outs[1].finish_reason == "error" and "kernel failed" in outs[1].error
     for i in (0, 2, 3):
         assert outs[i].finish_reason == "length" and outs[i].token_ids == solo[i], i
@@ -215,19 +223,9 @@ def test_a_failing_sequence_fails_alone_and_the_others_keep_their_tokens(tiny):
 def test_a_failed_request_is_a_500_without_internal_text(tiny):
     model, tok = tiny
     with RunningServer(model, tok, MODEL, "deepseek_v4") as s:
-        original = model.forward_tokens
-
-        def forward_tokens(tokens, seqs, lengths):
-            if POISON in tokens.tolist():
-                raise RuntimeError("secret internal detail")
-            return original(tokens, seqs, lengths)
-
-        model.forward_tokens = forward_tokens
-        try:
+        with poisoned(model, "secret internal detail"):
             bad = post(s, "/v1/completions", {"model": MODEL, "prompt": [65, POISON], "max_tokens": 3})
             good = post(s, "/v1/completions", {"model": MODEL, "prompt": [65, 66], "max_tokens": 3})
-        finally:
-            del model.forward_tokens
         assert bad.status_code == 500 and bad.json()["error"]["type"] == "server_error"
         assert "secret" not in bad.text and "RuntimeError" not in bad.text
         assert good.status_code == 200

@@ -214,6 +214,17 @@ class PrefixCache:
         self.bytes = 0
         self.stats = {"lookups": 0, "hits": 0, "hit_tokens": 0, "stored": 0, "evictions": 0, "disk_hits": 0}
 
+    @classmethod
+    def for_model(cls, model, ram_bytes: int, directory: str | Path | None = None,
+                  disk_bytes: int = 0) -> "PrefixCache":
+        """A cache for `model`'s states: its block size, and with `directory` a disk tier of
+        `disk_bytes` that only this model's files pass (OSError when the directory cannot be made)."""
+        disk = None
+        if directory is not None:
+            disk = DiskTier(directory, disk_bytes, model_fingerprint(model), model.state_from_tensors,
+                            model.new_seq_state())
+        return cls(model.prefix_block_tokens, ram_bytes, disk)
+
     def keys(self, tokens: list[int], upto: int) -> list[bytes]:
         """The chain keys of the whole blocks of tokens[:upto]."""
         out, key = [], b""
