@@ -261,8 +261,7 @@ def _penalise(row: torch.Tensor, p: SamplingParams, prompt, output, i: int) -> t
         row = row - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(row.dtype)
     # A tiny repetition penalty (5e-324 is a valid "> 0") divides a logit into +inf, and the softmax
     # of a row holding inf is NaN: keep every penalised logit finite (-inf, a banned token, stays).
-    big = torch.finfo(row.dtype).max
-    return row.clamp(min=-big, max=big).where(row != float("-inf"), row)
+    return row.clamp(max=torch.finfo(row.dtype).max)
 
 
 def _filter(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
