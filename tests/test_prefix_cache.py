@@ -19,11 +19,11 @@ def tiny():
     return build_tiny("float32")
 
 
-def run(model, prompts, cache=None, budget=512, hints=None):
+def run(model, prompts, cache=None, budget=512, hints=None, params=GREEDY):
     eng = LLMEngine(model, max_num_batched_tokens=budget, prefix_cache=cache)
     outs = []
     for i, p in enumerate(prompts):  # one after the other: each finds what the earlier ones saved
-        eng.add_request(p, GREEDY, f"r{i}", cache_hints=(hints or {}).get(i, ()))
+        eng.add_request(p, params, f"r{i}", cache_hints=(hints or {}).get(i, ()))
         while eng.has_unfinished():
             for out in eng.step():
                 if out.finished:
@@ -94,6 +94,37 @@ def test_llama_hits_are_exact():
     assert [o.cached_tokens for o in got] == [0, 32, 32]
 
 
+@pytest.mark.parametrize("arch", ["v4", "llama"])
+def test_a_finished_reply_leaves_its_state_for_the_next_turn(tiny, arch):
+    """Turn 2 = turn 1's prompt + its reply + a new message: it starts from the state turn 1 left at its
+    reply's last block boundary (V4: a copy taken on the way; llama: the KV cache rewound and handed
+    over), and its output is what it is without any cache (the reply's state was built by decode steps,
+    the cache-less run prefills it: the same within fp32 noise)."""
+    if arch == "v4":
+        model = tiny
+    else:
+        from tests.test_llama import CONFIGS, build
+
+        model = build(CONFIGS[sorted(CONFIGS)[0]])[1]
+    block, vocab = model.prefix_block_tokens, model.config.vocab_size
+    reply = SamplingParams(max_tokens=3 * block + 3, temperature=0, ignore_eos=True)
+    p1 = prompts_sharing(vocab, 2 * block + 5)[0]
+    cache = PrefixCache(block, 1 << 30)
+    (first,), _ = run(model, [p1], cache, params=reply)
+    p2 = p1 + first.token_ids + [5, 6, 7]
+    (got,), _ = run(model, [p2], cache)
+    (ref,), _ = run(model, [p2], None)
+    left = (len(p1) + len(first.token_ids) - 1) // block * block  # the last token generated is not fed
+    assert left > len(p1) and got.cached_tokens == left
+    assert got.token_ids == ref.token_ids
+    for a, b in zip(got.new_logprobs, ref.new_logprobs):
+        assert abs(a.logprob - b.logprob) < 1e-4
+    # a reply too short to add an eighth to what the sequence started from leaves nothing
+    small = PrefixCache(block, 1 << 30)
+    run(model, [p1], small, params=SamplingParams(max_tokens=2, temperature=0, ignore_eos=True))
+    assert small.stats["stored"] == len(small) and all(e.tokens <= len(p1) for e in small._entries.values())
+
+
 def test_budget_evicts_least_recently_used(tiny):
     cache = PrefixCache(tiny.prefix_block_tokens, 1 << 30)
     vocab = tiny.config.vocab_size
@@ -101,9 +132,11 @@ def test_budget_evicts_least_recently_used(tiny):
     run(tiny, [a, b], cache)
     one = cache.bytes // len(cache)
     small = PrefixCache(tiny.prefix_block_tokens, one + one // 2)  # room for one saved state
-    run(tiny, [a, b], small)
+    outs, _ = run(tiny, [a, b], small)
     assert len(small) == 1 and small.stats["evictions"] >= 1
-    assert small.lookup(a + [1]) is None and small.lookup(b + [1]) is not None
+    b_reply = b + outs[1].token_ids  # b's reply left the last state saved
+    assert small.lookup(a + outs[0].token_ids + [1]) is None and small.lookup(b + [1]) is None
+    assert small.lookup(b_reply + [1]) is not None
     assert small.bytes <= small.budget_bytes
 
 
@@ -151,6 +184,17 @@ def disk_cache(model, path, budget=1 << 30):
     return PrefixCache.for_model(model, 1 << 30, path, budget)
 
 
+def saved_at(directory, tokens: int):
+    """The state file saved after `tokens` tokens."""
+    from safetensors import safe_open
+
+    for f in directory.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            if st.metadata()["tokens"] == str(tokens):
+                return f
+    raise AssertionError(f"no state saved at {tokens} tokens in {directory}")
+
+
 @pytest.mark.parametrize("arch", ["v4", "llama"])
 def test_disk_tier_survives_a_restart_and_is_exact(tiny, tmp_path, arch):
     if arch == "v4":
@@ -180,8 +224,7 @@ def test_bad_files_are_misses_and_removed(tiny, tmp_path, damage):
     first = disk_cache(tiny, tmp_path)
     run(tiny, prompts[:1], first, hints={0: [40]})
     first.disk.flush()
-    files = sorted(tmp_path.glob("*.safetensors"))
-    victim = files[0]
+    victim = saved_at(tmp_path, 40)  # the document's state, which the next prompts look up
     data = bytearray(victim.read_bytes())
     if damage == "flip":
         data[-5] ^= 0xFF  # inside the tensor bytes: the checksum catches it
@@ -216,12 +259,12 @@ def test_bad_files_are_misses_and_removed(tiny, tmp_path, damage):
 def test_disk_budget_evicts_oldest_files(tiny, tmp_path):
     vocab = tiny.config.vocab_size
     cache = disk_cache(tiny, tmp_path)
-    run(tiny, [prompts_sharing(vocab, 24, seed=1)[0]], cache)
+    run(tiny, [prompts_sharing(vocab, 24, seed=1)[0]], cache, params=SamplingParams(max_tokens=1))
     cache.disk.flush()
     one = cache.disk.bytes
     small = disk_cache(tiny, tmp_path / "small", budget=one + one // 2)
-    for seed in (1, 2, 3):
-        run(tiny, [prompts_sharing(vocab, 24, seed=seed)[0]], small)
+    for seed in (1, 2, 3):  # one token each: no reply long enough to leave a second state
+        run(tiny, [prompts_sharing(vocab, 24, seed=seed)[0]], small, params=SamplingParams(max_tokens=1))
     small.disk.flush()
     assert len(list((tmp_path / "small").glob("*.safetensors"))) == 1 and small.disk.stats["evictions"] == 2
 

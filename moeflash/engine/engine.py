@@ -171,14 +171,39 @@ class LLMEngine:
                 seq.state = self.model.new_seq_state()
         if seq.cache_marks:
             seq.cache_marks = self.prefix_cache.worth_saving(seq.cache_marks, seq.consumed)
+        seq.cache_base, seq.cache_tail = seq.consumed, None
         return True
 
     def _save_prefixes(self, group: list) -> None:
-        """Save the state of every sequence that has just reached one of its cache marks."""
+        """Save the state of every sequence that has just reached one of its cache marks. Past its
+        prompt, a sequence whose state cannot be rewound keeps a copy at its reply's last worthwhile
+        block boundary, to leave behind when it finishes."""
+        cache = self.prefix_cache
         for seq, _ in group:
-            if seq.cache_marks and seq.state is not None and seq.consumed == seq.cache_marks[0]:
+            if seq.state is None:
+                continue
+            if seq.cache_marks and seq.consumed == seq.cache_marks[0]:
                 mark = seq.cache_marks.pop(0)
-                self.prefix_cache.store(seq.prompt[:mark], seq.state)
+                cache.store(seq.prompt[:mark], seq.state)
+                seq.cache_base = mark
+            elif (not seq.cache_marks and not seq.state.rewindable and seq.consumed > len(seq.prompt)
+                  and cache.tail_mark(seq.consumed, seq.cache_base) == seq.consumed):
+                seq.cache_tail = (seq.consumed, seq.state.clone())
+
+    def _leave_state(self, seq: Sequence) -> None:
+        """A sequence that finished its reply leaves its state in the prefix cache at the reply's last
+        block boundary, so the next turn of a chat (prompt + reply + a new message) starts there. A
+        KV cache is rewound to the boundary and handed over; a V4 state left its copy on the way."""
+        cache, state = self.prefix_cache, seq.state
+        if state.rewindable:
+            mark = cache.tail_mark(seq.consumed, seq.cache_base)
+            if mark is not None and mark > len(seq.prompt):
+                state.rewind(mark)
+                cache.store(seq.tokens(0, mark), state, copy=False)
+        elif seq.cache_tail is not None:
+            mark, saved = seq.cache_tail
+            cache.store(seq.tokens(0, mark), saved, copy=False)
+        seq.cache_tail = None
 
     @staticmethod
     def _detach(seq: Sequence) -> None:
@@ -188,10 +213,16 @@ class LLMEngine:
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         self._detach(seq)
+        if self.prefix_cache is not None and reason in ("stop", "length") and seq.state is not None:
+            try:
+                self._leave_state(seq)
+            except Exception:  # the cache is an optimisation: the reply is still delivered
+                log.exception("prefix cache: saving the state of request %s failed", seq.request_id)
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.stop_reason = stop_reason
         seq.state = None  # free the state at once
+        seq.cache_tail = None
 
     # -- the step ---------------------------------------------------------------------------------
     @torch.inference_mode()

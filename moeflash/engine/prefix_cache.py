@@ -252,6 +252,13 @@ class PrefixCache:
                 last = m
         return out
 
+    def tail_mark(self, consumed: int, base: int) -> int | None:
+        """Where a sequence that has consumed `consumed` tokens (prompt and reply) and last saved or
+        restored its state at `base` should leave a state behind: the last block boundary, when it is
+        worth saving (`worth_saving`); else None. The next turn of a chat starts with this reply."""
+        marks = self.worth_saving([consumed // self.block_tokens * self.block_tokens], base)
+        return marks[0] if marks else None
+
     def lookup(self, prompt: list[int]) -> tuple[int, object] | None:
         """(tokens, a copy of the saved state) for the longest saved prefix of prompt[:-1], or None."""
         self.stats["lookups"] += 1
@@ -270,8 +277,9 @@ class PrefixCache:
                 return entry.tokens, entry.state.clone()
         return None
 
-    def store(self, tokens: list[int], state) -> bool:
-        """Save a copy of `state`, which has consumed exactly `tokens` (a whole number of blocks).
+    def store(self, tokens: list[int], state, copy: bool = True) -> bool:
+        """Save a copy of `state`, which has consumed exactly `tokens` (a whole number of blocks); with
+        `copy=False` the cache takes `state` itself (a finished sequence's, which nothing else holds).
         False when it is already saved or larger than the whole budget."""
         n = len(tokens)
         if n == 0 or n % self.block_tokens or state.pos != n:
@@ -281,10 +289,10 @@ class PrefixCache:
         if key in self._entries:
             self._entries.move_to_end(key)
             return False
-        copy = state.clone()
+        saved = state.clone() if copy else state
         if self.disk is not None and key not in self.disk:
-            self.disk.put(key, n, copy)  # written by the disk tier's thread; the copy is never changed
-        if not self._insert(key, n, copy):
+            self.disk.put(key, n, saved)  # written by the disk tier's thread; the saved state never changes
+        if not self._insert(key, n, saved):
             return False
         self.stats["stored"] += 1
         return True

@@ -69,6 +69,10 @@ class Sequence:
     followers: int = 0
     cache_marks: list[int] = field(default_factory=list)  # positions where prefill saves its state
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache at admission (billing)
+    cache_base: int = 0  # where the state was last saved to or restored from the prefix cache
+    # (tokens, copy of the state) at the last block boundary of the reply, for a state that cannot be
+    # rewound: left in the prefix cache when the sequence finishes (`LLMEngine._leave_state`)
+    cache_tail: tuple | None = None
 
     @property
     def consumed(self) -> int:

@@ -33,6 +33,13 @@ class LlamaSeqState:
     pos: int = 0
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    rewindable = True  # a KV cache can be cut back to any earlier position (`rewind`)
+
+    def rewind(self, pos: int) -> None:
+        """Forget positions pos.. (their keys and values are overwritten by later appends)."""
+        if not 0 <= pos <= self.pos:
+            raise ValueError(f"cannot rewind a state at {self.pos} to {pos}")
+        self.pos = pos
 
     def allocated_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -88,6 +88,9 @@ class SeqState:
     pos: int
     layers: list[LayerState]
     mtp: list[LayerState] = field(default_factory=list)
+    # the window ring and the compressors' partial windows overwrite what came before: a V4 state
+    # cannot go back to an earlier position, so a prefix cache copies it on the way instead
+    rewindable = False
 
     def clone(self) -> "SeqState":
         """An independent copy at the same position: a second sequence continues from here (the engine
