@@ -5,9 +5,10 @@ tokens each, one after another through `LLMEngine` with a `PrefixCache` (RAM, pl
 temporary directory), the server's hint at the document's end. Reports the time to first token (TTFT) of
 question 1 (the whole document prefilled) and of questions 2..N (the document's state reused), their
 ratio, then the same after a "restart": a new engine and cache on the same directory, so the first
-question (a new one) reads the state from disk. Also the saved state's bytes per token against the model's own
-formula, and the disk tier's write and read throughput. Greedy tokens with and without a hit are
-compared for the first two questions.
+question (a new one) reads the state from disk (its pages dropped from the page cache first, so the read
+is cold). Also the saved state's bytes per token against the model's own formula, and the disk tier's
+write and read throughput against probes on the same directory and bytes (a plain write, a cold read,
+the checksum, safetensors' serialisation). Greedy tokens with and without a hit are compared.
 
     python bench/prefix_cache.py --threads 2                       # mini 16K and SmolLM2 8K (its context)
     python bench/prefix_cache.py --models mini --doc-tokens 4096   # quicker
@@ -16,9 +17,11 @@ compared for the first two questions.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -51,6 +54,46 @@ def ttft(engine: LLMEngine, prompt: list[int], hint: int) -> tuple[float, list[i
     return first, out.token_ids, out.cached_tokens
 
 
+def drop_pages(path) -> None:
+    """Write a file back and drop its pages from the page cache, so the next read comes from the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def probes(directory: str, state) -> dict:
+    """What the disk tier's time is made of, on the same directory and the same bytes: a plain write
+    (to the page cache, as the tier writes), a cold read (`probe_disk`), the checksum over the state's
+    tensors, and safetensors' serialisation to memory."""
+    from safetensors.torch import save
+
+    from moeflash.engine.prefix_cache import _digest
+    from moeflash.plan.hardware import probe_disk
+
+    tensors, _ = state.to_tensors()
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    t0 = time.perf_counter()
+    _digest(tensors)
+    t_sum = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    blob = save(tensors)
+    t_ser = time.perf_counter() - t0
+    sub = Path(directory) / "probe"
+    sub.mkdir()
+    t0 = time.perf_counter()
+    (sub / "write").write_bytes(blob)
+    t_write = time.perf_counter() - t0
+    (sub / "write").unlink()
+    cold = probe_disk(sub, mib=max(64, nbytes >> 20))
+    sub.rmdir()
+    return {"state_tensor_bytes": nbytes, "checksum_gb_per_s": nbytes / t_sum / 1e9,
+            "serialise_gb_per_s": nbytes / t_ser / 1e9, "plain_write_gb_per_s": len(blob) / t_write / 1e9,
+            "cold_read_gb_per_s": cold}
+
+
 def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
     model = load(name)
     vocab = model.config.vocab_size
@@ -75,6 +118,10 @@ def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
         _, ref_fresh, _ = ttft(ref, doc + fresh, doc_tokens)
         state_bytes = max(e.nbytes for e in cache._entries.values())
         saved_at = max(e.tokens for e in cache._entries.values())
+        doc_state = max(cache._entries.values(), key=lambda e: e.tokens).state
+        probe = probes(d, doc_state)
+        for f in Path(d).glob("*.safetensors"):  # the restart reads cold from the disk, not the page cache
+            drop_pages(f)
         # a restart: a new engine and cache on the same directory; the first question reads the disk
         cache2 = PrefixCache.for_model(model, 8 << 30, d, 8 << 30)
         engine2 = LLMEngine(model, max_num_batched_tokens=512, prefix_cache=cache2)
@@ -91,6 +138,7 @@ def run_model(name: str, doc_tokens: int, questions: int, seed: int) -> dict:
             "state_bytes_formula": model.state_bytes(saved_at),
             "disk_bytes": cache.disk.bytes, "disk_files_written": written["written"],
             "disk_write_gb_per_s": written["bytes_written"] / max(written["write_seconds"], 1e-9) / 1e9,
+            "probes": probe,
         })
     return out
 

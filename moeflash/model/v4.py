@@ -11,12 +11,11 @@ batch: `forward_tokens(tokens, seqs, lengths)`; this is what continuous batching
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
 
-from ..config import SLIDING, ModelConfig
+from ..config import SLIDING, ModelConfig, prefix_block_tokens
 from .attention import Attention, Segment
 from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
 from .layers import RMSNorm, rope_cos_sin, rope_inv_freq
@@ -106,10 +105,8 @@ class Transformer(nn.Module):
 
     @property
     def prefix_block_tokens(self) -> int:
-        """Where a prefix cache saves states: multiples of every compression ratio, where no
-        compressor holds pending rows (any position would be exact, these are the smallest)."""
-        ratios = [r for r in self.config.compress_ratios if r > 0]
-        return math.lcm(*ratios) if ratios else 16
+        """Where a prefix cache saves states (`config.prefix_block_tokens`)."""
+        return prefix_block_tokens(self.config)
 
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""

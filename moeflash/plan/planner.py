@@ -34,7 +34,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import CSA, FP32_KEPT_SUFFIXES, HCA, OFFICIAL_FP8_LINEAR, PRESETS, SLIDING, ModelConfig
+from ..config import (CSA, FP32_KEPT_SUFFIXES, HCA, OFFICIAL_FP8_LINEAR, PRESETS, SLIDING, ModelConfig,
+                      prefix_block_tokens)
 from .hardware import Hardware
 
 GIB = 2 ** 30
@@ -344,16 +345,16 @@ def _attn_flops(config: ModelConfig, keys: dict) -> tuple[float, float]:
     return 4.0 * c.num_attention_heads * c.head_dim * keys["keys"], 2.0 * c.index_n_heads * c.index_head_dim * keys["index_keys"]
 
 
-def prefill_flops(config: ModelConfig, prompt: int, summary: dict | None = None) -> dict:
-    """FLOPs to prefill one prompt: 2 x (activated parameters - embedding - head) per token, the head
-    once (logits for the last token only), attention 2x2xHxD per key attended, the lightning indexer
-    2xHixDi per entry scored."""
+def prefill_flops(config: ModelConfig, prompt: int, summary: dict | None = None, start: int = 0) -> dict:
+    """FLOPs to prefill one prompt's tokens start..prompt-1 (after a prefix cache hit of `start` tokens):
+    2 x (activated parameters - embedding - head) per token, the head once (logits for the last token
+    only), attention 2x2xHxD per key attended, the lightning indexer 2xHixDi per entry scored."""
     s = summary or model_summary(config)
     per_token = 2.0 * (s["activated_params"] - s["embed_params"] - s["head_params"])
-    attn, index = _attn_flops(config, attention_keys(config, 0, prompt))
-    weights = per_token * prompt + 2.0 * s["head_params"]
+    attn, index = _attn_flops(config, attention_keys(config, start, prompt))
+    weights = per_token * (prompt - start) + 2.0 * s["head_params"]
     return {"weights": weights, "attention": attn, "indexer": index, "total": weights + attn + index,
-            "per_token": (weights + attn + index) / max(prompt, 1)}
+            "per_token": (weights + attn + index) / max(prompt - start, 1)}
 
 
 def decode_flops(config: ModelConfig, position: int, summary: dict | None = None) -> float:
@@ -409,6 +410,10 @@ class PlanInputs:
     compute_dtype: str | None = None      # bf16 / fp32 for an fp8 model's other tensors (None: as the loader's auto)
     layer_ms: float | None = None         # measured batch-1 decode time of one layer (bench/flash_layers.py)
     head_ms: float | None = None          # measured time of the rest of a step (head, final norm; same at any depth)
+    documents: int = 1                    # documents whose states the prefix cache keeps (disk needed)
+    document_tokens: int | None = None    # tokens per document (None: the prompt less the question)
+    question_tokens: int = 256            # a question after the document (prefilled on a hit)
+    answer_tokens: int = 256              # its answer (decoded)
 
 
 def resolve_model(spec: str) -> tuple[str, ModelConfig, str]:
@@ -472,6 +477,16 @@ def _check_inputs(inp: PlanInputs, config: ModelConfig, hw: Hardware) -> None:
         v = getattr(inp, name)
         if v is not None and not 0 < v <= 1:
             bad(f"--{name.replace('_', '-')} must be in (0, 1], got {v}")
+    for name, low in (("documents", 1), ("question_tokens", 1), ("answer_tokens", 0)):
+        v = getattr(inp, name)
+        if not isinstance(v, int) or v < low:
+            bad(f"--{name.replace('_', '-')} must be an integer >= {low}, got {v}")
+    doc = document_tokens(inp)
+    if not isinstance(doc, int) or doc < 1:
+        bad(f"--document-tokens must be a positive number of tokens, got {doc}")
+    if doc + inp.question_tokens > config.max_position_embeddings:
+        bad(f"--document-tokens + --question-tokens ({doc + inp.question_tokens:,}) exceed the model's maximum "
+            f"context of {config.max_position_embeddings:,} tokens")
     if inp.state_dtype not in STATE_DTYPES:
         bad(f"unknown --state-dtype {inp.state_dtype!r}; choose {', '.join(STATE_DTYPES)}")
     if inp.weights_dtype is not None and inp.weights_dtype not in WEIGHT_DTYPES:
@@ -670,21 +685,26 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
                          "tier, so the measured-layer estimate is an upper bound")
 
     # ---- prefill ----------------------------------------------------------------------------------
-    pf = prefill_flops(c, prompt, s)
-    chunk = max(1, min(hw.prefill_chunk, prompt))
-    chunks = math.ceil(prompt / chunk)
-    d_chunk = distinct_experts(c.n_routed_experts, c.num_experts_per_tok, chunk)
-    w_chunk = s["dense_read_bytes"] + c.num_hidden_layers * d_chunk * eb
-    miss_chunk = c.num_hidden_layers * d_chunk * eb * (1 - hit)
-    _, _, t_low_chunk = lower_time(miss_chunk / G, miss_chunk)
-    t_p_comp = pf["total"] / (peak * pre_eff)
-    t_p_w = chunks * ((w_chunk - miss_chunk) / G / (dev_bw * dec_eff) + t_low_chunk)
-    t_p_ovh = chunks * overhead_s(1, d_chunk)
-    t_p = t_p_comp + t_p_w + t_p_ovh
-    p_roof = max(pf["total"] / peak, chunks * w_chunk / G / dev_bw)
-    prefill = {"prompt_tokens": prompt, "chunk": chunk, "flops": pf, "weights_read_per_chunk": w_chunk,
-               "time_s": {"compute": t_p_comp, "weights": t_p_w, "overhead": t_p_ovh, "total": t_p},
-               "roofline_tokens_per_s": prompt / p_roof, "expected_tokens_per_s": prompt / t_p}
+    def prefill_time(end: int, start: int = 0) -> dict:
+        """Prefilling tokens start..end-1: compute at peak x efficiency, the weights each chunk re-reads,
+        the per-chunk overhead."""
+        pf = prefill_flops(c, end, s, start)
+        n = end - start
+        chunk = max(1, min(hw.prefill_chunk, n))
+        chunks = math.ceil(n / chunk)
+        d_chunk = distinct_experts(c.n_routed_experts, c.num_experts_per_tok, chunk)
+        w_chunk = s["dense_read_bytes"] + c.num_hidden_layers * d_chunk * eb
+        miss_chunk = c.num_hidden_layers * d_chunk * eb * (1 - hit)
+        _, _, t_low_chunk = lower_time(miss_chunk / G, miss_chunk)
+        t_comp = pf["total"] / (peak * pre_eff)
+        t_w = chunks * ((w_chunk - miss_chunk) / G / (dev_bw * dec_eff) + t_low_chunk)
+        t_ovh = chunks * overhead_s(1, d_chunk)
+        roof = max(pf["total"] / peak, chunks * w_chunk / G / dev_bw)
+        return {"prompt_tokens": n, "chunk": chunk, "flops": pf, "weights_read_per_chunk": w_chunk,
+                "time_s": {"compute": t_comp, "weights": t_w, "overhead": t_ovh, "total": t_comp + t_w + t_ovh},
+                "roofline_tokens_per_s": n / roof, "expected_tokens_per_s": n / (t_comp + t_w + t_ovh)}
+
+    prefill = prefill_time(prompt)
 
     # ---- dollars ----------------------------------------------------------------------------------
     price = inp.price_per_hour if inp.price_per_hour is not None else hw.price_per_hour
@@ -705,6 +725,8 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
         "monthly": monthly_cost(inp.tokens_per_day, inp.output_share, price, prefill["expected_tokens_per_s"],
                                 decb["expected_tokens_per_s"], u),
     }
+    prefix = prefix_cache_plan(inp, c, hw, prompt, prefill_time, decb, dev_bw * G * dec_eff, disk_bw, price, u)
+
     if engine is not None:
         notes.append("expected tokens/s include moeflash's measured CPU step overhead (per layer, per sequence, per "
                      "expert group or call); --no-overhead shows an engine without it, reading native formats")
@@ -741,8 +763,64 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
                    "host_used": host_experts * eb, "disk_used": disk_experts * eb},
         "decode": {"batch_1": dec1, "batch_n": decb},
         "prefill": prefill,
+        "prefix_cache": prefix,
         "cost": cost,
         "notes": notes,
+    }
+
+
+def document_tokens(inp: PlanInputs) -> int:
+    """The prefix cache's document: --document-tokens, or the prompt less the question."""
+    if inp.document_tokens is not None:
+        return inp.document_tokens
+    return max(1, (inp.prompt_len or inp.context) - inp.question_tokens)
+
+
+def prefix_cache_plan(inp: PlanInputs, c: ModelConfig, hw: Hardware, prompt: int, prefill_time, dec: dict,
+                      copy_bw: float, disk_bw: float | None, price: float | None, utilization: float) -> dict:
+    """The prefix cache for `documents` documents of `document_tokens` tokens, each then asked a
+    question of `question_tokens` tokens answered in `answer_tokens`: the saved state (moeflash saves
+    the whole state at the document's last block boundary), the RAM or disk it takes, and one question's
+    time and dollars without a hit (the whole prompt prefilled) and with one (the state restored from
+    RAM: read and written once; or from disk: read once; then the question prefilled from there)."""
+    doc = document_tokens(inp)
+    block = prefix_block_tokens(c)
+    saved = doc // block * block
+    snap = state_components(c, saved, inp.state_dtype, inp.mtp)["total"] if saved else 0.0
+    q, a = inp.question_tokens, inp.answer_tokens
+    tps = dec["expected_tokens_per_s"]
+    t_decode = (a / tps if tps > 0 else math.inf) if a else 0.0  # 0 tokens/s: the model does not run here
+    miss = prefill_time(doc + q)["time_s"]["total"]
+    hit_prefill = prefill_time(doc + q, saved)["time_s"]["total"] if saved else miss
+    t_ram = 2 * snap / copy_bw  # a copy: read and write
+    t_disk = snap / disk_bw if disk_bw else None
+
+    def usd(seconds):
+        ok = price is not None and seconds is not None and math.isfinite(seconds)
+        return price * seconds / 3600 / utilization if ok else None
+
+    def vs_miss(seconds):
+        return seconds / miss if math.isfinite(miss) and miss > 0 and seconds is not None else None
+
+    question = {
+        "miss": {"prefill_s": miss, "decode_s": t_decode, "total_s": miss + t_decode,
+                 "usd": usd(miss + t_decode)},
+        "hit_from_ram": {"restore_s": t_ram, "prefill_s": hit_prefill, "decode_s": t_decode,
+                         "total_s": t_ram + hit_prefill + t_decode, "usd": usd(t_ram + hit_prefill + t_decode),
+                         "time_to_first_token_vs_miss": vs_miss(t_ram + hit_prefill)},
+        "hit_from_disk": None if t_disk is None else {
+            "restore_s": t_disk, "prefill_s": hit_prefill, "decode_s": t_decode,
+            "total_s": t_disk + hit_prefill + t_decode, "usd": usd(t_disk + hit_prefill + t_decode),
+            "time_to_first_token_vs_miss": vs_miss(t_disk + hit_prefill)},
+    }
+    return {
+        "block_tokens": block, "documents": inp.documents, "document_tokens": doc, "saved_at_tokens": saved,
+        "question_tokens": q, "answer_tokens": a, "state_dtype": inp.state_dtype,
+        "snapshot_bytes": snap, "snapshot_bytes_per_token": snap / saved if saved else None,
+        "disk_bytes": inp.documents * snap,
+        "arithmetic": (f"{inp.documents:,} x state({saved:,} tokens) = {inp.documents:,} x {snap / 1e6:,.1f} MB "
+                       f"= {inp.documents * snap / 1e9:,.2f} GB"),
+        "question": question,
     }
 
 

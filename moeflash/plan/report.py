@@ -48,6 +48,27 @@ def _table(headers: list[str], rows: list[list[str]], indent: str = "  ") -> lis
     return [fmt(headers), indent + "  ".join("-" * w for w in width)] + [fmt(r) for r in rows]
 
 
+def _prefix_cache_lines(pc: dict) -> list[str]:
+    q = pc["question"]
+    out = ["", f"Prefix cache, {pc['documents']:,} document(s) of {pc['document_tokens']:,} tokens "
+               f"(state saved at {pc['saved_at_tokens']:,}, a multiple of {pc['block_tokens']}), "
+               f"then a {pc['question_tokens']}-token question and a {pc['answer_tokens']}-token answer:"]
+    per = pc["snapshot_bytes_per_token"]
+    out.append(f"  saved state {pc['snapshot_bytes'] / 1e6:,.1f} MB ({num(per, 0) if per else '-'} bytes per "
+               f"token, {pc['state_dtype']}); disk for all: {pc['arithmetic']}")
+    rows = []
+    for label, key in (("miss (whole prompt prefilled)", "miss"), ("hit, state from RAM", "hit_from_ram"),
+                       ("hit, state from disk", "hit_from_disk")):
+        r = q[key]
+        if r is None:
+            continue
+        rows.append([label, num(r.get("restore_s", 0.0), 3), num(r["prefill_s"], 2), num(r["decode_s"], 2),
+                     num(r["total_s"], 2), usd(r["usd"]) if r["usd"] is not None else "-",
+                     f"{100 * r['time_to_first_token_vs_miss']:.1f}%" if r.get("time_to_first_token_vs_miss") else "-"])
+    out += _table(["question", "restore s", "prefill s", "decode s", "total s", "$", "TTFT vs miss"], rows)
+    return out
+
+
 def format_plan(p: dict) -> str:
     m, hw, inp, w, st, mem = p["model"], p["hardware"], p["inputs"], p["weights"], p["state"], p["memory"]
     out = [f"moeflash plan: {m['name']} on {hw['name']} ({hw['description']})",
@@ -114,6 +135,7 @@ def format_plan(p: dict) -> str:
                f"of {hw['tflops'] if inp['dense_format'] != 'fp8' or not hw['tflops_fp8'] else hw['tflops_fp8']:,.1f} TFLOP/s):")
     out.append(f"  roofline {num(pf['roofline_tokens_per_s'], 0)} tok/s, expected {num(pf['expected_tokens_per_s'], 0)} "
                f"tok/s ({num(pf['time_s']['total'], 2)} s for the prompt)")
+    out += _prefix_cache_lines(p["prefix_cache"])
     c = p["cost"]
     out.append("")
     if c["price_per_hour"] is None:
@@ -123,7 +145,7 @@ def format_plan(p: dict) -> str:
         src = "given" if c["price_source"].startswith("given") else "the profile's price; see its sources in --json"
         out.append(f"Cost at {usd(c['price_per_hour'])}/h ({src}) and {100 * c['utilization']:.0f}% utilisation:")
         out.append(f"  $ per million tokens: input {usd(um['input'])}, cached input {usd(um['cached_input'])} "
-                   f"(if a prefix cache held the state in memory; moeflash recomputes today), output {usd(um['output'])}"
+                   f"(a prefix cache hit: the state copied from memory), output {usd(um['output'])}"
                    + (f" (batch {inp['batch']}; batch 1: {usd(um['output_batch1'])})" if inp["batch"] > 1 else ""))
     out.append("  DeepSeek API, $ per million tokens:")
     out += _table(["model", "date", "input", "cached input", "output"],
