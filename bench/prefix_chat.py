@@ -89,8 +89,9 @@ def run_chat(name: str, model, tokenizer, encoder, thinking: bool | None, reply_
     eos_ok = not ids_replies  # a real model may end its reply; the random one writes reply_tokens
     params = SamplingParams(max_tokens=reply_tokens, temperature=0, ignore_eos=not eos_ok)
     cache = PrefixCache.for_model(model, 8 << 30)
-    engine = LLMEngine(model, max_num_batched_tokens=512, prefix_cache=cache)
-    plain = LLMEngine(model, max_num_batched_tokens=512)
+    text_tok = None if ids_replies else tokenizer  # the reply's text goes back into the history
+    engine = LLMEngine(model, text_tok, max_num_batched_tokens=512, prefix_cache=cache)
+    plain = LLMEngine(model, text_tok, max_num_batched_tokens=512)
     messages = [{"role": "system", "content": system}]
     turns = []
     for k, q in enumerate(questions[:TURNS]):
@@ -102,10 +103,13 @@ def run_chat(name: str, model, tokenizer, encoder, thinking: bool | None, reply_
         turns.append({"turn": k + 1, "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens,
                       "cached_fraction": out.cached_tokens / len(prompt), "ttft_s": t_cache,
                       "ttft_without_cache_s": t_plain, "reply_tokens": len(out.token_ids),
-                      "tokens_equal_without_cache": out.token_ids == ref.token_ids})
+                      "tokens_equal_without_cache": out.token_ids == ref.token_ids,
+                      "finish_reason": out.finish_reason})
         log(f"{name}: turn {k + 1}: {out.cached_tokens}/{len(prompt)} cached, ttft {t_cache:.3f} s "
             f"(without cache {t_plain:.3f} s)")
         reply = tok.ids_for(k, out.token_ids) if ids_replies else out.text
+        if not ids_replies and not reply.strip():
+            raise RuntimeError(f"turn {k + 1}: the reply has no text")
         messages.append({"role": "assistant", "content": reply})
     later = turns[1:]
     return {"run": name, "block_tokens": model.prefix_block_tokens, "turns": turns,

@@ -588,6 +588,55 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Several models on the same text and tasks (moeflash/evaluate/)."""
+    import torch
+
+    from .evaluate.compare import CompareInputs, compare
+    from .evaluate.report import format_compare, plot_compare, routing_summaries, to_json
+    from .evaluate.routing import plot_heatmap
+    from .evaluate.tasks import load_tasks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        for name in ("max_bytes", "window", "rounds"):
+            if getattr(args, name) < (2 if name == "window" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {2 if name == 'window' else 1}")
+        if any(not 0 < b <= 1 for b in args.budgets):
+            raise ValueError("--budgets are fractions of all experts, in (0, 1]")
+        tasks = load_tasks(args.tasks) if args.tasks else None
+        inp = CompareInputs(models=args.models, texts=args.text or ["code", "prose"], tasks=tasks,
+                            max_bytes=args.max_bytes, window=args.window, dtype=args.dtype,
+                            price_per_hour=args.price_per_hour, hardware=args.hardware,
+                            utilization=args.utilization, rounds=args.rounds, seed=args.seed)
+        result = compare(inp, progress_bar=not args.no_progress and not args.json)
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    routing = routing_summaries(result, tuple(args.budgets))
+    print(to_json(result, routing) if args.json else format_compare(result, routing))
+    if args.plot:
+        plot_compare(result, args.plot)
+        print(f"[plot written to {args.plot}]", file=sys.stderr)
+    if args.heatmap:
+        moe = [m for m in result["models"] if "routing" in m]
+        if not moe:
+            print("[no MoE model: no heatmap]", file=sys.stderr)
+        for m in moe:
+            path = args.heatmap if len(moe) == 1 else _suffixed(args.heatmap, m["model"])
+            plot_heatmap(m["routing"], path, m["model"])
+            print(f"[heatmap written to {path}]", file=sys.stderr)
+    return 0
+
+
+def _suffixed(path: str, name: str) -> str:
+    stem, dot, ext = path.rpartition(".")
+    safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.rstrip("/").split("/")[-1])
+    return f"{stem}-{safe}.{ext}" if dot else f"{path}-{safe}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moeflash", description="DeepSeek-V4-class MoE inference")
     sub = p.add_subparsers(dest="command", required=True)
@@ -777,6 +826,32 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--json", action="store_true", help="print one JSON object")
     p_plan.add_argument("--plot", default=None, metavar="OUT.png", help="cost vs utilisation, tokens/s vs expert budget")
     p_plan.set_defaults(func=cmd_plan)
+
+    cm = sub.add_parser("compare", help="models on the same text and tasks: bits per byte, accuracy, speed, "
+                        "memory, $ per million tokens, and what a MoE's router does")
+    cm.add_argument("--models", nargs="+", required=True, help="models (tiny, smollm2, a .gguf, a checkpoint dir)")
+    cm.add_argument("--text", nargs="+", default=None, metavar="FILE|DOMAIN",
+                    help="UTF-8 text files, or built-in domains from the Python standard library: code, prose, "
+                         "legal (default: code prose)")
+    cm.add_argument("--tasks", default=None, metavar="FILE.jsonl",
+                    help='{"prompt", "answer"} (exact match) or {"prompt", "choices", "answer_index"} per line')
+    cm.add_argument("--max-bytes", type=int, default=16384, help="bytes of each text scored")
+    cm.add_argument("--window", type=int, default=1024, help="tokens per scoring window")
+    cm.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32")
+    cm.add_argument("--hardware", default="cpu-2c", help="profile whose price per hour turns tokens/s into $")
+    cm.add_argument("--price-per-hour", type=float, default=None, metavar="$", help="default: the profile's")
+    cm.add_argument("--utilization", type=float, default=0.5, help="fraction of paid hours the machine is busy")
+    cm.add_argument("--rounds", type=int, default=3, help="speed measurement rounds (median)")
+    cm.add_argument("--budgets", type=float, nargs="+", default=[0.25, 0.5],
+                    help="expert-cache budgets (fractions of all experts) replayed on each text's routing")
+    cm.add_argument("--seed", type=int, default=0)
+    cm.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    cm.add_argument("--json", action="store_true", help="print one JSON object")
+    cm.add_argument("--plot", default=None, metavar="OUT.png", help="bits per byte against $ per million tokens")
+    cm.add_argument("--heatmap", default=None, metavar="OUT.png",
+                    help="per MoE model, layers x experts load on each text (OUT-<model>.png when several)")
+    cm.add_argument("--no-progress", action="store_true", help="no progress bar")
+    cm.set_defaults(func=cmd_compare)
     return p
 
 

@@ -460,6 +460,16 @@ class LlamaConfig:
     def __post_init__(self) -> None:
         self.validate()
 
+    def num_parameters(self) -> int:
+        """Parameters of the architecture (whatever precision the weights are held in): embedding,
+        per layer the q/k/v/o projections, the gate/up/down MLP and two norms, the final norm, and the
+        head unless tied."""
+        d, hd = self.hidden_size, self.head_dim
+        attn = d * self.num_attention_heads * hd * 2 + d * self.num_key_value_heads * hd * 2
+        layer = attn + 3 * d * self.intermediate_size + 2 * d
+        head = 0 if self.tie_word_embeddings else self.vocab_size * d
+        return self.vocab_size * d + self.num_hidden_layers * layer + d + head
+
     def validate(self) -> None:
         def bad(name: str, msg: str) -> None:
             raise ValueError(f"invalid LlamaConfig.{name}: {msg}")

@@ -712,7 +712,7 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
     cached_tps = hw.bandwidth_gbps * 1e9 * dec_eff / max(state_per_token(c, inp.state_dtype)["total"], 1.0)
 
     def per_million(tps):
-        return price / (tps * 3600 * u) * 1e6 if price is not None and tps > 0 else None
+        return per_million_usd(price, tps, u)
     cost = {
         "price_per_hour": price, "price_source": (hw.sources.get("price_per_hour") if inp.price_per_hour is None
                                                   else "given (--price-per-hour)"),
@@ -767,6 +767,14 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
         "cost": cost,
         "notes": notes,
     }
+
+
+def per_million_usd(price_per_hour: float | None, tokens_per_s: float, utilization: float) -> float | None:
+    """Dollars per million tokens from a machine's price per hour, its tokens/s and the fraction of
+    the hours it is busy; None without a price or when it does not run."""
+    if price_per_hour is None or not tokens_per_s > 0:
+        return None
+    return price_per_hour / (tokens_per_s * 3600 * utilization) * 1e6
 
 
 def document_tokens(inp: PlanInputs) -> int:
