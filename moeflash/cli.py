@@ -631,6 +631,47 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_moefy(args: argparse.Namespace) -> int:
+    """MoE-fication of a dense llama GGUF (moeflash/moefy.py)."""
+    import torch
+
+    from .model.llama import Llama
+    from .moefy import calibration_text, moefy, save_gguf
+    from .weights.build import load_gguf_model, smollm2_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        source = smollm2_path() if args.model == "smollm2" else Path(args.model)
+        if not str(source).endswith(".gguf") or not Path(source).is_file():
+            raise ValueError(f"--model {args.model!r} must be a dense llama .gguf file (or smollm2)")
+        if args.calibration_bytes < 1024:
+            raise ValueError("--calibration-bytes must be >= 1024")
+        if args.router_hidden < 0:
+            raise ValueError("--router-hidden must be >= 0")
+        model, tokenizer = load_gguf_model(source, "float32")
+        if not isinstance(model, Llama) or model.config.moe_experts:
+            raise ValueError(f"{source} is not a dense llama model")
+        text = (Path(args.calibration_file).read_text(encoding="utf-8") if args.calibration_file
+                else calibration_text(args.calibration_bytes))
+        ids = tokenizer.encode(text, special=False)
+        from tqdm import tqdm
+
+        with tqdm(total=model.config.num_hidden_layers, desc="moefy", unit="layer", leave=False) as bar:
+            stats = moefy(model, ids, args.experts, args.top_k, args.router_hidden, args.seed,
+                          progress=bar.update)
+        out = save_gguf(model, source, args.out)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    c = model.config
+    print(json.dumps({"out": str(out), "experts": c.moe_experts, "top_k": c.moe_top_k,
+                      "router_hidden": c.moe_router_hidden, "params": c.num_parameters(),
+                      "activated_params": c.activated_parameters(), **{k: v for k, v in stats.items() if k != "layers"},
+                      "router_recall_per_layer": [round(s["router_recall"], 4) for s in stats["layers"]]}))
+    return 0
+
+
 def _suffixed(path: str, name: str) -> str:
     stem, dot, ext = path.rpartition(".")
     safe = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name.rstrip("/").split("/")[-1])
@@ -852,6 +893,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="per MoE model, layers x experts load on each text (OUT-<model>.png when several)")
     cm.add_argument("--no-progress", action="store_true", help="no progress bar")
     cm.set_defaults(func=cmd_compare)
+
+    mf = sub.add_parser("moefy", help="split a dense llama model's MLPs into experts with learned routers (GGUF out)")
+    mf.add_argument("--model", default="smollm2", help="a dense llama .gguf file, or smollm2")
+    mf.add_argument("--experts", type=int, required=True, help="experts per MLP (must divide its width)")
+    mf.add_argument("--top-k", type=int, required=True, help="experts used per token")
+    mf.add_argument("--out", required=True, metavar="FILE.gguf")
+    mf.add_argument("--router-hidden", type=int, default=128, help="the router's hidden width (0: linear)")
+    mf.add_argument("--calibration-bytes", type=int, default=49152,
+                    help="standard-library text (code and prose) the split and routers learn from")
+    mf.add_argument("--calibration-file", default=None, help="a UTF-8 text file to calibrate on instead")
+    mf.add_argument("--seed", type=int, default=0)
+    mf.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    mf.set_defaults(func=cmd_moefy)
     return p
 
 

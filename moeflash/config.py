@@ -456,6 +456,11 @@ class LlamaConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     model_type: str = "llama"
+    # MoE-fied MLPs (`moeflash moefy`): each MLP's neurons split into `moe_experts` experts of equal size,
+    # `moe_top_k` of them used per token as a router picks them (0 = the dense MLP)
+    moe_experts: int = 0
+    moe_top_k: int = 0
+    moe_router_hidden: int = 0  # the router's hidden width (0: one linear layer)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -466,9 +471,23 @@ class LlamaConfig:
         head unless tied."""
         d, hd = self.hidden_size, self.head_dim
         attn = d * self.num_attention_heads * hd * 2 + d * self.num_key_value_heads * hd * 2
-        layer = attn + 3 * d * self.intermediate_size + 2 * d
+        layer = attn + 3 * d * self.intermediate_size + 2 * d + self.router_parameters()
         head = 0 if self.tie_word_embeddings else self.vocab_size * d
         return self.vocab_size * d + self.num_hidden_layers * layer + d + head
+
+    def router_parameters(self) -> int:
+        """One layer's router (MoE-fied models; 0 for dense ones)."""
+        if not self.moe_experts:
+            return 0
+        d, h, e = self.hidden_size, self.moe_router_hidden, self.moe_experts
+        return (d * h + h + h * e + e) if h else d * e + e
+
+    def activated_parameters(self) -> int:
+        """Parameters a token uses: all but the experts its router did not pick."""
+        if not self.moe_experts:
+            return self.num_parameters()
+        unused = 3 * self.hidden_size * self.intermediate_size * (self.moe_experts - self.moe_top_k) // self.moe_experts
+        return self.num_parameters() - self.num_hidden_layers * unused
 
     def validate(self) -> None:
         def bad(name: str, msg: str) -> None:
@@ -492,6 +511,15 @@ class LlamaConfig:
             v = getattr(self, name)
             if v is not None and not 0 <= v < self.vocab_size:
                 bad(name, f"{v} is outside the vocabulary [0, {self.vocab_size})")
+        if self.moe_experts:
+            if self.moe_experts < 1 or self.intermediate_size % self.moe_experts:
+                bad("moe_experts", f"{self.moe_experts} must divide intermediate_size ({self.intermediate_size})")
+            if not 1 <= self.moe_top_k <= self.moe_experts:
+                bad("moe_top_k", f"must be in [1, moe_experts={self.moe_experts}], got {self.moe_top_k}")
+            if self.moe_router_hidden < 0:
+                bad("moe_router_hidden", f"must be >= 0, got {self.moe_router_hidden}")
+        elif self.moe_top_k:
+            bad("moe_top_k", "needs moe_experts")
 
     def replace(self, **changes: Any) -> "LlamaConfig":
         return dataclasses.replace(self, **changes)

@@ -55,21 +55,16 @@ def _rss() -> int:
         return int(f.read().split()[1]) * 4096
 
 
-def _is_moe(model) -> bool:
-    from ..model.v4 import Transformer
-
-    return isinstance(model, Transformer)
-
-
 def _params(model) -> dict:
-    """Total and activated parameters per token (a V4 model: from its config, as the planner counts)."""
-    if _is_moe(model):
-        from ..plan.planner import model_summary
+    """Total and activated parameters per token, from the config (the weights may be held packed, as
+    GGUF blocks or FP4, not as parameters): a V4 model as the planner counts it, a llama by its shapes."""
+    c = model.config
+    if hasattr(c, "num_parameters"):
+        return {"params": c.num_parameters(), "activated_params": c.activated_parameters()}
+    from ..plan.planner import model_summary
 
-        s = model_summary(model.config)
-        return {"params": s["total_params"], "activated_params": s["activated_params"]}
-    n = model.config.num_parameters()  # the weights may be held packed (GGUF Q8_0, Q4_K), not as parameters
-    return {"params": n, "activated_params": n}
+    s = model_summary(c)
+    return {"params": s["total_params"], "activated_params": s["activated_params"]}
 
 
 @torch.inference_mode()
@@ -128,7 +123,7 @@ def compare(inp: CompareInputs, load=None, progress_bar: bool = True) -> dict:
     returns (model, tokenizer) (default: `engine.load.load_model` at `inp.dtype`)."""
     from ..plan.hardware import get_profile
     from ..plan.planner import per_million_usd
-    from .routing import RoutingStats
+    from .routing import RoutingStats, is_moe
 
     if not inp.models:
         raise ValueError("give at least one model")
@@ -155,7 +150,7 @@ def compare(inp: CompareInputs, load=None, progress_bar: bool = True) -> dict:
         if tokenizer is None:
             raise ValueError(f"{spec} has no tokenizer: compare scores text (give a model with tokenizer.json)")
         resident = _rss() - before
-        routing = RoutingStats(model) if _is_moe(model) else None
+        routing = RoutingStats(model) if is_moe(model) else None
         res = {"model": str(spec), "architecture": "moe" if routing else "dense", **_params(model),
                "resident_bytes": resident, "load_seconds": load_s, "text": {}}
         total = sum(len(tokenizer.encode(t, special=False)) for _, t in texts) + len(inp.tasks or [])

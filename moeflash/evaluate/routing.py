@@ -19,10 +19,7 @@ class RoutingStats:
     def __init__(self, model):
         self.layers = list(model.layers)
         self.n_layers = len(self.layers)
-        self.n_experts = model.config.n_routed_experts
-        self.top_k = model.config.num_experts_per_tok
-        self.expert_bytes = sum(p.numel() * p.element_size() for p in self.layers[0].ffn.experts[0].parameters()) \
-            if hasattr(self.layers[0].ffn, "experts") and len(self.layers[0].ffn.experts) else 0
+        self.n_experts, self.top_k, self.expert_bytes = moe_shape(model)
         self._current: str | None = None
         self._rows: list = [None] * self.n_layers
         self._traces: dict[str, list] = {}
@@ -76,6 +73,24 @@ class RoutingStats:
     def detach(self) -> None:
         for layer, prev in zip(self.layers, self._prev):
             layer.ffn.on_route = prev
+
+
+def is_moe(model) -> bool:
+    """A V4 model, or a llama whose MLPs were MoE-fied."""
+    c = model.config
+    return bool(getattr(c, "n_routed_experts", 0) or getattr(c, "moe_experts", 0))
+
+
+def moe_shape(model) -> tuple[int, int, int]:
+    """(experts per layer, experts per token, bytes of one expert's weights)."""
+    c = model.config
+    ffn = model.layers[0].ffn
+    if getattr(c, "moe_experts", 0):  # a MoE-fied llama: experts stacked in MoefiedMLP
+        per = sum(t[0].numel() * t.element_size() for t in (ffn.gate, ffn.up, ffn.down))
+        return c.moe_experts, c.moe_top_k, per
+    experts = getattr(ffn, "experts", None)
+    per = sum(p.numel() * p.element_size() for p in experts[0].parameters()) if experts is not None and len(experts) else 0
+    return c.n_routed_experts, c.num_experts_per_tok, per
 
 
 def entropy_bits(counts) -> float:

@@ -157,13 +157,66 @@ class LlamaMLP(SwiGLU):
         return self.w2(F.silu(gate) * up)
 
 
+class MoefiedMLP(nn.Module):
+    """A dense SwiGLU MLP whose neurons were split into experts (`moeflash moefy`, after MoEfication,
+    Zhang et al. 2022): expert e holds `inter / experts` neurons, its rows of the gate and up
+    projections and its columns of the down projection, stored expert-major ([E, m, d], [E, m, d],
+    [E, d, m]). A router (one linear layer, or two with a ReLU between) scores the experts for each
+    token; the top `top_k` are computed and their outputs summed, unweighted, so with every expert
+    picked this is the dense MLP (its neurons in another order). `on_route(x, ids, idx)` sees each
+    call's choices, as the V4 MoE's does (routing traces, `moeflash compare`)."""
+
+    def __init__(self, dim: int, inter: int, experts: int, top_k: int, router_hidden: int = 0):
+        super().__init__()
+        m = inter // experts
+        self.experts, self.top_k = experts, top_k
+        self.gate = nn.Parameter(torch.empty(experts, m, dim))
+        self.up = nn.Parameter(torch.empty(experts, m, dim))
+        self.down = nn.Parameter(torch.empty(experts, dim, m))
+        if router_hidden:
+            self.router = nn.Sequential(nn.Linear(dim, router_hidden), nn.ReLU(), nn.Linear(router_hidden, experts))
+        else:
+            self.router = nn.Sequential(nn.Linear(dim, experts))
+        self.on_route = None
+
+    def fuse_projections_(self) -> None:
+        pass
+
+    def route(self, x: torch.Tensor) -> torch.Tensor:
+        """The experts each row of x uses: [n, top_k] ids, best first."""
+        scores = self.router(x.to(self.router[0].weight.dtype))
+        return scores.topk(self.top_k, dim=-1).indices
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        idx = self.route(x)
+        if self.on_route is not None:
+            self.on_route(x, idx.reshape(-1), idx)
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:  # a decode step: only the chosen experts' weights are read
+            for e in idx[0].tolist():
+                h = F.silu(self.gate[e] @ x[0]) * (self.up[e] @ x[0])
+                out[0] += self.down[e] @ h
+            return out
+        for e in range(self.experts):
+            rows = (idx == e).any(dim=-1).nonzero().squeeze(1)
+            if rows.numel():
+                xe = x[rows]
+                h = F.silu(xe @ self.gate[e].T) * (xe @ self.up[e].T)
+                out.index_add_(0, rows, h @ self.down[e].T)
+        return out
+
+
 class LlamaBlock(nn.Module):
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.attn = LlamaAttention(c)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.ffn = LlamaMLP(c.hidden_size, c.intermediate_size)
+        if c.moe_experts:
+            self.ffn = MoefiedMLP(c.hidden_size, c.intermediate_size, c.moe_experts, c.moe_top_k,
+                                  c.moe_router_hidden)
+        else:
+            self.ffn = LlamaMLP(c.hidden_size, c.intermediate_size)
 
 
 class Llama(nn.Module):

@@ -111,6 +111,11 @@ class GGUFFile:
 
 
 # -- llama -----------------------------------------------------------------------------------------
+# A MoE-fied llama (`moeflash moefy`) keeps arch "llama" and adds these keys (moeflash's own)
+MOE_KEYS = {"moe_experts": "moeflash.moe.expert_count", "moe_top_k": "moeflash.moe.expert_used_count",
+            "moe_router_hidden": "moeflash.moe.router_hidden"}
+
+
 def llama_config(f: GGUFFile) -> LlamaConfig:
     """LlamaConfig from `llama.*` metadata; refuses RoPE variants the model does not implement."""
     if f.arch != "llama":
@@ -141,6 +146,9 @@ def llama_config(f: GGUFFile) -> LlamaConfig:
         rms_norm_eps=float(f.meta(a + "attention.layer_norm_rms_epsilon", 1e-5)),
         max_position_embeddings=int(f.meta(a + "context_length", 2048)),
         tie_word_embeddings="output.weight" not in f.names(),
+        moe_experts=int(f.meta(MOE_KEYS["moe_experts"], 0)),
+        moe_top_k=int(f.meta(MOE_KEYS["moe_top_k"], 0)),
+        moe_router_hidden=int(f.meta(MOE_KEYS["moe_router_hidden"], 0)),
         bos_token_id=f.meta("tokenizer.ggml.bos_token_id", None),
         eos_token_id=f.meta("tokenizer.ggml.eos_token_id", None),
     )
@@ -160,10 +168,18 @@ def llama_tensor_names(config: LlamaConfig) -> dict[str, str]:
             ours + "attn.wv.weight": theirs + "attn_v.weight",
             ours + "attn.wo.weight": theirs + "attn_output.weight",
             ours + "ffn_norm.weight": theirs + "ffn_norm.weight",
-            ours + "ffn.w1.weight": theirs + "ffn_gate.weight",
-            ours + "ffn.w3.weight": theirs + "ffn_up.weight",
-            ours + "ffn.w2.weight": theirs + "ffn_down.weight",
         })
+        if config.moe_experts:  # MoE-fied (`moeflash moefy`): experts stacked, llama.cpp's *_exps names
+            names.update({ours + "ffn.gate": theirs + "ffn_gate_exps.weight",
+                          ours + "ffn.up": theirs + "ffn_up_exps.weight",
+                          ours + "ffn.down": theirs + "ffn_down_exps.weight"})
+            for j in range(2 if config.moe_router_hidden else 1):
+                for kind in ("weight", "bias"):
+                    names[f"{ours}ffn.router.{2 * j}.{kind}"] = f"{theirs}ffn_router.{j}.{kind}"
+        else:
+            names.update({ours + "ffn.w1.weight": theirs + "ffn_gate.weight",
+                          ours + "ffn.w3.weight": theirs + "ffn_up.weight",
+                          ours + "ffn.w2.weight": theirs + "ffn_down.weight"})
     return names
 
 
