@@ -198,7 +198,9 @@ def test_compare_command_end_to_end(tmp_path, capsys):
     # a real model reads Python far better than a random one
     assert smol["text"]["code"]["bits_per_byte"] < 0.5 * tiny["text"]["code"]["bits_per_byte"]
     rep = first["routing_report"]["tiny"]
-    assert set(rep["texts"]) == {"code", "prose"} and 0 < rep["texts"]["code"]["entropy_vs_uniform"] <= 1
+    assert set(rep["texts"]) == {"code", "prose", "task:math", "task:all"}  # each text, each task tag
+    assert 0 < rep["texts"]["code"]["entropy_vs_uniform"] <= 1
+    assert rep["texts"]["code"]["tokens"] == tiny["text"]["code"]["tokens"]
     assert "code / prose" in rep["top_expert_overlap"] and set(rep["cache"]["code"]) == {"0.25", "0.5"}
     # deterministic: the same numbers again
     assert main(args) == 0

@@ -7,8 +7,8 @@ For each model, one after another (each loaded alone, so its memory is its own):
   added (RSS, after the heap is trimmed);
 - dollars per million input and output tokens: the hardware's price per hour over the measured
   tokens/s at `utilization` (the planner's arithmetic, `plan.planner.per_million_usd`);
-- for a MoE (V4) model, the router's choices on each text (`routing.RoutingStats`), for
-  `routing.report`.
+- for a MoE model (V4, or a MoE-fied llama), the router's choices on each text and each task tag
+  ("task:TAG"; `routing.RoutingStats`), for `routing.report`.
 
 Everything is greedy and seeded, so a run is deterministic on a given machine.
 """
@@ -91,18 +91,22 @@ def measure_speed(model, prompt_tokens: int, decode_tokens: int, rounds: int, se
             "prompt_tokens": prompt_tokens, "decode_tokens": decode_tokens}
 
 
-def score_tasks(model, tokenizer, tasks: list[dict], max_answer_tokens: int, progress=None) -> dict:
-    """Accuracy per tag and overall: exact match, and multiple choice (acc, acc_norm)."""
+def score_tasks(model, tokenizer, tasks: list[dict], max_answer_tokens: int, progress=None, routing=None) -> dict:
+    """Accuracy per tag and overall: exact match, and multiple choice (acc, acc_norm). With `routing`
+    (a RoutingStats), each task's tokens are filed under "task:TAG"."""
     per: dict[str, dict] = {}
+    on_rows = routing.take if routing is not None else None
     for t in tasks:
         row = per.setdefault(t["tag"], {"n": 0, "correct": 0, "correct_norm": 0})
+        if routing is not None:
+            routing.start(f"task:{t['tag']}")
         if t["kind"] == "exact":
-            got = greedy_answer(model, tokenizer, t["prompt"], max_answer_tokens)
+            got = greedy_answer(model, tokenizer, t["prompt"], max_answer_tokens, on_rows=on_rows)
             ok = normalize_answer(got) == normalize_answer(t["answer"])
             row["correct"] += ok
             row["correct_norm"] += ok
         else:
-            scores = [continuation_logprob(model, tokenizer, t["prompt"], c) for c in t["choices"]]
+            scores = [continuation_logprob(model, tokenizer, t["prompt"], c, on_rows) for c in t["choices"]]
             best = max(range(len(scores)), key=lambda i: scores[i][0])
             best_norm = max(range(len(scores)), key=lambda i: scores[i][0] / max(scores[i][1], 1))
             row["correct"] += best == t["answer_index"]
@@ -162,9 +166,7 @@ def compare(inp: CompareInputs, load=None, progress_bar: bool = True) -> dict:
                               on_rows=routing.take if routing else None)
             res["text"][name] = {**r, "digest": digest(text)}
         if inp.tasks:
-            if routing is not None:
-                routing.start(None)
-            res["tasks"] = score_tasks(model, tokenizer, inp.tasks, inp.max_answer_tokens, bar.update)
+            res["tasks"] = score_tasks(model, tokenizer, inp.tasks, inp.max_answer_tokens, bar.update, routing)
         bar.close()
         if routing is not None:
             res["routing"] = routing.counts()

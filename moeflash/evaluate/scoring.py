@@ -70,24 +70,26 @@ def split_context(prompt: str, continuation: str) -> tuple[str, str]:
     return stripped, prompt[len(stripped):] + continuation
 
 
-def continuation_logprob(model, tokenizer, prompt: str, continuation: str) -> tuple[float, int]:
+def continuation_logprob(model, tokenizer, prompt: str, continuation: str, on_rows=None) -> tuple[float, int]:
     """(sum of log p over the continuation's tokens given the prompt, the continuation's bytes)."""
     ctx, cont = split_context(prompt, continuation)
     ctx_ids = tokenizer.encode(ctx, special=False) if ctx else []
     cont_ids = tokenizer.encode(cont, special=False)
     if not cont_ids:
         raise ValueError(f"the choice {continuation!r} has no tokens")
-    lp = token_logprobs(model, [_prefix_id(tokenizer)] + ctx_ids, cont_ids)
+    lp = token_logprobs(model, [_prefix_id(tokenizer)] + ctx_ids, cont_ids, on_rows)
     return float(lp.double().sum()), len(cont.encode("utf-8"))
 
 
 @torch.inference_mode()
-def greedy_answer(model, tokenizer, prompt: str, max_tokens: int = 32, stop: str = "\n") -> str:
+def greedy_answer(model, tokenizer, prompt: str, max_tokens: int = 32, stop: str = "\n", on_rows=None) -> str:
     """The greedy continuation of `prompt`, up to `stop` (default: the end of the line), EOS or
-    `max_tokens` tokens."""
+    `max_tokens` tokens. `on_rows(n)` is told after each forward call how many tokens it ran."""
     ids = [_prefix_id(tokenizer)] + tokenizer.encode(prompt, special=False)
     state = model.new_seq_state()
     x = run_tokens(model, torch.tensor(ids, dtype=torch.long), [state], [len(ids)])
+    if on_rows is not None:
+        on_rows(len(ids))
     out: list[int] = []
     eos = getattr(tokenizer, "eos_token_id", None)
     for _ in range(max_tokens):
@@ -99,4 +101,6 @@ def greedy_answer(model, tokenizer, prompt: str, max_tokens: int = 32, stop: str
         if stop and stop in text:
             return text[: text.index(stop)]
         x = run_tokens(model, torch.tensor([nxt]), [state], [1])
+        if on_rows is not None:
+            on_rows(1)
     return tokenizer.decode(out)
