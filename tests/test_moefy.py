@@ -115,3 +115,29 @@ def test_moefy_cli_and_compare(tiny_gguf, tmp_path, capsys):
     assert moe["activated_params"] == moe["params"] - TINY.num_hidden_layers * 3 * TINY.hidden_size * TINY.intermediate_size // 2
     rep = res["routing_report"][str(out)]
     assert rep["uniform_entropy_bits"] == 2.0 and "prose" in rep["texts"]
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_expert_store_serves_a_moefied_model_exactly(tiny_gguf, tmp_path, policy):
+    """Experts streamed from the GGUF through a cache that holds a quarter of them: the same tokens and
+    logits as with every expert in memory, and the store counts its hits and misses."""
+    model, tok = load_gguf_model(tiny_gguf, "float32")
+    moefy(model, calibration(tok), 4, 2, router_hidden=0, steps=30)
+    path = save_gguf(model, tiny_gguf, tmp_path / "moe.gguf")
+    resident, _ = load_model(str(path), dtype="float32")
+    one_expert = 3 * (TINY.intermediate_size // 4) * TINY.hidden_size * 4
+    streamed, _ = load_model(str(path), dtype="float32", expert_memory=2.5 * one_expert / 2**30, expert_policy=policy)
+    store = streamed.expert_store
+    assert store.capacity == 2 and streamed.layers[0].ffn.gate.numel() == 0  # experts not in memory
+    ids = tok.encode("Experts come from the file when the cache misses.", special=False)
+    # the store's experts run gate and up as one matmul: the same values, summed in another order
+    assert torch.allclose(logits(streamed, ids), logits(resident, ids), atol=1e-5, rtol=1e-5)  # prefill
+    from moeflash.engine.forward import run_tokens
+
+    steps = {}
+    for name, m in (("resident", resident), ("streamed", streamed)):  # decode steps, one token each
+        st = m.new_seq_state()
+        steps[name] = torch.stack([m.logits(run_tokens(m, torch.tensor([t]), [st], [1]))[0] for t in ids])
+    assert torch.allclose(steps["streamed"], steps["resident"], atol=1e-5, rtol=1e-5)
+    st = store.stats()
+    assert st["misses"] > 0 and st["hits"] + st["misses"] > 0 and st["bytes_read"] >= st["misses"] * one_expert

@@ -103,6 +103,46 @@ class DiskExperts:
         self._ckpt.close()
 
 
+class GGUFExperts:
+    """The experts of a MoE-fied llama GGUF (`moeflash moefy`), read without mmap: expert j of layer i
+    is one contiguous slice of each of the layer's stacked `ffn_{gate,up,down}_exps` tensors."""
+
+    def __init__(self, path: str | Path, config, drop_page_cache: bool = True):
+        from ..weights.gguf import GGUFFile
+
+        f = GGUFFile(path)
+        self.config, self.drop_page_cache = config, drop_page_cache
+        self._fd = os.open(str(path), os.O_RDONLY)
+        e = config.moe_experts
+        self.spans: dict[tuple[int, int], dict[str, tuple[_Span, None, None]]] = {}
+        for i in range(config.num_hidden_layers):
+            for part, kind in (("w1", "gate"), ("w3", "up"), ("w2", "down")):
+                name = f"blk.{i}.ffn_{kind}_exps.weight"
+                if f.tensor_type(name) != "F32":
+                    raise ValueError(f"{name} is {f.tensor_type(name)}; the expert store reads F32 experts")
+                offset, nbytes = f.span(name)
+                shape = f.shape(name)[1:]
+                for j in range(e):
+                    span = _Span(self._fd, offset + j * nbytes // e, nbytes // e, torch.float32, shape)
+                    self.spans.setdefault((i, j), {})[part] = (span, None, None)
+        self.expert_disk_bytes = sum(s.nbytes for s, _, _ in self.spans[(0, 0)].values())
+
+    _read = DiskExperts._read
+    read = DiskExperts.read
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+@dataclass
+class StoreShape:
+    """What an expert store needs of a model's config (a MoE-fied llama's, in V4's names)."""
+
+    num_hidden_layers: int
+    n_routed_experts: int
+    swiglu_limit: float = 0.0
+
+
 class ResidentExpert:
     """A routed expert held by the store, callable like the model's SwiGLU. FP4 weights stay packed
     and the products run on the codes (kernels.fp4_linear)."""
@@ -227,7 +267,7 @@ class ExpertStore:
     # -- wiring -----------------------------------------------------------------------------------
     def attach(self, model) -> None:
         """Serve `model`'s routed experts from this store (its own expert weights are never read)."""
-        self._gates = [layer.ffn.gate for layer in model.layers]
+        self._gates = [getattr(layer.ffn, "predict", None) or layer.ffn.gate for layer in model.layers]
         for i, layer in enumerate(model.layers):
             if self.slab is not None:
                 layer.ffn.slots = (lambda idx, i=i: self.slots(i, idx))

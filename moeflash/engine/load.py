@@ -26,6 +26,8 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     if expert_memory is None:
         return build.load_model(spec, dtype, memory_limit, dequantize, progress)
     name = str(spec)
+    if name.endswith(".gguf"):
+        return _load_moefied_gguf(name, dtype, expert_memory, expert_policy, prefetch)
     if not Path(name).is_dir():
         raise ValueError(build.NEEDS_CHECKPOINT_DIR)
     if dequantize:
@@ -36,3 +38,21 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch)
     store.attach(model)
     return model, load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_id)
+
+
+def _load_moefied_gguf(path: str, dtype, expert_memory: float, policy: str, prefetch: bool):
+    """A MoE-fied llama GGUF (`moeflash moefy`) whose experts an expert store serves from the file."""
+    from ..weights.gguf import GGUFFile, llama_config, load_llama_gguf
+    from .experts import GGUFExperts, StoreShape
+
+    f = GGUFFile(path)
+    cfg = llama_config(f)
+    if not cfg.moe_experts:
+        raise ValueError(f"{path} is a dense model: --expert-memory needs routed experts (a V4 checkpoint "
+                         "directory, or a MoE-fied GGUF from `moeflash moefy`)")
+    torch_dtype = build.resolve_dtype(dtype, cfg)
+    model, tokenizer = load_llama_gguf(f, torch_dtype, packed=torch_dtype == torch.float32, skip_experts=True)
+    store = ExpertStore(GGUFExperts(path, cfg), StoreShape(cfg.num_hidden_layers, cfg.moe_experts),
+                        int(expert_memory * 2**30), policy, torch_dtype, prefetch)
+    store.attach(model)
+    return model.fuse_projections_(), tokenizer

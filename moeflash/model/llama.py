@@ -178,6 +178,16 @@ class MoefiedMLP(nn.Module):
         else:
             self.router = nn.Sequential(nn.Linear(dim, experts))
         self.on_route = None
+        self.provider = None  # optional (None, e) -> callable expert; an expert store serves them then
+
+    def predict(self, x: torch.Tensor, ids=None):
+        """(None, the experts x would use): what an expert store's prefetch asks of a layer's gate."""
+        return None, self.route(x)
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if self.provider is not None:
+            return self.provider(None, e)(x)
+        return (F.silu(x @ self.gate[e].T) * (x @ self.up[e].T)) @ self.down[e].T
 
     def fuse_projections_(self) -> None:
         pass
@@ -192,17 +202,14 @@ class MoefiedMLP(nn.Module):
         if self.on_route is not None:
             self.on_route(x, idx.reshape(-1), idx)
         out = torch.zeros_like(x)
-        if x.shape[0] == 1:  # a decode step: only the chosen experts' weights are read
+        if x.shape[0] == 1 and self.provider is None:  # a decode step: only the chosen experts are read
             for e in idx[0].tolist():
                 h = F.silu(self.gate[e] @ x[0]) * (self.up[e] @ x[0])
                 out[0] += self.down[e] @ h
             return out
-        for e in range(self.experts):
+        for e in idx.unique().tolist():
             rows = (idx == e).any(dim=-1).nonzero().squeeze(1)
-            if rows.numel():
-                xe = x[rows]
-                h = F.silu(xe @ self.gate[e].T) * (xe @ self.up[e].T)
-                out.index_add_(0, rows, h @ self.down[e].T)
+            out.index_add_(0, rows, self._expert(e, x[rows]).to(out.dtype))
         return out
 
 

@@ -97,6 +97,11 @@ class GGUFFile:
         """Torch order: slowest dimension first."""
         return tuple(int(d) for d in reversed(self._tensor(name).shape))
 
+    def span(self, name: str) -> tuple[int, int]:
+        """(absolute byte offset in the file, bytes) of a tensor's data."""
+        t = self._tensor(name)
+        return int(t.data_offset), int(t.n_bytes)
+
     def get(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Decode one tensor to `dtype` in torch order (exact for float types; quantized blocks are
         expanded as ggml defines them)."""
@@ -183,12 +188,14 @@ def llama_tensor_names(config: LlamaConfig) -> dict[str, str]:
     return names
 
 
-def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, packed: bool = False):
+def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, packed: bool = False,
+                    skip_experts: bool = False):
     """(Llama model, its GGUF tokenizer): every tensor decoded once into `dtype` (norms stay fp32).
 
     `packed`: matrices in Q4_0 / Q4_1 / Q8_0 stay in their blocks (kernels.linear.GgufLinear, fp32
     products on the exact values), the LM head included (a packed copy of a tied embedding; the
-    embedding itself is decoded for row lookups)."""
+    embedding itself is decoded for row lookups). `skip_experts` (a MoE-fied model): the experts are
+    not read (empty tensors), for an expert store to serve them from the file."""
     from ..kernels.linear import GgufLinear
     from ..kernels.reference import GGUF_TYPES
     from ..model.llama import Llama
@@ -202,6 +209,9 @@ def load_llama_gguf(path: str | Path | GGUFFile, dtype: torch.dtype = torch.floa
     linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     state, held = {}, {}
     for ours, theirs in llama_tensor_names(cfg).items():
+        if skip_experts and ours.endswith(("ffn.gate", "ffn.up", "ffn.down")):
+            held[ours] = torch.nn.Parameter(torch.empty(0, dtype=dtype), requires_grad=False)
+            continue
         want = tuple(expected[ours].shape)
         if f.shape(theirs) != want:
             raise GGUFError(f"{f.path.name}: tensor {theirs} has shape {f.shape(theirs)}, the config "
