@@ -83,6 +83,7 @@ def plot_compare(result: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     texts = list(result["texts"])
     fig, axes = plt.subplots(1, len(texts), figsize=(4.2 * len(texts), 3.6), squeeze=False)
@@ -95,7 +96,11 @@ def plot_compare(result: dict, path: str) -> None:
             ax.scatter([x], [y], marker="o" if m["architecture"] == "dense" else "s")
             ax.annotate(m["model"].rstrip("/").split("/")[-1], (x, y), textcoords="offset points", xytext=(4, 4),
                         fontsize=8)
-        ax.set_xscale("log")
+        xs = [m["usd_per_million"]["output"] for m in result["models"] if m["usd_per_million"]["output"]]
+        if xs and max(xs) / min(xs) > 20:  # orders of magnitude apart: a log axis
+            ax.set_xscale("log")
+        ax.margins(x=0.3, y=0.15)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"${v:,.2f}"))
         ax.set_xlabel("$ per million output tokens (measured speed)")
         ax.set_ylabel(f"bits per byte on {t} (lower is better)")
         ax.grid(True, alpha=0.3)
