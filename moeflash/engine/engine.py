@@ -79,6 +79,8 @@ class LLMEngine:
         detok = (IncrementalDetokenizer(self.tokenizer, params.stop or [], params.skip_special_tokens)
                  if self.tokenizer is not None else None)
         seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
+        if params.constraint is not None:
+            seq.constraint = params.constraint.new()
         if len(prompt) > 1:  # the same prompt already queued: prefill it once (n > 1 choices)
             leader = next((w for w in self.scheduler.waiting if w.leader is None and w.prompt == prompt), None)
             if leader is not None:
@@ -296,7 +298,15 @@ class LLMEngine:
         return [self._fail(seq, error) for seq in list(self.scheduler.running)]
 
     def _sample(self, logits: torch.Tensor, samplers: list[Sequence]) -> list[RequestOutput]:
-        """Sample and append a token for each sequence; one that fails fails alone."""
+        """Sample and append a token for each sequence; one that fails fails alone. A sequence with a
+        constraint (structured output) samples from its row with the forbidden tokens masked out."""
+        for i, seq in enumerate(samplers):
+            if seq.constraint is not None:
+                try:
+                    seq.constraint.mask_(logits[i])
+                except Exception as e:
+                    log.error("the output constraint failed for request %s", seq.request_id, exc_info=e)
+                    logits[i] = float("nan")  # sampling this row fails: the request fails alone
         try:
             results = sample(logits, [s.params for s in samplers], [s.generator for s in samplers],
                              [s.prompt for s in samplers], [s.output for s in samplers])
@@ -356,6 +366,8 @@ class LLMEngine:
             seq.logprobs.extend(lp)
         p = seq.params
         reason, stop_reason, new_text = None, None, ""
+        if seq.constraint is not None:
+            seq.constraint.accept(tok)
         is_eos = tok == self.config.eos_token_id and not p.ignore_eos
         if is_eos or (p.stop_token_ids and tok in p.stop_token_ids):
             reason, stop_reason = "stop", tok
@@ -364,11 +376,15 @@ class LLMEngine:
                 new_text = seq.detok.push(tok)
                 if seq.detok.stopped:
                     reason, stop_reason = "stop", seq.detok.stop_reason
+            if reason is None and seq.constraint is not None and seq.constraint.finished:
+                reason = "stop"  # the grammar admits nothing more
             if reason is None and len(seq.output) >= p.max_tokens:
                 reason = "length"
             if reason is not None and not seq.detok.stopped:
                 new_text += seq.detok.flush()
             seq.text += new_text
+        elif reason is None and seq.constraint is not None and seq.constraint.finished:
+            reason = "stop"
         elif reason is None and len(seq.output) >= p.max_tokens:
             reason = "length"
         if reason is not None:

@@ -67,6 +67,9 @@ class SamplingParams:
     logprobs: int | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True  # False: special tokens (e.g. V4's </think>) appear in the text
+    # structured output: a factory whose new() gives each sequence a constraint with mask_(logits_row)
+    # and accept(token) (moeflash.structured.Grammar); the engine knows nothing else of it
+    constraint: object | None = None
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)

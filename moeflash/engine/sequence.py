@@ -73,6 +73,7 @@ class Sequence:
     # (tokens, copy of the state) at the last block boundary of the reply, for a state that cannot be
     # rewound: left in the prefix cache when the sequence finishes (`LLMEngine._leave_state`)
     cache_tail: tuple | None = None
+    constraint: object | None = None  # structured output: masks each step's logits, follows each token
 
     @property
     def consumed(self) -> int:

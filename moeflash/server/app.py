@@ -23,6 +23,7 @@ import json
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -76,7 +77,9 @@ class ServerConfig:
 log = logging.getLogger("moeflash.server")
 
 
-def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastAPI:
+def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars=None) -> FastAPI:
+    """`grammars`: something with `compile(kind, spec)` for structured output (default: a
+    `moeflash.structured.GrammarCompiler` over the tokenizer, made on the first request that asks)."""
     app = FastAPI(title="moeflash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.openapi = lambda: _openapi(app, config, engine.engine.config.vocab_size)
     limits = {**config.limits(), "max_waiting_sequences": engine.limits.max_waiting,
@@ -160,13 +163,15 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                     for p in req.prompt]
 
         try:
+            loop = asyncio.get_running_loop()
             try:
-                prompts = await asyncio.get_running_loop().run_in_executor(text_pool, encode)
+                prompts = await loop.run_in_executor(text_pool, encode)
             except ValueError as e:
                 raise APIError(400, str(e), param="prompt") from None
             for p in prompts:
                 _check_ids(p, tokenizer, engine)
-            return await _run(request, "text_completion", req, prompts, None, lease)
+            grammar = await loop.run_in_executor(text_pool, _grammar, req)
+            return await _run(request, "text_completion", req, prompts, None, lease, grammar=grammar)
         except BaseException:
             lease.close()
             raise
@@ -188,16 +193,53 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
 
         starts: list[int] = []  # where each message's content starts: the last one is a cache hint
         try:
+            loop = asyncio.get_running_loop()
             try:
-                ids = await asyncio.get_running_loop().run_in_executor(text_pool, encode)
+                ids = await loop.run_in_executor(text_pool, encode)
             except ChatError as e:
                 raise APIError(400, e.message, param=e.param) from None
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
-            return await _run(request, "chat.completion", req, [ids], bool(thinking), lease, starts[-1:])
+            grammar = await loop.run_in_executor(text_pool, _grammar, req)
+            return await _run(request, "chat.completion", req, [ids], bool(thinking), lease, starts[-1:],
+                              grammar=grammar)
         except BaseException:
             lease.close()
             raise
+
+    # -- structured output ------------------------------------------------------------------------
+    compiled: OrderedDict = OrderedDict()  # (kind, spec as JSON) -> grammar, the most recent 64
+    holder = {"grammars": grammars}
+
+    def _grammar(req):
+        """The compiled grammar a request asks for (response_format / guided_*), or None. Runs on
+        the text pool (compiling reads the schema); a schema that cannot be enforced is a 400."""
+        asked = req.grammar()
+        if asked is None:
+            return None
+        kind, spec, param = asked
+        if tokenizer is None:
+            raise APIError(400, "structured output needs a tokenizer; this model has none", param=param)
+        if holder["grammars"] is None:
+            try:
+                from ..structured import GrammarCompiler
+
+                holder["grammars"] = GrammarCompiler(tokenizer, engine.engine.config.vocab_size,
+                                                     engine.engine.config.eos_token_id)
+            except ValueError as e:  # llguidance missing
+                raise APIError(400, str(e), param=param) from None
+        key = (kind, json.dumps(spec, sort_keys=True))
+        if key in compiled:
+            compiled.move_to_end(key)
+            return compiled[key]
+        try:
+            g = holder["grammars"].compile(kind, spec)
+        except ValueError as e:
+            raise APIError(400, f"{param}: {e}", param=param) from None
+        compiled[key] = g
+        if len(compiled) > 64:
+            compiled.popitem(last=False)
+        return g
 
     # -- generation -------------------------------------------------------------------------------
     def _admit(sequences: int) -> "_Lease":
@@ -211,7 +253,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
         return _Lease(engine, sequences)
 
     async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None,
-                   lease: "_Lease", cache_hints: list[int] = ()):
+                   lease: "_Lease", cache_hints: list[int] = (), grammar=None):
         chat = kind == "chat.completion"
         total = sum(len(p) for p in prompts)
         if total > config.max_prompt_tokens:
@@ -244,7 +286,8 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig) -> FastA
                     top_k=req.top_k, min_p=req.min_p, seed=None if req.seed is None else req.seed + i,
                     stop=req.stop, stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                    logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not thinking))
+                    logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not thinking,
+                    constraint=grammar))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
         for i, sp in enumerate(params[::req.n]):  # state memory and other engine checks, per prompt

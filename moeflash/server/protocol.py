@@ -8,6 +8,7 @@ silently ignored. Unknown extra fields are ignored, as vLLM does, so newer clien
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -63,6 +64,45 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     logit_bias: dict[str, float] | None = None
+    # vLLM's guided decoding (structured output); at most one, and not with response_format
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+
+    def grammar(self) -> tuple[str, Any, str] | None:
+        """(kind, spec, param) of the structured output asked for, or None; APIError for a bad one."""
+        asked = []
+        rf = getattr(self, "response_format", None)
+        if rf:
+            kind = rf.get("type", "text")
+            if kind == "json_object":
+                asked.append(("json_object", None, "response_format"))
+            elif kind == "json_schema":
+                js = rf.get("json_schema")
+                if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
+                    raise APIError(400, "response_format.json_schema must be an object with a 'schema' object",
+                                   param="response_format.json_schema")
+                asked.append(("json_schema", js.get("schema", {}), "response_format.json_schema"))
+            elif kind != "text":
+                raise APIError(400, f"response_format type {kind!r} is not supported; choose text, json_object "
+                               "or json_schema", param="response_format.type")
+        if self.guided_json is not None:
+            spec = self.guided_json
+            if isinstance(spec, str):
+                try:
+                    spec = json.loads(spec)
+                except json.JSONDecodeError as e:
+                    raise APIError(400, f"guided_json is not valid JSON ({e.msg})", param="guided_json") from None
+            if not isinstance(spec, dict):
+                raise APIError(400, "guided_json must be a JSON schema object", param="guided_json")
+            asked.append(("json_schema", spec, "guided_json"))
+        if self.guided_regex is not None:
+            asked.append(("regex", self.guided_regex, "guided_regex"))
+        if self.guided_choice is not None:
+            asked.append(("choice", self.guided_choice, "guided_choice"))
+        if len(asked) > 1:
+            raise APIError(400, f"give one of {', '.join(a[2] for a in asked)}, not several", param=asked[1][2])
+        return asked[0] if asked else None
 
     @field_validator("stop")
     @classmethod
@@ -136,12 +176,6 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("tools / function calling are not supported by moeflash")
         return v
 
-    @field_validator("response_format")
-    @classmethod
-    def _response_format(cls, v):
-        if v and v.get("type", "text") != "text":
-            raise ValueError(f"response_format {v.get('type')!r} is not supported; only 'text'")
-        return v
 
 
 def parse(model: type[BaseModel], body: Any) -> BaseModel:
