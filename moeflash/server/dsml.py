@@ -1,0 +1,189 @@
+"""DeepSeek's DSML: how V4 is shown tools, writes tool calls and reads their results (V4-SPEC §7).
+
+- **Tools** are described in the system message: `render_tools(tools)` is the "## Tools" section
+  appended after the system text (two newlines between), listing each function's schema as JSON, one
+  per line.
+- **Calls** are a block the model writes after its content:
+
+      <｜DSML｜tool_calls>
+      <｜DSML｜invoke name="get_weather">
+      <｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>
+      <｜DSML｜parameter name="days" string="false">3</｜DSML｜parameter>
+      </｜DSML｜invoke>
+      </｜DSML｜tool_calls>
+
+  A string argument is written as is (`string="true"`); any other value as JSON (`string="false"`).
+  `render_calls` writes a past assistant turn's calls this way; `parse_calls` and the incremental
+  `ToolCallParser` read them back out of generated text.
+- **Results** come back inside a user turn, each as `<tool_result>...</tool_result>`, several joined
+  with a blank line (`render_results`).
+
+This module is text only (no tokens, no tensors). The layout follows DeepSeek's published encoder as
+far as the spec and public ports of `encoding_dsv4.py` show it; the tool-section wording is theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+DSML = "｜DSML｜"
+CALLS_OPEN, CALLS_CLOSE = f"<{DSML}tool_calls>", f"</{DSML}tool_calls>"
+INVOKE_CLOSE, PARAM_CLOSE = f"</{DSML}invoke>", f"</{DSML}parameter>"
+
+TOOLS_SECTION = """## Tools
+
+You have access to a set of tools to help answer the user's question. You can invoke tools by writing a "<{dsml}tool_calls>" block like the following:
+
+<{dsml}tool_calls>
+<{dsml}invoke name="$TOOL_NAME">
+<{dsml}parameter name="$PARAMETER_NAME" string="true|false">$PARAMETER_VALUE</{dsml}parameter>
+...
+</{dsml}invoke>
+<{dsml}invoke name="$TOOL_NAME2">
+...
+</{dsml}invoke>
+</{dsml}tool_calls>
+
+String parameters should be specified as is and set `string="true"`. For all other types (numbers, booleans, arrays, objects), pass the value in JSON format and set `string="false"`.
+
+If thinking_mode is enabled (triggered by <think>), you MUST output your complete reasoning inside <think>...</think> BEFORE any tool calls or final response.
+
+Otherwise, output directly after </think> with tool calls or final response.
+
+### Available Tool Schemas
+
+{schemas}
+
+You MUST strictly follow the above defined tool name and parameter schemas to invoke tool calls.
+"""
+
+_INVOKE = re.compile(rf'<{DSML}invoke\s+name="([^"]*)"\s*>(.*?){re.escape(INVOKE_CLOSE)}', re.S)
+_PARAM = re.compile(rf'<{DSML}parameter\s+name="([^"]*)"(?:\s+string="(true|false)")?\s*>(.*?){re.escape(PARAM_CLOSE)}',
+                    re.S)
+
+
+class DSMLError(ValueError):
+    pass
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict  # decoded values
+
+    def arguments_json(self) -> str:
+        return json.dumps(self.arguments, ensure_ascii=False)
+
+
+def _json(value) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def render_tools(functions: list[dict]) -> str:
+    """The tools section for OpenAI `function` objects ({"name", "description", "parameters"})."""
+    return TOOLS_SECTION.replace("{dsml}", DSML).replace("{schemas}", "\n".join(_json(f) for f in functions))
+
+
+def render_calls(calls: list[ToolCall]) -> str:
+    """A past assistant turn's calls, as written after its content (two newlines before the block)."""
+    invokes = []
+    for c in calls:
+        params = []
+        for key, value in c.arguments.items():
+            is_str = isinstance(value, str)
+            params.append(f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
+                          f'{value if is_str else _json(value)}{PARAM_CLOSE}')
+        invokes.append(f'<{DSML}invoke name="{c.name}">\n' + "\n".join(params) + f"\n{INVOKE_CLOSE}")
+    return f"\n\n{CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{CALLS_CLOSE}"
+
+
+def render_results(results: list[str]) -> str:
+    return "\n\n".join(f"<tool_result>{r}</tool_result>" for r in results)
+
+
+def _value(raw: str, is_string: str | None):
+    if is_string == "true":
+        return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        if is_string is None:  # no attribute: text as it is
+            return raw
+        raise DSMLError(f"a string=\"false\" parameter is not JSON: {raw[:80]!r}") from None
+
+
+def parse_calls(block: str) -> list[ToolCall]:
+    """The calls inside a tool_calls block's body (between its open and close markers)."""
+    calls = []
+    for name, body in _INVOKE.findall(block):
+        if not name:
+            raise DSMLError("an invoke without a name")
+        args = {}
+        for key, is_string, raw in _PARAM.findall(body):
+            args[key] = _value(raw, is_string or None)
+        calls.append(ToolCall(name, args))
+    return calls
+
+
+def split_output(text: str) -> tuple[str, list[ToolCall]]:
+    """(content before the block, the calls) of a finished generation; ([text], []) without a block.
+    A block that is opened but never closed is read as far as its complete invokes go."""
+    at = text.find(CALLS_OPEN)
+    if at < 0:
+        return text, []
+    end = text.find(CALLS_CLOSE, at)
+    body = text[at + len(CALLS_OPEN): end if end >= 0 else len(text)]
+    return text[:at].rstrip("\n"), parse_calls(body)
+
+
+class ToolCallParser:
+    """Splits streamed text into content and tool calls, delta by delta. Text that may be the start of
+    the block marker (split over deltas, even mid-character of a marker) is held back until it is
+    known; once the block opens, nothing more is content, and each call is returned when its invoke
+    closes."""
+
+    def __init__(self):
+        self._held = ""
+        self.in_block = False
+        self._body = ""
+        self._seen = 0  # invokes already returned
+        self.calls: list[ToolCall] = []
+
+    def push(self, delta: str) -> tuple[str, list[ToolCall]]:
+        """(content delta, calls completed by this delta)."""
+        if self.in_block:
+            return "", self._advance(delta)
+        text = self._held + delta
+        at = text.find(CALLS_OPEN)
+        if at < 0:
+            cut = len(text) - _partial_suffix(text, CALLS_OPEN)
+            while cut > 0 and text[cut - 1] == "\n":  # newlines may be the block's separator
+                cut -= 1
+            self._held = text[cut:]
+            return text[:cut], []
+        self.in_block, self._held = True, ""
+        return text[:at].rstrip("\n"), self._advance(text[at + len(CALLS_OPEN):])
+
+    def _advance(self, delta: str) -> list[ToolCall]:
+        self._body += delta
+        new = []
+        for m in list(_INVOKE.finditer(self._body))[self._seen:]:
+            new += parse_calls(m.group(0))
+            self._seen += 1
+        self.calls += new
+        return new
+
+    def flush(self) -> str:
+        """At the end of generation: held text that turned out not to be a marker."""
+        held, self._held = self._held, ""
+        return "" if self.in_block else held
+
+
+def _partial_suffix(text: str, marker: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of marker."""
+    for n in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-n:]):
+            return n
+    return 0
