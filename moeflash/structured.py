@@ -24,7 +24,7 @@ import json
 
 import torch
 
-KINDS = ("json_object", "json_schema", "regex", "choice")
+KINDS = ("json_object", "json_schema", "regex", "choice", "lark")
 _BITS = torch.arange(32, dtype=torch.int32)
 
 
@@ -90,6 +90,8 @@ class GrammarCompiler:
             if not isinstance(spec, str) or not spec:
                 raise GrammarError("a regular expression must be a non-empty string")
             grammar = M.grammar_from_regex(spec)
+        elif kind == "lark":  # a grammar the server wrote (tool calls), in llguidance's Lark dialect
+            grammar = M.grammar_from_lark(spec)
         elif kind == "choice":
             if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c for c in spec):
                 raise GrammarError("choices must be a non-empty list of non-empty strings")

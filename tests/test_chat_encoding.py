@@ -72,8 +72,12 @@ def v4(byte_tok):
     ([{"role": "user", "content": [{"type": "text", "text": 3}]}], "messages[0].content[0].text"),
     ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
     ([user("hi"), {"role": "assistant", "content": None,
-                   "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}],
-     "messages[1].tool_calls"),
+                   "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{x"}}]}],
+     "messages[1].tool_calls[0].function.arguments"),
+    ([user("hi"), {"role": "assistant", "content": None, "tool_calls": [{"id": "c", "type": "function"}]}],
+     "messages[1].tool_calls[0].function"),
+    ([user("hi"), {"role": "assistant", "content": None, "function_call": {"name": "f"}}],
+     "messages[1].function_call"),
     ([user("hi"), {"role": "assistant", "content": "x", "reasoning_content": 1}], "messages[1].reasoning_content"),
 ])
 def test_normalize_errors(messages, param):
@@ -94,15 +98,19 @@ def test_normalize_messages_content():
         {"role": "tool", "content": "t", "tool_call_id": "c1"},
     ])
     assert got == [system("Be brief."), user("a\nb"), assistant("c", "r"), user(""), assistant("d"),
-                   {"role": "tool", "content": "t"}]
+                   {"role": "tool", "content": "t", "tool_call_id": "c1"}]
     assert normalize_messages(got) == got  # idempotent
 
 
 def test_error_message_names_the_part_type():
     with pytest.raises(ChatError, match="image_url"):
         normalize_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}])
-    with pytest.raises(ChatError, match="tools are not supported"):
+    with pytest.raises(ChatError, match="must be"):
         normalize_messages([{"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}])
+    got = normalize_messages([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}])
+    assert got == [{"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "f", "arguments": {"a": 1}}]}]
+    assert normalize_messages(got) == got
 
 
 # ---- DeepSeek-V4 (V4-SPEC section 7) ----

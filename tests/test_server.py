@@ -224,7 +224,10 @@ MSG = [{"role": "user", "content": "hi"}]
     ({"model": MODEL, "messages": MSG, "frequency_penalty": -2.5}, "frequency_penalty", []),
     ({"model": MODEL, "messages": MSG, "stream": "yes"}, "stream", []),
     ({"model": MODEL, "messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, "stop", ["at most 4"]),
-    ({"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]}, "tools", ["not supported"]),
+    ({"model": MODEL, "messages": MSG, "tools": [{"type": "function"}]}, "tools[0]", ["must be"]),
+    ({"model": MODEL, "messages": MSG, "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice", ["not among the tools"]),
+    ({"model": MODEL, "messages": MSG, "tool_choice": "required"}, "tool_choice", ["no tools"]),
     ({"model": MODEL, "messages": MSG, "max_tokens": 100000}, "messages", ["maximum context length"]),
     ({"model": 5, "messages": MSG}, "model", []),
 ])

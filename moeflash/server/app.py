@@ -35,7 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine.async_engine import AsyncLLMEngine, EngineDeadError, Overloaded
 from ..engine.sampler import SamplingParams
-from .chat import ChatError, make_chat_encoder, normalize_messages
+from .chat import ChatError, ReplyParser, make_chat_encoder, normalize_messages
 from .metrics import CONTENT_TYPE, Metrics
 from .protocol import MAX_N, APIError, ChatCompletionRequest, CompletionRequest, parse
 
@@ -182,13 +182,15 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         _check_model(req.model, config)
         thinking = None if req.thinking is None else req.thinking.type == "enabled"
         _check_shape(req.n, config)
+        functions, tool_choice = req.functions()
         lease = _admit(req.n)
 
         def encode():
             messages = normalize_messages(req.messages)
             if thinking and not encoder.supports_thinking:
                 raise ChatError("this model has no thinking mode", "thinking")
-            ids = encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens, starts)
+            ids = encoder.encode_ids(tokenizer, messages, thinking, config.trust_special_tokens, starts,
+                                     tools=functions)
             return ids
 
         starts: list[int] = []  # where each message's content starts: the last one is a cache hint
@@ -200,9 +202,20 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                 raise APIError(400, e.message, param=e.param) from None
             except ValueError as e:
                 raise APIError(400, str(e), param="messages") from None
-            grammar = await loop.run_in_executor(text_pool, _grammar, req)
+            if functions and tool_choice not in ("auto", "none"):  # required, or one named: a call is forced
+                if req.grammar() is not None:
+                    raise APIError(400, "tool_choice that forces a call cannot be combined with response_format or "
+                                   "guided_* output", param="tool_choice")
+                from .dsml import call_grammar
+
+                called = functions if tool_choice == "required" else [f for f in functions if f["name"] == tool_choice]
+                dsml_id = (getattr(tokenizer, "special_tokens", None) or {}).get("｜DSML｜")
+                grammar = await loop.run_in_executor(text_pool, _compile, "lark",
+                                                     call_grammar(called, req.parallel_tool_calls, dsml_id), "tool_choice")
+            else:
+                grammar = await loop.run_in_executor(text_pool, _grammar, req)
             return await _run(request, "chat.completion", req, [ids], bool(thinking), lease, starts[-1:],
-                              grammar=grammar)
+                              grammar=grammar, tools=bool(functions))
         except BaseException:
             lease.close()
             raise
@@ -217,7 +230,9 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         asked = req.grammar()
         if asked is None:
             return None
-        kind, spec, param = asked
+        return _compile(*asked)
+
+    def _compile(kind, spec, param):
         if tokenizer is None:
             raise APIError(400, "structured output needs a tokenizer; this model has none", param=param)
         if holder["grammars"] is None:
@@ -253,7 +268,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         return _Lease(engine, sequences)
 
     async def _run(request: Request, kind: str, req, prompts: list[list[int]], thinking: bool | None,
-                   lease: "_Lease", cache_hints: list[int] = (), grammar=None):
+                   lease: "_Lease", cache_hints: list[int] = (), grammar=None, tools: bool = False):
         chat = kind == "chat.completion"
         total = sum(len(p) for p in prompts)
         if total > config.max_prompt_tokens:
@@ -286,7 +301,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                     top_k=req.top_k, min_p=req.min_p, seed=None if req.seed is None else req.seed + i,
                     stop=req.stop, stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
-                    logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not thinking,
+                    logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not (thinking or tools),
                     constraint=grammar))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
@@ -298,7 +313,9 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
-        parsers = {i: encoder.reasoning_parser(bool(thinking)) for i, _, _ in jobs} if chat else {}
+        parallel = getattr(req, "parallel_tool_calls", True)
+        parsers = {i: ReplyParser(encoder.reasoning_parser(bool(thinking)), tools, parallel)
+                   for i, _, _ in jobs} if chat else {}
         head = {"id": rid, "object": kind + (".chunk" if chat and req.stream else ""), "created": created,
                 "model": config.served_model_name}
         if req.stream:
@@ -334,7 +351,7 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         if any(c["finish_reason"] is None for c in choices.values()):  # the client left: nobody reads this
             return Response(status_code=499)
         body = dict(head)
-        body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer) for i, c in choices.items()]
+        body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer, rid) for i, c in choices.items()]
         body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config,
                                {i: c["cached"] for i, c in choices.items()})
         return body
@@ -415,14 +432,20 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                     if i not in first:
                         first.add(i)
                         delta["role"] = "assistant"
-                    reasoning, content = parsers[i].push(out.new_text)
+                    parser = parsers[i]
+                    before = len(parser.calls)
+                    reasoning, content, calls = parser.push(out.new_text)
                     if out.finished:
-                        r2, c2 = parsers[i].flush()
-                        reasoning, content = reasoning + r2, content + c2
+                        r2, c2, k2 = parser.flush()
+                        reasoning, content, calls = reasoning + r2, content + c2, calls + k2
                     if reasoning:
                         delta["reasoning_content"] = reasoning
                     if content or "role" in delta:
                         delta["content"] = content
+                    if calls:
+                        delta["tool_calls"] = [_tool_call(c, before + j, head["id"], i) for j, c in enumerate(calls)]
+                    if finish == "stop" and parser.calls:
+                        finish = "tool_calls"
                     if not delta and finish is None and lp is None:
                         continue
                     choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
@@ -651,13 +674,26 @@ def _logprobs(lps, chat: bool, tokenizer):
             "top_logprobs": tops, "text_offset": offsets}
 
 
-def _final_choice(i: int, c: dict, chat: bool, parser, n_lp, tokenizer) -> dict:
+def _final_choice(i: int, c: dict, chat: bool, parser, n_lp, tokenizer, rid: str = "") -> dict:
     lp = _logprobs(c["logprobs"], chat, tokenizer) if n_lp is not None else None
     if not chat:
         return {"index": i, "text": c["text"], "logprobs": lp, "finish_reason": c["finish_reason"]}
-    reasoning, content = parser.push(c["text"])
-    r2, c2 = parser.flush()
+    reasoning, content, _ = parser.push(c["text"])
+    r2, c2, _ = parser.flush()
+    finish = c["finish_reason"]
     message = {"role": "assistant", "content": content + c2}
     if reasoning + r2:
         message["reasoning_content"] = reasoning + r2
-    return {"index": i, "message": message, "logprobs": lp, "finish_reason": c["finish_reason"]}
+    if parser.calls:
+        message["tool_calls"] = [_tool_call(call, j, rid, i, stream=False) for j, call in enumerate(parser.calls)]
+        message["content"] = message["content"] or None
+        if finish == "stop":
+            finish = "tool_calls"
+    return {"index": i, "message": message, "logprobs": lp, "finish_reason": finish}
+
+
+def _tool_call(call, j: int, rid: str, choice: int, stream: bool = True) -> dict:
+    """An OpenAI tool call (a delta's, with its index, when streamed); ids are unique per response."""
+    body = {"id": f"call_{rid[-12:]}_{choice}_{j}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments_json()}}
+    return {"index": j, **body} if stream else body

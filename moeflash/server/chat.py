@@ -12,6 +12,7 @@ This module knows nothing of tensors (no torch); the server encodes the prompt t
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -56,7 +57,9 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
       does); other part types (image_url, input_audio, ...) are refused: the models here read text only;
     - `name` is accepted and ignored; an assistant message keeps DeepSeek's `reasoning_content` (a string)
       under that key;
-    - tool calls are refused (`tools are not supported`), so content is required in every message.
+    - an assistant message may carry OpenAI `tool_calls` (then its content may be null): kept as
+      `tool_calls`, a list of {"id", "name", "arguments"} with the arguments decoded (a JSON object);
+      a `tool` message keeps its `tool_call_id`; the legacy `function_call` is refused.
 
     Idempotent: normalizing its own output changes nothing. Raises `ChatError` naming the field.
     """
@@ -75,14 +78,21 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
         if not isinstance(role, str) or role not in ROLES:
             raise ChatError(f"{where}.role {role!r} is not a known role; use one of {', '.join(ROLES)}",
                             f"{where}.role")
-        for key in ("tool_calls", "function_call"):
-            if m.get(key):  # null or [] (some clients send them) mean "none"
-                raise ChatError(f"{where}.{key}: tools are not supported by this server", f"{where}.{key}")
+        if m.get("function_call"):  # null (some clients send it) means "none"
+            raise ChatError(f"{where}.function_call: the legacy function_call is not supported; use tool_calls",
+                            f"{where}.function_call")
+        calls = _tool_calls(m.get("tool_calls"), where) if role == "assistant" else None
         content = _content(m.get("content"), where)
+        if content is None and calls:
+            content = ""
         if content is None:
             raise ChatError(f"{where} has no content; give a string or a list of text parts",
                             f"{where}.content")
         msg = {"role": "system" if role == "developer" else role, "content": content}
+        if calls:
+            msg["tool_calls"] = calls
+        if role == "tool" and isinstance(m.get("tool_call_id"), str):
+            msg["tool_call_id"] = m["tool_call_id"]
         reasoning = m.get("reasoning_content")
         if role == "assistant" and reasoning is not None:
             if not isinstance(reasoning, str):
@@ -90,6 +100,35 @@ def normalize_messages(messages: Any) -> list[dict[str, str]]:
                                 f"{where}.reasoning_content")
             msg["reasoning_content"] = reasoning
         out.append(msg)
+    return out
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict] | None:
+    """An assistant message's OpenAI tool_calls as [{"id", "name", "arguments": dict}] (None if none);
+    already normalised ones pass through."""
+    if not calls:
+        return None
+    if not isinstance(calls, list):
+        raise ChatError(f"{where}.tool_calls must be a list, got {_kind(calls)}", f"{where}.tool_calls")
+    out = []
+    for j, c in enumerate(calls):
+        cw = f"{where}.tool_calls[{j}]"
+        if isinstance(c, dict) and "name" in c and isinstance(c.get("arguments"), dict):  # normalised
+            out.append({"id": c.get("id", ""), "name": c["name"], "arguments": c["arguments"]})
+            continue
+        fn = c.get("function") if isinstance(c, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatError(f'{cw} must be {{"id", "type": "function", "function": {{"name", "arguments"}}}}',
+                            f"{cw}.function")
+        raw = fn.get("arguments", "{}")
+        try:
+            args = json.loads(raw) if isinstance(raw, str) else raw
+        except json.JSONDecodeError as e:
+            raise ChatError(f"{cw}.function.arguments is not JSON ({e.msg})", f"{cw}.function.arguments") from None
+        if not isinstance(args, dict):
+            raise ChatError(f"{cw}.function.arguments must be a JSON object", f"{cw}.function.arguments")
+        out.append({"id": c.get("id", "") if isinstance(c.get("id", ""), str) else "", "name": fn["name"],
+                    "arguments": args})
     return out
 
 
@@ -189,6 +228,39 @@ class ReasoningParser:
         return 0
 
 
+class ReplyParser:
+    """A chat reply, delta by delta: reasoning (`ReasoningParser`), then content, from which tool calls
+    are split out (`dsml.ToolCallParser`) when the request offered tools. `push` and `flush` give
+    (reasoning, content, calls completed); with `parallel` False only the first call is kept."""
+
+    def __init__(self, reasoning: ReasoningParser, tools: bool = False, parallel: bool = True):
+        from .dsml import ToolCallParser
+
+        self.reasoning = reasoning
+        self.tools = ToolCallParser() if tools else None
+        self.parallel = parallel
+        self.calls: list = []
+
+    def _split(self, reasoning: str, content: str, final: bool) -> tuple[str, str, list]:
+        if self.tools is None:
+            return reasoning, content, []
+        content, new = self.tools.push(content)
+        if final:
+            content += self.tools.flush()
+        if not self.parallel:
+            new = new[: max(0, 1 - len(self.calls))]
+        self.calls += new
+        return reasoning, content, new
+
+    def push(self, text: str, token_ids=None) -> tuple[str, str, list]:
+        r, c = self.reasoning.push(text) if token_ids is None else self.reasoning.push_token(token_ids, text)
+        return self._split(r, c, False)
+
+    def flush(self) -> tuple[str, str, list]:
+        r, c = self.reasoning.flush()
+        return self._split(r, c, True)
+
+
 # -- encoders ---------------------------------------------------------------------------------------
 
 class ChatEncoder:
@@ -201,19 +273,24 @@ class ChatEncoder:
 
     supports_thinking: bool = False
 
-    def encode(self, messages: list[dict], thinking: bool | None = None) -> str:
-        return "".join(text for text, _ in self.encode_parts(messages, thinking))
+    supports_tools: bool = False
 
-    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
+    def encode(self, messages: list[dict], thinking: bool | None = None, tools: list[dict] | None = None) -> str:
+        return "".join(text for text, _ in self.encode_parts(messages, thinking, tools))
+
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None,
+                     tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         raise NotImplementedError
 
     def encode_ids(self, tokenizer: Any, messages: list[dict], thinking: bool | None = None,
-                   trust_content: bool = False, content_starts: list[int] | None = None) -> list[int]:
+                   trust_content: bool = False, content_starts: list[int] | None = None,
+                   tools: list[dict] | None = None) -> list[int]:
         """Token ids of the prompt: markup with special tokens parsed, content as text (parsed too when
         `trust_content`, for a trusted local caller). `content_starts`, when given, receives the
-        position where each message content starts (the server saves the prefix cache there)."""
+        position where each message content starts (the server saves the prefix cache there).
+        `tools`: OpenAI function objects the model may call (encodings with `supports_tools`)."""
         ids: list[int] = []
-        for text, markup in self.encode_parts(messages, thinking):
+        for text, markup in self.encode_parts(messages, thinking, tools):
             if not markup and content_starts is not None:
                 content_starts.append(len(ids))
             if text:
@@ -227,6 +304,17 @@ class ChatEncoder:
     def _check_thinking(self, thinking: bool | None) -> None:
         if thinking and not self.supports_thinking:
             raise ChatError("this model has no thinking mode", "thinking")
+
+    def _check_tools(self, msgs: list[dict], tools) -> None:
+        if self.supports_tools:
+            return
+        if tools:
+            raise ChatError("this model's chat encoding has no tool support (tools work with DeepSeek-V4 "
+                            "models, through DSML)", "tools")
+        for i, m in enumerate(msgs):
+            if m.get("tool_calls"):
+                raise ChatError(f"messages[{i}].tool_calls: this model's chat encoding has no tool support",
+                                f"messages[{i}].tool_calls")
 
 
 class DeepSeekV4Encoder(ChatEncoder):
@@ -248,36 +336,59 @@ class DeepSeekV4Encoder(ChatEncoder):
       renders reasoning; thinking mode drops it before the last user turn), so an earlier exchange reads
       `<｜User｜>{user}<｜Assistant｜></think>{content}<｜end▁of▁sentence｜>` in both modes.
 
-    Limits of this server: the last message must be a user message (no assistant prefill), tool messages
-    and tool calls are refused, and `developer` messages arrive as system messages (`normalize_messages`,
-    OpenAI's meaning; DeepSeek's own encoder would render them as `<｜User｜>` turns).
+    Tools (DSML, `dsml.py`): the tools section follows the first system message after a blank line (or
+    stands alone after BOS when there is none); a past assistant turn's tool calls follow its content
+    (`render_calls`); tool results are the user's turn, each `<tool_result>{content}</tool_result>`,
+    consecutive ones and a following user message joined with "\n\n" (DeepSeek's `merge_tool_messages`).
+
+    Limits of this server: the last message must be a user message or a tool result (no assistant
+    prefill), and `developer` messages arrive as system messages (`normalize_messages`, OpenAI's
+    meaning; DeepSeek's own encoder would render them as `<｜User｜>` turns).
     """
 
     supports_thinking = True
+    supports_tools = True
 
     def __init__(self, think_end_id: int | None = None) -> None:
         self.think_end_id = think_end_id  # "</think>"'s id, for ReasoningParser.push_token
 
-    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None,
+                     tools: list[dict] | None = None) -> list[tuple[str, bool]]:
+        from .dsml import ToolCall, render_calls_parts, render_tools_parts
+
         msgs = normalize_messages(messages)
-        for i, m in enumerate(msgs):
-            if m["role"] == "tool":
-                raise ChatError(f"messages[{i}]: tool messages are not supported (tools are not supported "
-                                "by this server)", f"messages[{i}].role")
         last = len(msgs) - 1
-        if msgs[last]["role"] != "user":
-            raise ChatError(f"the last message must be from the user, not {msgs[last]['role']!r}: the reply "
-                            "is generated after it", f"messages[{last}].role")
+        if msgs[last]["role"] not in ("user", "tool"):
+            raise ChatError(f"the last message must be from the user (or a tool result), not {msgs[last]['role']!r}: "
+                            "the reply is generated after it", f"messages[{last}].role")
+        for i, m in enumerate(msgs):
+            if m["role"] == "tool" and not (i > 0 and (msgs[i - 1]["role"] == "tool" or msgs[i - 1].get("tool_calls"))):
+                raise ChatError(f"messages[{i}]: a tool message must follow an assistant message with tool_calls "
+                                "(or another tool message)", f"messages[{i}].role")
+        tool_parts = render_tools_parts(tools) if tools else []
         parts = [(BOS, True)]
+        if tool_parts and msgs[0]["role"] != "system":  # no system message: the tools section stands alone
+            parts += tool_parts
+            tool_parts = []
         for i, m in enumerate(msgs):
             role, content = m["role"], m["content"]
             if role == "system":
                 parts.append((content, False))
+                if tool_parts:  # after the first system message
+                    parts += [("\n\n", True)] + tool_parts
+                    tool_parts = []
             elif role == "assistant":
-                parts += [(content, False), (EOS, True)]
-            else:  # user
-                joined = i > 0 and msgs[i - 1]["role"] == "user"
-                parts += [("\n\n" if joined else USER, True), (content, False)]
+                parts.append((content, False))
+                if m.get("tool_calls"):
+                    parts += render_calls_parts([ToolCall(c["name"], c["arguments"]) for c in m["tool_calls"]])
+                parts.append((EOS, True))
+            else:  # user, or a tool result: both are the user's turn (DeepSeek merges them)
+                joined = i > 0 and msgs[i - 1]["role"] in ("user", "tool")
+                head = "\n\n" if joined else USER
+                if role == "tool":
+                    parts += [(head + "<tool_result>", True), (content, False), ("</tool_result>", True)]
+                else:
+                    parts += [(head, True), (content, False)]
                 if i == last or msgs[i + 1]["role"] == "assistant":
                     parts.append((ASSISTANT + (THINK_START if thinking and i == last else THINK_END), True))
         return parts
@@ -299,13 +410,16 @@ class TemplateEncoder(ChatEncoder):
         self.eos_token = eos_token
         self.special_tokens = tuple(special_tokens)
 
-    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None,
+                     tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         """The template rendered with a placeholder for each content, then split at the placeholders:
         what the template wrote is markup, the contents are content. A template that rewrites content
         (so the placeholders do not come back intact, once each, in order) is rendered as one piece of
         markup, and refused only when a content holds a special-token string."""
         self._check_thinking(thinking)
-        msgs = [{"role": m["role"], "content": m["content"]} for m in normalize_messages(messages)]
+        norm = normalize_messages(messages)
+        self._check_tools(norm, tools)
+        msgs = [{"role": m["role"], "content": m["content"]} for m in norm]
         marked = [{"role": m["role"], "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(msgs)]
         pieces = _MARK.split(self._render(marked))  # text, index, text, index, ..., text
         if [int(k) for k in pieces[1::2]] == list(range(len(msgs))) and not any(
@@ -335,7 +449,8 @@ class NoTemplateEncoder(ChatEncoder):
 
     supports_thinking = False
 
-    def encode_parts(self, messages: list[dict], thinking: bool | None = None) -> list[tuple[str, bool]]:
+    def encode_parts(self, messages: list[dict], thinking: bool | None = None,
+                     tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         raise ChatError("this model has no chat template; use /v1/completions", "messages")
 
 

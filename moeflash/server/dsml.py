@@ -88,15 +88,31 @@ def render_tools(functions: list[dict]) -> str:
 
 def render_calls(calls: list[ToolCall]) -> str:
     """A past assistant turn's calls, as written after its content (two newlines before the block)."""
-    invokes = []
-    for c in calls:
-        params = []
-        for key, value in c.arguments.items():
+    return "".join(text for text, _ in render_calls_parts(calls))
+
+
+def render_calls_parts(calls: list[ToolCall]) -> list[tuple[str, bool]]:
+    """`render_calls` as (text, markup) pieces: the markers are markup; names, keys and values came from
+    a client and are content (tokenized as plain text, so they cannot forge a marker)."""
+    parts: list[tuple[str, bool]] = [(f"\n\n{CALLS_OPEN}\n", True)]
+    for n, c in enumerate(calls):
+        if n:
+            parts.append(("\n", True))
+        parts += [(f'<{DSML}invoke name="', True), (c.name, False), ('">\n', True)]
+        for k, (key, value) in enumerate(c.arguments.items()):
             is_str = isinstance(value, str)
-            params.append(f'<{DSML}parameter name="{key}" string="{"true" if is_str else "false"}">'
-                          f'{value if is_str else _json(value)}{PARAM_CLOSE}')
-        invokes.append(f'<{DSML}invoke name="{c.name}">\n' + "\n".join(params) + f"\n{INVOKE_CLOSE}")
-    return f"\n\n{CALLS_OPEN}\n" + "\n".join(invokes) + f"\n{CALLS_CLOSE}"
+            parts += [(("\n" if k else "") + f'<{DSML}parameter name="', True), (key, False),
+                      (f'" string="{"true" if is_str else "false"}">', True),
+                      (value if is_str else _json(value), False), (PARAM_CLOSE, True)]
+        parts.append((f"\n{INVOKE_CLOSE}", True))
+    parts.append((f"\n{CALLS_CLOSE}", True))
+    return [(t, m) for t, m in parts if t]
+
+
+def render_tools_parts(functions: list[dict]) -> list[tuple[str, bool]]:
+    """`render_tools` as (text, markup) pieces: the section is markup, the schemas content."""
+    head, tail = TOOLS_SECTION.replace("{dsml}", DSML).split("{schemas}")
+    return [(head, True), ("\n".join(_json(f) for f in functions), False), (tail, True)]
 
 
 def render_results(results: list[str]) -> str:
@@ -150,6 +166,7 @@ class ToolCallParser:
         self._body = ""
         self._seen = 0  # invokes already returned
         self.calls: list[ToolCall] = []
+        self.malformed = 0
 
     def push(self, delta: str) -> tuple[str, list[ToolCall]]:
         """(content delta, calls completed by this delta)."""
@@ -170,8 +187,11 @@ class ToolCallParser:
         self._body += delta
         new = []
         for m in list(_INVOKE.finditer(self._body))[self._seen:]:
-            new += parse_calls(m.group(0))
             self._seen += 1
+            try:
+                new += parse_calls(m.group(0))
+            except DSMLError:  # a malformed invoke is not a call (the rest of the block still counts)
+                self.malformed += 1
         self.calls += new
         return new
 
@@ -187,3 +207,50 @@ def _partial_suffix(text: str, marker: str) -> int:
         if marker.startswith(text[-n:]):
             return n
     return 0
+
+
+
+def call_grammar(functions: list[dict], parallel: bool = True, dsml_token_id: int | None = None) -> str:
+    """A Lark grammar (llguidance's dialect) for a tool_calls block that calls only `functions`, with
+    their required parameters in schema order: string parameters as plain text (`string="true"`, one
+    of the values when the schema lists an `enum`, at most `maxLength` characters), the others as JSON valid for their schema
+    (`string="false"`). One invoke, or several when `parallel`. For tool_choice "required" or a named
+    function: the output is a call that parses, with arguments valid for the schema. `dsml_token_id`:
+    the id of "｜DSML｜" when the tokenizer has it as a special token (V4's does)."""
+    d = f"<[{dsml_token_id}]>" if dsml_token_id is not None else json.dumps(DSML)
+    nl = json.dumps("\n")
+
+    def lit(text: str) -> str:
+        return json.dumps(text, ensure_ascii=False)
+
+    rules, alts = [], []
+    for k, f in enumerate(functions):
+        params = f.get("parameters") if isinstance(f.get("parameters"), dict) else {}
+        props = params.get("properties") if isinstance(params.get("properties"), dict) else {}
+        required = {r for r in params.get("required", []) if isinstance(r, str)} \
+            if isinstance(params.get("required"), list) else set()
+        items = []
+        for key, schema in props.items():
+            if key not in required:
+                continue
+            schema = schema if isinstance(schema, dict) else {}
+            if schema.get("type") == "string":
+                flag = "true"
+                enum = schema.get("enum")
+                if isinstance(enum, list) and enum:
+                    value = "(" + " | ".join(lit(str(v)) for v in enum) + ")"
+                elif isinstance(schema.get("maxLength"), int) and schema["maxLength"] >= 0:
+                    value = f"/[^<]{{0,{schema['maxLength']}}}/"
+                else:
+                    value = "STR"
+            else:
+                flag, value = "false", "%json " + json.dumps(schema)
+            opener = lit('parameter name="' + key + '" string="' + flag + '">')
+            items.append(f'"<" {d} {opener} {value} "</" {d} "parameter>"')
+        body = f" {nl} ".join(items + [""]) if items else nl
+        head = lit('invoke name="' + f["name"] + '">\n')
+        rules.append(f'inv{k}: "<" {d} {head} {body} "</" {d} "invoke>"')
+        alts.append(f"inv{k}")
+    more = f" ({nl} invoke)*" if parallel else ""
+    start = f'start: "<" {d} {lit("tool_calls>" + chr(10))} invoke{more} {lit(chr(10) + "</")} {d} "tool_calls>"'
+    return "\n".join([start, "invoke: " + " | ".join(alts), *rules, "STR: /[^<]*/"]) + "\n"

@@ -167,14 +167,43 @@ class ChatCompletionRequest(_Sampling):
     thinking: Thinking | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
+    parallel_tool_calls: bool = True
     response_format: dict[str, Any] | None = None
 
-    @field_validator("tools")
-    @classmethod
-    def _tools(cls, v):
-        if v:
-            raise ValueError("tools / function calling are not supported by moeflash")
-        return v
+    def functions(self) -> tuple[list[dict] | None, str]:
+        """(the OpenAI function objects offered, or None; the choice: "none", "auto", "required" or a
+        function's name), checked; APIError names the field at fault."""
+        tools = self.tools or []
+        fns = []
+        for j, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+                raise APIError(400, f'tools[{j}] must be {{"type": "function", "function": {{"name", "description", '
+                               '"parameters"}}', param=f"tools[{j}]")
+            name = fn.get("name")
+            if not isinstance(name, str) or not name or any(ch in name for ch in '"<>\n'):
+                raise APIError(400, f"tools[{j}].function.name must be a non-empty name", param=f"tools[{j}].function.name")
+            params = fn.get("parameters", {"type": "object", "properties": {}})
+            if not isinstance(params, dict):
+                raise APIError(400, f"tools[{j}].function.parameters must be a JSON schema object",
+                               param=f"tools[{j}].function.parameters")
+            fns.append({k: v for k, v in {"name": name, "description": fn.get("description"),
+                                          "parameters": params}.items() if v is not None})
+        if len({f["name"] for f in fns}) != len(fns):
+            raise APIError(400, "two tools share a name", param="tools")
+        choice = self.tool_choice if self.tool_choice is not None else ("auto" if fns else "none")
+        if isinstance(choice, dict):
+            fn = choice.get("function") if choice.get("type") == "function" else None
+            name = fn.get("name") if isinstance(fn, dict) else None
+            if name not in {f["name"] for f in fns}:
+                raise APIError(400, f"tool_choice names {name!r}, which is not among the tools", param="tool_choice")
+            choice = name
+        elif choice not in ("none", "auto", "required"):
+            raise APIError(400, f"tool_choice {choice!r} must be none, auto, required or "
+                           '{"type": "function", "function": {"name": ...}}', param="tool_choice")
+        elif choice == "required" and not fns:
+            raise APIError(400, "tool_choice is required but no tools are given", param="tool_choice")
+        return (fns or None) if choice != "none" else None, choice
 
 
 

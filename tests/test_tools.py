@@ -1,0 +1,105 @@
+"""OpenAI tool calls through the official client, streaming and not: tool_choice "required" and a
+named function force a DSML call by constrained decoding (so even the random tiny model calls, with
+arguments valid for the schema), the reply comes back as message.tool_calls with finish_reason
+"tool_calls", and the conversation goes on with the call and its result in the history."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+
+from moeflash.tokenizer import ByteTokenizer
+
+from .server_util import RunningServer
+
+openai = pytest.importorskip("openai", reason="the openai client (test extra) talks to the server")
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather for a city",
+    "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 24}, "days": {"type": "integer", "minimum": 1, "maximum": 7},
+        "unit": {"type": "string", "enum": ["C", "F"]}}, "required": ["city", "days", "unit"]}}}
+TIME = {"type": "function", "function": {"name": "get_time", "description": "Time in a zone",
+                                         "parameters": {"type": "object", "properties": {"zone": {"type": "string", "maxLength": 16}},
+                                                        "required": ["zone"]}}}
+MSGS = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+def long_tiny():
+    """The tiny model with room for the tools section (its byte tokenizer spends a token per byte)."""
+    from moeflash.config import ModelConfig
+    from moeflash.model.init import randomize_
+    from moeflash.model.v4 import Transformer
+
+    cfg = ModelConfig.preset("tiny").replace(max_position_embeddings=4096)
+    return randomize_(Transformer(cfg), seed=0).eval()
+
+
+@pytest.fixture(scope="module")
+def client():
+    with RunningServer(long_tiny(), ByteTokenizer(), "tiny", "deepseek_v4", max_model_len=4096) as s:
+        yield openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def check_call(call, tool):
+    assert call.type == "function" and call.function.name == tool["function"]["name"] and call.id
+    jsonschema.validate(json.loads(call.function.arguments), tool["function"]["parameters"])
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_calls_non_streaming(client, choice):
+    for seed in range(3):
+        r = client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER, TIME], tool_choice=choice,
+                                           max_tokens=600, seed=seed, temperature=1.0)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls
+        for call in c.message.tool_calls:
+            check_call(call, WEATHER if call.function.name == "get_weather" else TIME)
+        if isinstance(choice, dict):
+            assert {call.function.name for call in c.message.tool_calls} == {"get_time"}
+
+
+def test_forced_call_streaming_assembles_like_openai(client):
+    stream = client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER], tool_choice="required",
+                                            parallel_tool_calls=False, max_tokens=600, seed=5, stream=True)
+    calls: dict[int, dict] = {}
+    finish = None
+    for chunk in stream:
+        if not chunk.choices:
+            continue
+        d = chunk.choices[0].delta
+        for tc in d.tool_calls or []:
+            slot = calls.setdefault(tc.index, {"id": None, "name": "", "arguments": ""})
+            slot["id"] = tc.id or slot["id"]
+            slot["name"] += tc.function.name or ""
+            slot["arguments"] += tc.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert finish == "tool_calls" and list(calls) == [0]
+    assert calls[0]["name"] == "get_weather"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER["function"]["parameters"])
+
+
+def test_the_conversation_goes_on_with_the_result(client):
+    r = client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER], tool_choice="required",
+                                       max_tokens=600, seed=1)
+    call = r.choices[0].message.tool_calls[0]
+    history = MSGS + [{"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+                      {"role": "tool", "tool_call_id": call.id, "content": "18C, sunny"}]
+    r2 = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], max_tokens=8, seed=1)
+    assert r2.choices[0].finish_reason in ("stop", "length", "tool_calls")
+    assert r2.usage.prompt_tokens > r.usage.prompt_tokens  # the call and its result are in the prompt
+    # tool_choice "none": the tools are not shown and nothing is parsed as a call
+    r3 = client.chat.completions.create(model="tiny", messages=history, tools=[WEATHER], tool_choice="none",
+                                        max_tokens=8, seed=1)
+    assert r3.choices[0].message.tool_calls is None and r3.usage.prompt_tokens < r2.usage.prompt_tokens
+
+
+def test_errors(client):
+    with pytest.raises(openai.BadRequestError, match="tool message must follow"):
+        client.chat.completions.create(model="tiny", messages=MSGS + [{"role": "tool", "tool_call_id": "x",
+                                                                       "content": "r"}], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="cannot be combined"):
+        client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER], tool_choice="required",
+                                       response_format={"type": "json_object"}, max_tokens=2)
