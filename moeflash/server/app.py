@@ -26,10 +26,12 @@ import uuid
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -129,6 +131,14 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
             if not hmac.compare_digest(token.encode(), config.api_key.encode()):
                 return error(APIError(401, "incorrect API key provided", code="invalid_api_key"))
         return await call_next(request)
+
+    # -- the chat page: static files, no build step (they call the /v1 API like any client) -------
+    static = Path(__file__).parent / "static"
+    app.mount("/static", StaticFiles(directory=static), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(static / "index.html", media_type="text/html")
 
     # -- endpoints --------------------------------------------------------------------------------
     @app.get("/health")
