@@ -76,3 +76,21 @@ def test_the_page_says_so_when_the_key_is_wrong(browser):
                                timeout=20000)
         assert "API key" in page.inner_text("#model")
         page.close()
+
+
+def test_the_page_draws_the_experts_of_a_moe_reply(browser):
+    with RunningServer(build_tiny("float32"), ByteTokenizer(), "tiny", "deepseek_v4") as server:
+        page = browser.new_page(viewport={"width": 1100, "height": 700})
+        page.goto(server.url + "/")
+        page.wait_for_function("document.getElementById('model').textContent === 'tiny'", timeout=20000)
+        page.check("#experts")
+        page.fill("#max_tokens", "12")
+        page.fill("#input", "Which experts?")
+        page.click("#send")
+        page.wait_for_selector(".msg.assistant[data-done='1']", timeout=60000)
+        assert page.is_visible("#expert_map")
+        size = page.evaluate("[document.getElementById('expert_map').width, document.getElementById('expert_map').height]")
+        assert size[1] == 4 and 1 <= size[0] <= 8  # tiny: 4 MoE layers, 8 experts
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "chat-page-experts.png"))
+        page.close()

@@ -173,3 +173,32 @@ def test_server_refuses_grammars_it_cannot_enforce(server, body, param, words):
     assert err["param"] == param and err["type"] == "invalid_request_error"
     for w in words:
         assert w in err["message"]
+
+
+def test_return_experts_reports_each_tokens_routing(server):
+    """moeflash's return_experts: per generated token, per MoE layer, the experts of the forward row
+    that produced it; the first equals a routing recorder's last prompt row for the same prompt."""
+    import httpx
+
+    import torch
+
+    from moeflash.engine.experts import RoutingRecorder
+    from moeflash.engine.forward import run_tokens
+
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": [256, 72, 105], "max_tokens": 3, "temperature": 0, "return_experts": True}).json()
+    experts = r["choices"][0]["experts"]
+    assert len(experts) == 3 and all(len(tok) == 4 and all(len(ids) == 2 for ids in tok) for tok in experts)
+    model = build_tiny("float32")
+    rec = RoutingRecorder(model)
+    run_tokens(model, torch.tensor([256, 72, 105]), [model.new_seq_state()], [3])
+    assert experts[0] == rec.take()[-1]
+
+
+def test_return_experts_on_a_dense_model_is_refused():
+    from moeflash.engine import LLMEngine
+    from tests.test_llama import CONFIGS, build
+
+    model = build(CONFIGS["tied-gqa"])[1]
+    with pytest.raises(ValueError, match="needs a MoE model"):
+        LLMEngine(model).add_request([1, 2, 3], SamplingParams(max_tokens=2, return_experts=True))

@@ -102,6 +102,8 @@ class LLMEngine:
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt_token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        if params.return_experts and not self.moe_layers():
+            raise ValueError("return_experts needs a MoE model; this one is dense")
         if len(prompt) + params.max_tokens > self.max_model_len:
             raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                              f"the model's context length {self.max_model_len}")
@@ -348,11 +350,42 @@ class LLMEngine:
                 self.stats["prompt_tokens"] += min(n, len(seq.prompt) - start)
             offset += n
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        streams = run_tokens(self.model, ids, [s.state for s in seqs], lengths)
+        wanted = [(k, seq) for k, seq in zip(sample_rows, samplers) if seq.params.return_experts]
+        routes = self._watch_routes() if wanted else None
+        try:
+            streams = run_tokens(self.model, ids, [s.state for s in seqs], lengths)
+        finally:
+            if routes is not None:
+                self._unwatch_routes(routes)
+        for k, seq in wanted:  # each layer's experts for the row this sequence samples from
+            seq.experts = [sorted(layer[k].tolist()) for layer in routes["idx"]]
         self.stats["forward_tokens"] += len(tokens)
         if hasattr(self.model, "experts_read"):
             self.stats["routed_experts_read"] += self.model.experts_read()
         return streams[sample_rows], samplers
+
+    def moe_layers(self) -> list:
+        """The model's routed layers (their `on_route` hooks), in order; [] for a dense model."""
+        return [layer.ffn for layer in getattr(self.model, "layers", []) if hasattr(layer.ffn, "on_route")]
+
+    def _watch_routes(self) -> dict:
+        """Wrap every routed layer's hook for one forward call: `idx` collects each layer's choices."""
+        routes = {"idx": [], "prev": []}
+        for ffn in self.moe_layers():
+            prev = ffn.on_route
+            routes["prev"].append((ffn, prev))
+
+            def hook(x, ids, idx, prev=prev):
+                if prev is not None:
+                    prev(x, ids, idx)
+                routes["idx"].append(idx.detach().cpu())
+            ffn.on_route = hook
+        return routes
+
+    @staticmethod
+    def _unwatch_routes(routes: dict) -> None:
+        for ffn, prev in routes["prev"]:
+            ffn.on_route = prev
 
     def _append(self, seq: Sequence, res) -> RequestOutput:
         tok = res.token_id
@@ -395,9 +428,12 @@ class LLMEngine:
         return self._output(seq, [tok], new_text, lp)
 
     def _output(self, seq: Sequence, new_ids, new_text, lp) -> RequestOutput:
+        experts = None
+        if seq.params.return_experts and new_ids:
+            experts, seq.experts = [seq.experts], None
         return RequestOutput(seq.request_id, list(new_ids), new_text, list(seq.output), seq.text,
                              seq.status == Status.FINISHED, seq.finish_reason, len(seq.prompt), lp,
-                             seq.stop_reason, cached_tokens=seq.cached_tokens)
+                             seq.stop_reason, cached_tokens=seq.cached_tokens, new_experts=experts)
 
     # -- conveniences -----------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None

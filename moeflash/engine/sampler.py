@@ -70,6 +70,7 @@ class SamplingParams:
     # structured output: a factory whose new() gives each sequence a constraint with mask_(logits_row)
     # and accept(token) (moeflash.structured.Grammar); the engine knows nothing else of it
     constraint: object | None = None
+    return_experts: bool = False  # report the routed experts behind each generated token (MoE models)
 
     def __post_init__(self) -> None:
         self.max_tokens = _int("max_tokens", self.max_tokens)

@@ -44,6 +44,9 @@ class RequestOutput:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     error: str | None = None  # with finish_reason "error": what failed (for the log, not for clients)
     cached_tokens: int = 0  # prompt tokens this request took from the prefix cache
+    # with SamplingParams.return_experts: per new token, per MoE layer, the expert ids of the forward
+    # row that produced it
+    new_experts: list | None = None
 
 
 @dataclass
@@ -74,6 +77,7 @@ class Sequence:
     # rewound: left in the prefix cache when the sequence finishes (`LLMEngine._leave_state`)
     cache_tail: tuple | None = None
     constraint: object | None = None  # structured output: masks each step's logits, follows each token
+    experts: list | None = None  # return_experts: the routing of the row the next token is sampled from
 
     @property
     def consumed(self) -> int:

@@ -312,14 +312,15 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                     stop=req.stop, stop_token_ids=req.stop_token_ids, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, repetition_penalty=req.repetition_penalty,
                     logprobs=n_lp, ignore_eos=req.ignore_eos, skip_special_tokens=not (thinking or tools),
-                    constraint=grammar))
+                    constraint=grammar, return_experts=req.return_experts))
             except ValueError as e:
                 raise APIError(400, str(e)) from None
         for i, sp in enumerate(params[::req.n]):  # state memory and other engine checks, per prompt
             try:
                 engine.check_request(prompts[i], sp)
             except ValueError as e:
-                raise APIError(400, str(e), param="messages" if chat else "prompt") from None
+                param = "return_experts" if "return_experts" in str(e) else "messages" if chat else "prompt"
+                raise APIError(400, str(e), param=param) from None
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
@@ -351,6 +352,8 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                 c["cached"] = out.cached_tokens
                 if out.new_logprobs:
                     c["logprobs"].extend(out.new_logprobs)
+                if out.new_experts:
+                    c.setdefault("experts", []).extend(out.new_experts)
                 if out.finished:
                     c["finish_reason"] = out.finish_reason
         finally:
@@ -362,6 +365,9 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
             return Response(status_code=499)
         body = dict(head)
         body["choices"] = [_final_choice(i, c, chat, parsers.get(i), n_lp, tokenizer, rid) for i, c in choices.items()]
+        for choice, c in zip(body["choices"], choices.values()):
+            if "experts" in c:
+                choice["experts"] = c["experts"]
         body["usage"] = _usage(prompts, req.n, sum(c["tokens"] for c in choices.values()), config,
                                {i: c["cached"] for i, c in choices.items()})
         return body
@@ -461,6 +467,8 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                     choice = {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
                 else:
                     choice = {"index": i, "text": out.new_text, "logprobs": lp, "finish_reason": finish}
+                if out.new_experts:  # return_experts: per token of this chunk, per MoE layer, the expert ids
+                    choice["experts"] = out.new_experts
                 chunk = dict(head, choices=[choice])
                 if include_usage:
                     chunk["usage"] = None

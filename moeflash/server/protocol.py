@@ -68,6 +68,8 @@ class _Sampling(BaseModel):
     guided_json: dict[str, Any] | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
+    # moeflash's extension: each generated token's routed experts, per MoE layer ("experts" in choices)
+    return_experts: bool = False
 
     def grammar(self) -> tuple[str, Any, str] | None:
         """(kind, spec, param) of the structured output asked for, or None; APIError for a bad one."""

@@ -54,6 +54,8 @@ async function send(text) {
     max_tokens: Number($("max_tokens").value),
   };
   if ($("thinking").checked) body.thinking = { type: "enabled" };
+  const counts = [];  // [layer][expert] uses by this reply's tokens (return_experts)
+  if ($("experts").checked) body.return_experts = true;
   let content = "", reasoning = "", tokens = 0, first = null, usage = null, finish = null;
   try {
     const r = await fetch("/v1/chat/completions", { method: "POST", headers: headers(), body: JSON.stringify(body) });
@@ -87,6 +89,13 @@ async function send(text) {
           if (d.reasoning_content) reasoning += d.reasoning_content;
           if (d.content) content += d.content;
           if (c.finish_reason) finish = c.finish_reason;
+          for (const token of c.experts || []) {
+            token.forEach((ids, layer) => {
+              counts[layer] = counts[layer] || [];
+              for (const e of ids) counts[layer][e] = (counts[layer][e] || 0) + 1;
+            });
+          }
+          if (c.experts) drawExperts(counts);
         }
         out.querySelector(".reasoning").textContent = reasoning;
         out.querySelector(".content").textContent = content;
@@ -113,6 +122,26 @@ async function send(text) {
   } finally {
     out.classList.remove("streaming");
   }
+}
+
+// The experts the reply's tokens used: one row per MoE layer, one cell per expert, darker = more used.
+function drawExperts(counts) {
+  const canvas = $("expert_map");
+  canvas.hidden = false;
+  const layers = counts.length;
+  const experts = Math.max(1, ...counts.map((row) => (row ? row.length : 0)));
+  canvas.width = experts;
+  canvas.height = layers;
+  const ctx = canvas.getContext("2d");
+  ctx.clearRect(0, 0, experts, layers);
+  counts.forEach((row, layer) => {
+    const max = Math.max(1, ...(row || []).map((v) => v || 0));
+    (row || []).forEach((v, e) => {
+      if (!v) return;
+      ctx.fillStyle = `rgba(37, 99, 235, ${0.15 + 0.85 * v / max})`;
+      ctx.fillRect(e, layer, 1, 1);
+    });
+  });
 }
 
 $("composer").addEventListener("submit", (ev) => {
