@@ -75,11 +75,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    ep = None
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
+        if args.expert_parallel:  # under torchrun: this rank keeps its share of the experts
+            from .engine.parallel import ExpertParallel, shard_experts_
+            from .engine.prefix_cache import model_fingerprint
+
+            ep = ExpertParallel.from_env(args.parallel_timeout)
+            ep.agree(model_fingerprint(model))  # every rank must have loaded the same model
+            shard_experts_(model, ep.rank, ep.world, ep.all_reduce)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if ep is not None:
+            ep.close()
         return 2
+    try:
+        return _generate(args, model, tokenizer, quiet=ep is not None and ep.rank != 0)
+    finally:
+        if ep is not None:
+            ep.close()
+
+
+def _generate(args: argparse.Namespace, model, tokenizer, quiet: bool = False) -> int:
+    """The rest of `moeflash generate`; `quiet` (an expert-parallel rank other than 0) prints nothing."""
+    if quiet:
+        import io
+
+        sys.stdout = io.StringIO()
     hints: list[int] = []
     if args.prompt_file is not None:
         if args.prompt_ids is not None or tokenizer is None:
@@ -708,6 +731,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "RAM (bf16 answers depend on the CPU's bf16 kernels), else bfloat16")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     g.add_argument("--json", action="store_true", help="print one JSON object {token_ids, text}")
+    g.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: each process holds a share of every MoE layer's experts (all-reduce)")
+    g.add_argument("--parallel-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait for the other ranks before failing")
     _add_expert_flags(g)
     g.set_defaults(func=cmd_generate)
 

@@ -81,6 +81,9 @@ class MoE(nn.Module):
         # optional callable (x [N, dim], ids [N], idx [N, k]) called after routing, before the experts
         # run: the expert store uses it to prefetch the next layer's experts and to record traces
         self.on_route = None
+        # optional callable out [N, dim] -> out: the routed experts' partial sum combined with other
+        # processes' (expert parallelism: each holds a share of the experts; engine/parallel.py)
+        self.combine = None
         self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
         self.w13: torch.Tensor | None = None  # [E, 2I, dim] packed w1|w3 (see pack_experts_)
         self.w2: torch.Tensor | None = None   # [E, dim, I]
@@ -123,6 +126,8 @@ class MoE(nn.Module):
         if self.on_route is not None:
             self.on_route(flat, ids.reshape(-1), idx)
         out = self._routed(flat, weights, idx)
+        if self.combine is not None:
+            out = self.combine(out)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)

@@ -1,0 +1,108 @@
+"""Expert parallelism: several processes each hold a share of every MoE layer's routed experts and run
+the same steps in lockstep; after each layer's routed experts, their partial sums are added up across
+the processes (an all-reduce), so every process continues with the whole layer's output.
+
+The dense part (attention, norms, shared experts, embedding and head) is replicated. Routing is
+computed on every process from identical inputs, so all agree on which experts each token uses; a
+process computes only the (token, expert) pairs of the experts it owns (a contiguous range of ids) and
+contributes zeros for the rest. The processes are a `torch.distributed` group (gloo on CPU, NCCL on
+GPU); a collective that waits longer than the group's timeout raises instead of hanging.
+
+What is here: `shard_experts_` (keep a share of an in-memory model's experts, free the rest) and
+`ExpertParallel` (the process group and the all-reduce). Launching under torchrun is in the CLI
+(`moeflash generate --expert-parallel`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+from torch import nn
+
+
+class AbsentExpert(nn.Module):
+    """An expert another process owns: contributes nothing here (its share arrives by all-reduce)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def owned_experts(n_experts: int, rank: int, world: int) -> range:
+    """The contiguous ids rank `rank` of `world` owns: as equal as n_experts allows."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside a world of {world}")
+    if world > n_experts:
+        raise ValueError(f"{world} processes for {n_experts} experts per layer: each needs at least one")
+    base, extra = divmod(n_experts, world)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (1 if rank < extra else 0))
+
+
+def moe_layers(model) -> list:
+    return [layer.ffn for layer in model.layers if hasattr(layer.ffn, "combine")]
+
+
+@torch.no_grad()
+def shard_experts_(model, rank: int, world: int, combine) -> dict:
+    """Keep only this rank's routed experts in every MoE layer of an in-memory V4 model (the others
+    become `AbsentExpert`, their memory freed) and combine each layer's partial sum with `combine`.
+    Returns {"owned": range, "expert_bytes": bytes of routed experts still held}."""
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError("expert parallelism needs a MoE model")
+    n = len(layers[0].experts) if not layers[0].fp4 else 0
+    if any(ffn.fp4 for ffn in layers):
+        raise ValueError("expert parallelism does not shard FP4-held experts yet: load with --dequantize or bf16")
+    own = owned_experts(n, rank, world)
+    held = 0
+    for ffn in layers:
+        ffn.w13 = ffn.w2 = None  # the packed copies cover every expert: per-expert modules from here
+        for e in range(len(ffn.experts)):
+            if e not in own:
+                ffn.experts[e] = AbsentExpert()
+            else:
+                held += sum(p.numel() * p.element_size() for p in ffn.experts[e].parameters())
+        ffn.combine = combine
+    return {"owned": own, "expert_bytes": held}
+
+
+class ExpertParallel:
+    """The process group of an expert-parallel run and its all-reduce, with a timeout on every
+    collective. `from_env()` joins the group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR...)."""
+
+    def __init__(self, rank: int, world: int, init_method: str | None = None, timeout_s: float = 60.0,
+                 backend: str | None = None):
+        import torch.distributed as dist
+
+        self.rank, self.world = rank, world
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        kw = {"init_method": init_method} if init_method else {}
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s), **kw)
+        self.dist = dist
+
+    @classmethod
+    def from_env(cls, timeout_s: float = 60.0) -> "ExpertParallel":
+        try:
+            rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        except KeyError:
+            raise ValueError("--expert-parallel runs under torchrun (RANK and WORLD_SIZE are not set): "
+                             "torchrun --nproc-per-node 2 -m moeflash.cli generate ... --expert-parallel") from None
+        return cls(rank, world, timeout_s=timeout_s)
+
+    def all_reduce(self, out: torch.Tensor) -> torch.Tensor:
+        self.dist.all_reduce(out)
+        return out
+
+    def agree(self, value: str) -> None:
+        """Every rank must hold the same `value` (e.g. a model fingerprint); ValueError otherwise."""
+        got = [None] * self.world
+        self.dist.all_gather_object(got, value)
+        if len(set(got)) != 1:
+            raise ValueError(f"the ranks disagree: {got}")
+
+    def close(self) -> None:
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

@@ -1,0 +1,110 @@
+"""Expert parallelism on this machine: 2 processes (gloo), each holding half of every MoE layer's
+experts, give the logits and greedy tokens of 1 process holding them all."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from moeflash.engine import LLMEngine, SamplingParams
+from moeflash.engine.forward import run_tokens
+from moeflash.engine.parallel import owned_experts
+from moeflash.weights.build import build_tiny
+
+PROMPTS = [[256, 72, 101, 108, 108, 111], [256] + list(range(40, 77))]  # different lengths, one batch
+STEPS = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(model) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens for both prompts together (continuous batching), and the logits of the first
+    prompt's continuation fed one token at a time."""
+    outs = LLMEngine(model).generate(PROMPTS, SamplingParams(max_tokens=STEPS, temperature=0, ignore_eos=True))
+    tokens = [o.token_ids for o in outs]
+    state = model.new_seq_state()
+    x = run_tokens(model, torch.tensor(PROMPTS[0]), [state], [len(PROMPTS[0])])
+    logits = [model.logits(x[-1:])[0]]
+    for t in tokens[0][:-1]:
+        logits.append(model.logits(run_tokens(model, torch.tensor([t]), [state], [1]))[0])
+    return tokens, logits
+
+
+def rank_main(rank: int, world: int, port: int, results):
+    torch.set_num_threads(1)
+    from moeflash.engine.parallel import ExpertParallel, shard_experts_
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=60)
+    try:
+        model = build_tiny("float32")
+        info = shard_experts_(model, rank, world, ep.all_reduce)
+        with torch.inference_mode():
+            tokens, logits = run(model)
+        results[rank] = {"tokens": tokens, "logits": torch.stack(logits), "expert_bytes": info["expert_bytes"],
+                         "owned": list(info["owned"])}
+    finally:
+        ep.close()
+
+
+def test_two_ranks_equal_one():
+    ref_model = build_tiny("float32")
+    with torch.inference_mode():
+        ref_tokens, ref_logits = run(ref_model)
+    all_bytes = sum(p.numel() * p.element_size() for layer in ref_model.layers if hasattr(layer.ffn, "combine")
+                    for e in layer.ffn.experts for p in e.parameters())
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(rank_main, args=(2, free_port(), results), nprocs=2, join=True)
+    ref_logits = torch.stack(ref_logits)
+    for rank in (0, 1):
+        r = results[rank]
+        # each layer's experts split in halves: rank 0 the first, rank 1 the second
+        assert r["owned"] == list(owned_experts(8, rank, 2))
+        assert r["expert_bytes"] * 2 == all_bytes
+        # the partial sums add up in another order: equal to fp32 rounding
+        assert torch.allclose(r["logits"], ref_logits, atol=1e-5, rtol=1e-5)
+        # greedy tokens agree wherever the best token leads by more than rounding could move
+        top2 = ref_logits.topk(2, dim=-1).values
+        clear = (top2[:, 0] - top2[:, 1]) > 1e-3
+        assert clear.sum() >= len(clear) - 1
+        first_unclear = int((~clear).nonzero()[0]) if (~clear).any() else len(clear)
+        assert r["tokens"][0][:first_unclear] == ref_tokens[0][:first_unclear]
+    assert results[0]["tokens"] == results[1]["tokens"]  # lockstep: every rank computes the same
+
+
+@pytest.mark.parametrize("n,world,ranges", [(8, 2, [range(0, 4), range(4, 8)]), (7, 3, [range(0, 3), range(3, 5), range(5, 7)])])
+def test_owned_experts(n, world, ranges):
+    assert [owned_experts(n, r, world) for r in range(world)] == ranges
+    with pytest.raises(ValueError):
+        owned_experts(2, 0, 3)
+
+
+def test_generate_under_torchrun(tmp_path):
+    """`torchrun --nproc-per-node 2 -m moeflash.cli generate ... --expert-parallel`: rank 0 prints what a
+    single process prints (each of these 7 greedy tokens leads the next by >= 0.026, far above rounding)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["generate", "--model", "tiny", "--prompt-ids", "256,72,105", "--max-new-tokens", "7", "--json",
+            "--threads", "1"]
+    one = subprocess.run([sys.executable, "-m", "moeflash.cli", *args], capture_output=True, text=True, timeout=120)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    two = subprocess.run([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                          "moeflash.cli", *args, "--expert-parallel"], capture_output=True, text=True, timeout=180)
+    assert one.returncode == 0 and two.returncode == 0, two.stderr[-2000:]
+    lines = [ln for ln in two.stdout.splitlines() if ln.startswith("{")]
+    assert len(lines) == 1  # rank 1 prints nothing
+    assert json.loads(lines[0])["token_ids"] == json.loads(one.stdout)["token_ids"]
+    # outside torchrun the flag is a clear error
+    bad = subprocess.run([sys.executable, "-m", "moeflash.cli", *args, "--expert-parallel"], capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode == 2 and "torchrun" in bad.stderr
