@@ -82,6 +82,7 @@ class ExpertParallel:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kw)
         self.dist = dist
+        self.reduce_seconds, self.reduces, self.reduce_bytes = 0.0, 0, 0  # time spent in all-reduces
 
     @classmethod
     def from_env(cls, timeout_s: float = 60.0) -> "ExpertParallel":
@@ -93,7 +94,13 @@ class ExpertParallel:
         return cls(rank, world, timeout_s=timeout_s)
 
     def all_reduce(self, out: torch.Tensor) -> torch.Tensor:
+        import time
+
+        t0 = time.perf_counter()
         self.dist.all_reduce(out)
+        self.reduce_seconds += time.perf_counter() - t0
+        self.reduces += 1
+        self.reduce_bytes += out.numel() * out.element_size()
         return out
 
     def agree(self, value: str) -> None:
