@@ -599,6 +599,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
             compute_dtype=args.compute_dtype, layer_ms=args.layer_ms, head_ms=args.head_ms,
             documents=args.documents, document_tokens=args.document_tokens, question_tokens=args.question_tokens,
             answer_tokens=args.answer_tokens)
+        if args.nodes > 1:  # expert parallelism across machines (plan/cluster.py)
+            from .plan.cluster import ClusterInputs, cluster_plan, format_cluster
+
+            result = cluster_plan(ClusterInputs(
+                model=args.model, nodes=args.nodes, link_gbps=args.link_gbps, link_latency_us=args.link_latency_us,
+                batch=args.batch, context=args.context, weights_dtype=args.weights_dtype,
+                state_dtype=args.state_dtype, utilization=args.utilization), hw)
+            print(to_json(result) if args.json else format_cluster(result))
+            return 0
         result = plan(inputs, hw)
         if args.plot:
             plot_plan(result, inputs, hw, args.plot)
@@ -857,6 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
     p_plan.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     p_plan.add_argument("--prompt-len", type=int, default=None, help="prompt length for prefill tokens/s and input "
                         "cost (default: --context)")
+    p_plan.add_argument("--nodes", type=int, default=1,
+                        help="machines of the --hardware profile sharing the experts (expert parallelism)")
+    p_plan.add_argument("--link-gbps", type=float, default=1.25, help="their network, GB/s (10 GbE: 1.25)")
+    p_plan.add_argument("--link-latency-us", type=float, default=50.0, help="one message's latency, microseconds")
     p_plan.add_argument("--documents", type=int, default=1,
                         help="prefix cache: documents whose saved states it keeps (the disk they need)")
     p_plan.add_argument("--document-tokens", type=int, default=None,

@@ -357,3 +357,34 @@ def test_prefix_cache_plan_for_v4_flash():
     assert q["hit_from_ram"]["total_s"] < q["hit_from_disk"]["total_s"] < q["miss"]["total_s"]
     assert q["hit_from_ram"]["usd"] < q["miss"]["usd"]
     assert q["hit_from_disk"]["restore_s"] == pytest.approx(p["snapshot_bytes"] / (get_profile("h200").disk_gbps * 1e9))
+
+
+# ---- clusters (expert parallelism across machines) --------------------------------------------------
+
+def test_cluster_plan_arithmetic():
+    from moeflash.plan.cluster import ClusterInputs, allreduce_seconds, cluster_plan
+
+    assert allreduce_seconds(8192, 1, 1.25, 50) == 0.0
+    # ring of 4: 6 steps of a latency and a quarter of the buffer
+    assert allreduce_seconds(8192, 4, 1.25, 50) == pytest.approx(6 * (50e-6 + 2048 / 1.25e9))
+    hw = get_profile("cpu-server")
+    one = cluster_plan(ClusterInputs(nodes=1, context=8192), hw)
+    three = cluster_plan(ClusterInputs(nodes=3, context=8192, link_gbps=1.25, link_latency_us=50), hw)
+    s = model_summary(FLASH, "fp8", "fp4")
+    m = three["memory_per_node"]
+    assert m["dense"] == s["dense_bytes"] and m["experts"] == math.ceil(s["routed_bytes"] / 3)
+    assert one["time_ms"]["network"] == 0 and three["per_step"]["allreduces"] == FLASH.num_hidden_layers
+    assert three["per_step"]["allreduce_bytes"] == FLASH.hidden_size * 2
+    assert three["time_ms"]["network"] == pytest.approx(
+        1e3 * FLASH.num_hidden_layers * allreduce_seconds(FLASH.hidden_size * 2, 3, 1.25, 50))
+    # each node reads the whole dense part but only the busiest node's share of the experts
+    assert three["per_step"]["experts_busiest_node"] < one["per_step"]["experts_busiest_node"]
+    assert three["per_step"]["dense"] == one["per_step"]["dense"]
+
+
+def test_cluster_plan_cli(capsys):
+    assert main(["plan", "--model", "v4-flash", "--bandwidth", "80", "--flops", "2", "--memory", "64", "--nodes", "3",
+                 "--context", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "3 x custom" in out and "fits" in out and "all-reduces" in out
+    assert main(["plan", "--hardware", "h200", "--nodes", "2", "--link-gbps", "0"]) == 2
