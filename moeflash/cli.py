@@ -326,11 +326,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    ep = leader = None
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
+        if args.expert_parallel:  # under torchrun: rank 0 serves, the others follow its steps
+            from .engine.parallel import ExpertParallel, Leader, follow, shard_experts_
+            from .engine.prefix_cache import model_fingerprint
+
+            if args.prefix_cache_dir:
+                raise ValueError("--expert-parallel serves without the prefix cache (its states live on rank 0 only)")
+            args.prefix_cache_gb = 0.0
+            ep = ExpertParallel.from_env(args.parallel_timeout)
+            ep.agree(model_fingerprint(model))
+            shard_experts_(model, ep.rank, ep.world, ep.all_reduce)
+            if ep.rank != 0:
+                try:
+                    follow(model, ep)
+                finally:
+                    ep.close()
+                return 0
+            leader = Leader(ep)
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if ep is not None:
+            ep.close()
         return 2
+    try:
+        return _serve(args, model, tokenizer, ep, leader)
+    finally:
+        if leader is not None:
+            leader.stop()
+            ep.close()
+
+
+def _serve(args: argparse.Namespace, model, tokenizer, ep=None, leader=None) -> int:
+    """The rest of `moeflash serve` (rank 0 of an expert-parallel run: `leader` announces its steps)."""
+    import logging
+    import time
+
+    from .engine import LLMEngine
+    from .engine.async_engine import AdmissionLimits, AsyncLLMEngine
+
     if tokenizer is None:  # e.g. a converted preset: serve token ids written as <|id|> text
         from .tokenizer import IdTokenizer
 
@@ -370,11 +406,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         except OSError as e:
             print(f"error: --prefix-cache-dir {args.prefix_cache_dir}: {e}", file=sys.stderr)
             return 2
-    engine = AsyncLLMEngine(LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
-                                      max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
-                                      max_state_bytes=state_bytes, batch_invariant=args.batch_invariant,
-                                      prefix_cache=cache),
-                            limits=limits)
+    core = LLMEngine(model, tokenizer, max_num_seqs=args.max_num_seqs,
+                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_len,
+                     max_state_bytes=state_bytes, batch_invariant=args.batch_invariant,
+                     prefix_cache=cache, share_prompts=leader is None)
+    core.forward_hook = leader
+    engine = AsyncLLMEngine(core, limits=limits)
     # sampling defaults for requests that set none: the flags, else the model card's recommendation
     # for SmolLM2 (temperature 0.2, top_p 0.9; at OpenAI's 1.0 a 135M model rambles), else OpenAI's 1.0
     card = SMOLLM2_SAMPLING if args.model == "smollm2" else {}
@@ -407,10 +444,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
                                    timeout_graceful_shutdown=5))
     server._captured_signals = _Swallowed()  # a graceful stop on Ctrl-C / SIGTERM ends with status 0
+    if ep is not None:  # a lost rank: stop serving (health turns 503 first) and exit with status 1
+        import threading
+
+        def watch():
+            while not server.should_exit:
+                if ep.broken is not None:
+                    print(f"moeflash: expert parallelism failed ({ep.broken}); stopping", file=sys.stderr, flush=True)
+                    engine.shutdown()
+                    server.should_exit = True
+                    return
+                time.sleep(0.2)
+        threading.Thread(target=watch, daemon=True, name="moeflash-ep-watch").start()
     try:
         server.run()
     finally:
         engine.shutdown()
+    if ep is not None and ep.broken is not None:
+        return 1
     if not server.started:
         print(f"error: could not serve on {args.host}:{args.port} (see the log above)", file=sys.stderr)
         return 1
@@ -810,6 +861,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also keep saved prompt states as files here, across restarts (default: RAM only)")
     v.add_argument("--prefix-cache-disk-gb", type=float, default=10.0,
                    help="disk space for --prefix-cache-dir (oldest used files go first)")
+    v.add_argument("--expert-parallel", action="store_true",
+                   help="under torchrun: rank 0 serves, every rank holds a share of the experts")
+    v.add_argument("--parallel-timeout", type=float, default=60.0,
+                   help="seconds a collective may wait for the other ranks before the server stops")
     v.add_argument("--trust-special-tokens", action="store_true",
                    help="parse special-token strings written in chat message content (a trusted local "
                         "caller only: otherwise a user could forge turns); by default they stay text")

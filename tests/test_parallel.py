@@ -108,3 +108,74 @@ def test_generate_under_torchrun(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "moeflash.cli", *args, "--expert-parallel"], capture_output=True,
                          text=True, timeout=60)
     assert bad.returncode == 2 and "torchrun" in bad.stderr
+
+
+def _children_with_rank(pid: int, rank: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text().split()
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat[3]) == pid and f"RANK={rank}".encode() in env:
+            out.append(int(proc.name))
+    return out
+
+
+def test_serve_under_torchrun_then_a_rank_dies(tmp_path):
+    """Rank 0 serves what one process serves; killing rank 1 ends the whole run within the timeout
+    (no hang), and rank 0 stops answering."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    port = free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                             "moeflash.cli", "serve", "--model", "tiny", "--port", str(port), "--threads", "1",
+                             "--expert-parallel", "--parallel-timeout", "10"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            raise AssertionError("the expert-parallel server did not start: " + proc.stderr.read1().decode()[-2000:])
+        body = {"model": "tiny", "prompt": [256, 72, 105], "max_tokens": 7, "temperature": 0}
+        r = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        one = subprocess.run([sys.executable, "-m", "moeflash.cli", "generate", "--model", "tiny", "--prompt-ids",
+                              "256,72,105", "--max-new-tokens", "7", "--json"], capture_output=True, text=True)
+        assert r["choices"][0]["text"] == json.loads(one.stdout)["text"]
+        # two prompts, n = 2: four sequences in lockstep
+        r = httpx.post(url + "/v1/completions", timeout=60, json=dict(body, prompt=[[256, 72, 105], [256, 1, 2, 3]], n=2))
+        assert [c["finish_reason"] for c in r.json()["choices"]] == ["length"] * 4
+        agents = _children_with_rank(proc.pid, 1)
+        assert agents, "rank 1 not found"
+        os.kill(agents[0], signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(Exception):  # no answer from rank 0 any more (an error, or the run is gone)
+            got = httpx.post(url + "/v1/completions", json=body, timeout=30)
+            if got.status_code == 200:
+                raise AssertionError("rank 0 still served")
+            raise RuntimeError(got.status_code)
+        proc.wait(timeout=60)
+        assert time.monotonic() - t0 < 60
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

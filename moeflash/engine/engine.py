@@ -36,7 +36,7 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  max_state_bytes: int | None = None, num_threads: int | None = None,
-                 batch_invariant: bool = False, prefix_cache=None):
+                 batch_invariant: bool = False, prefix_cache=None, share_prompts: bool = True):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
         `max_state_bytes` caps the sequence state held at once (admission waits when full).
         `batch_invariant`: a request's tokens never depend on what else is running. A step's decode
@@ -54,6 +54,10 @@ class LLMEngine:
         self.scheduler = Scheduler(max_num_seqs, max_num_batched_tokens)
         self.batch_invariant = batch_invariant
         self.prefix_cache = prefix_cache
+        self.share_prompts = share_prompts  # n > 1: prefill a prompt once and copy its state
+        # called before each forward call with (request ids, start positions, tokens, lengths, live ids):
+        # an expert-parallel leader sends it to the other ranks, which run the same call (parallel.py)
+        self.forward_hook = None
         self.seqs: dict[str, Sequence] = {}
         self._ids = itertools.count()
         self._queues: dict[str, deque[RequestOutput]] = {}
@@ -81,7 +85,7 @@ class LLMEngine:
         seq = Sequence(rid, prompt, params, make_generator(params.seed), detok)
         if params.constraint is not None:
             seq.constraint = params.constraint.new()
-        if len(prompt) > 1:  # the same prompt already queued: prefill it once (n > 1 choices)
+        if len(prompt) > 1 and self.share_prompts:  # the same prompt already queued: prefill it once (n > 1)
             leader = next((w for w in self.scheduler.waiting if w.leader is None and w.prompt == prompt), None)
             if leader is not None:
                 seq.leader = leader
@@ -349,6 +353,9 @@ class LLMEngine:
             if start < len(seq.prompt):
                 self.stats["prompt_tokens"] += min(n, len(seq.prompt) - start)
             offset += n
+        if self.forward_hook is not None:
+            self.forward_hook([s.request_id for s in seqs], [s.consumed for s in seqs], tokens, lengths,
+                              [s.request_id for s in self.scheduler.running])
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)
         wanted = [(k, seq) for k, seq in zip(sample_rows, samplers) if seq.params.return_experts]
         routes = self._watch_routes() if wanted else None

@@ -82,6 +82,9 @@ class ExpertParallel:
         dist.init_process_group(backend, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s), **kw)
         self.dist = dist
+        # the leader's step announcements: followers may wait for them as long as the server idles
+        self.ctrl = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=30))
+        self.broken: Exception | None = None  # a collective that failed: the run cannot go on
         self.reduce_seconds, self.reduces, self.reduce_bytes = 0.0, 0, 0  # time spent in all-reduces
 
     @classmethod
@@ -97,7 +100,11 @@ class ExpertParallel:
         import time
 
         t0 = time.perf_counter()
-        self.dist.all_reduce(out)
+        try:
+            self.dist.all_reduce(out)
+        except Exception as e:  # a rank died or hung past the timeout
+            self.broken = e
+            raise RuntimeError(f"expert parallelism: an all-reduce failed ({e}); another rank is gone") from e
         self.reduce_seconds += time.perf_counter() - t0
         self.reduces += 1
         self.reduce_bytes += out.numel() * out.element_size()
@@ -113,3 +120,56 @@ class ExpertParallel:
     def close(self) -> None:
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+class Leader:
+    """Rank 0's engine hook: before each forward call, tell the other ranks what it runs (request
+    ids, start positions, tokens, lengths) and which requests are still alive (the rest are freed)."""
+
+    def __init__(self, ep: ExpertParallel):
+        self.ep = ep
+
+    def __call__(self, keys, starts, tokens, lengths, live) -> None:
+        self._send(("forward", keys, starts, tokens, lengths, live))
+
+    def stop(self) -> None:
+        try:
+            self._send(("stop",))
+        except Exception:
+            pass
+
+    def _send(self, msg) -> None:
+        try:
+            self.ep.dist.broadcast_object_list([msg], src=0, group=self.ep.ctrl)
+        except Exception as e:
+            self.ep.broken = e
+            raise RuntimeError(f"expert parallelism: the other ranks cannot be reached ({e})") from e
+
+
+@torch.inference_mode()
+def follow(model, ep: ExpertParallel) -> None:
+    """A rank other than 0: run every forward call the leader announces, on this rank's own copies of
+    the sequences' states (a call starting at position 0 begins a new state), until told to stop."""
+    from .forward import run_tokens
+
+    states: dict[str, object] = {}
+    while True:
+        box = [None]
+        ep.dist.broadcast_object_list(box, src=0, group=ep.ctrl)
+        msg = box[0]
+        if msg[0] == "stop":
+            return
+        _, keys, starts, tokens, lengths, live = msg
+        for key in list(states):
+            if key not in live and key not in keys:
+                del states[key]
+        seqs = []
+        for key, start in zip(keys, starts):
+            if start == 0:
+                states[key] = model.new_seq_state()
+            st = states.get(key)
+            if st is None or st.pos != start:
+                raise RuntimeError(f"expert parallelism: request {key} is at {getattr(st, 'pos', None)} here but "
+                                   f"at {start} on the leader; the ranks are out of step")
+            seqs.append(st)
+        run_tokens(model, torch.tensor(tokens, dtype=torch.long), seqs, lengths)
