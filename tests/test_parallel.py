@@ -179,3 +179,43 @@ def test_serve_under_torchrun_then_a_rank_dies(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def store_rank(rank: int, world: int, port: int, ckpt: str, results):
+    torch.set_num_threads(1)
+    from moeflash.engine.load import load_model
+    from moeflash.engine.parallel import ExpertParallel, shard_experts_
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=60)
+    try:
+        model, _ = load_model(ckpt, dtype="float32", expert_memory=1.0)
+        shard_experts_(model, rank, world, ep.all_reduce)
+        with torch.inference_mode():
+            tokens, logits = run(model)
+        store = model.expert_store
+        read = {e for (layer, e) in store.cache}  # the experts this rank's store ever made resident
+        results[rank] = {"logits": torch.stack(logits), "read": sorted(read), "bytes_read": store.stats()["bytes_read"]}
+    finally:
+        ep.close()
+
+
+def test_each_rank_reads_only_its_own_experts(tmp_path):
+    """With the expert store, rank r fetches only experts it owns from the checkpoint, and the
+    logits equal one process's with every expert in memory."""
+    import subprocess
+    import sys
+
+    ckpt = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
+                    "--dtype", "float32"], check=True, capture_output=True)
+    from moeflash.engine.load import load_model
+
+    ref_model, _ = load_model(str(ckpt), dtype="float32")
+    with torch.inference_mode():
+        _, ref_logits = run(ref_model)
+    results = mp.Manager().dict()
+    mp.spawn(store_rank, args=(2, free_port(), str(ckpt), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        r = results[rank]
+        assert set(r["read"]) <= set(owned_experts(8, rank, 2)) and r["read"] and r["bytes_read"] > 0
+        assert torch.allclose(r["logits"], torch.stack(ref_logits), atol=1e-5, rtol=1e-5)

@@ -8,9 +8,12 @@ process computes only the (token, expert) pairs of the experts it owns (a contig
 contributes zeros for the rest. The processes are a `torch.distributed` group (gloo on CPU, NCCL on
 GPU); a collective that waits longer than the group's timeout raises instead of hanging.
 
-What is here: `shard_experts_` (keep a share of an in-memory model's experts, free the rest) and
-`ExpertParallel` (the process group and the all-reduce). Launching under torchrun is in the CLI
-(`moeflash generate --expert-parallel`).
+What is here: `shard_experts_` (keep a share of an in-memory model's experts and free the rest; or,
+with an expert store attached, ask the store only for this rank's experts, so a rank reads only its
+own experts' bytes from the checkpoint), `ExpertParallel` (the process group, the all-reduce with a
+timeout, a long-lived control group), `Leader` / `follow` (rank 0's engine announces each forward call;
+the others run it on their own states). Launching under torchrun is in the CLI (`generate` and `serve
+--expert-parallel`).
 """
 
 from __future__ import annotations
@@ -52,10 +55,21 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
     layers = moe_layers(model)
     if not layers:
         raise ValueError("expert parallelism needs a MoE model")
-    n = len(layers[0].experts) if not layers[0].fp4 else 0
-    if any(ffn.fp4 for ffn in layers):
-        raise ValueError("expert parallelism does not shard FP4-held experts yet: load with --dequantize or bf16")
+    n = model.config.n_routed_experts
     own = owned_experts(n, rank, world)
+    store = getattr(model, "expert_store", None)
+    if store is not None:  # experts served from the checkpoint: this rank asks only for its own
+        if store.slab is not None:
+            raise ValueError("expert parallelism does not yet combine with FP4 experts in an expert store's slab")
+        absent = AbsentExpert()
+        for ffn in layers:
+            fetch = ffn.provider
+            ffn.provider = (lambda experts, e, fetch=fetch: fetch(experts, e) if e in own else absent)
+            ffn.combine = combine
+        return {"owned": own, "expert_bytes": 0, "store": True}
+    if any(ffn.fp4 for ffn in layers):
+        raise ValueError("expert parallelism does not shard FP4-held experts yet: load with --dequantize or bf16, "
+                         "or through the expert store (--expert-memory)")
     held = 0
     for ffn in layers:
         ffn.w13 = ffn.w2 = None  # the packed copies cover every expert: per-expert modules from here
