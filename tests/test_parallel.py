@@ -219,3 +219,65 @@ def test_each_rank_reads_only_its_own_experts(tmp_path):
         r = results[rank]
         assert set(r["read"]) <= set(owned_experts(8, rank, 2)) and r["read"] and r["bytes_read"] > 0
         assert torch.allclose(r["logits"], torch.stack(ref_logits), atol=1e-5, rtol=1e-5)
+
+
+def moefied_rank(rank: int, world: int, port: int, path: str, results):
+    torch.set_num_threads(1)
+    from moeflash.engine.load import load_model
+    from moeflash.engine.parallel import ExpertParallel, shard_experts_
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=60)
+    try:
+        model, _ = load_model(path, dtype="float32")
+        info = shard_experts_(model, rank, world, ep.all_reduce)
+        ids = [256, 72, 101, 108, 108, 111, 44, 32, 119]
+        with torch.no_grad():
+            results[rank] = {"logits": model(torch.tensor([ids]))[0], "expert_bytes": info["expert_bytes"]}
+    finally:
+        ep.close()
+
+
+def test_two_ranks_equal_one_for_a_moefied_llama(tmp_path):
+    from moeflash.evaluate.corpora import builtin_text
+    from moeflash.moefy import moefy, save_gguf
+    from moeflash.weights.build import load_gguf_model
+
+    from .test_gguf_llama import write_tiny_llama
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_llama(src, "F32")
+    model, tok = load_gguf_model(src, "float32")
+    moefy(model, tok.encode(builtin_text("prose", 3000), special=False)[:600], 4, 2, router_hidden=0, steps=20)
+    path = save_gguf(model, src, tmp_path / "moe.gguf")
+    ref, _ = load_gguf_model(path, "float32")
+    ids = [256, 72, 101, 108, 108, 111, 44, 32, 119]
+    with torch.no_grad():
+        want = ref(torch.tensor([ids]))[0]
+    full = sum(t.numel() * t.element_size() for layer in ref.layers for t in (layer.ffn.gate, layer.ffn.up, layer.ffn.down))
+    results = mp.Manager().dict()
+    mp.spawn(moefied_rank, args=(2, free_port(), str(path), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.allclose(results[rank]["logits"], want, atol=1e-5, rtol=1e-5)
+        assert 2 * results[rank]["expert_bytes"] == full
+
+
+def disagree_rank(rank: int, world: int, port: int, results):
+    from moeflash.engine.parallel import ExpertParallel
+    from moeflash.engine.prefix_cache import model_fingerprint
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=30)
+    try:
+        model = build_tiny("float32", seed=rank)  # rank 1 loaded other weights
+        try:
+            ep.agree(model_fingerprint(model))
+            results[rank] = "agreed"
+        except ValueError as e:
+            results[rank] = str(e)
+    finally:
+        ep.close()
+
+
+def test_ranks_that_loaded_different_models_refuse_to_start():
+    results = mp.Manager().dict()
+    mp.spawn(disagree_rank, args=(2, free_port(), results), nprocs=2, join=True)
+    assert all("disagree" in results[r] for r in (0, 1))

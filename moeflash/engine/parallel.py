@@ -55,8 +55,18 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
     layers = moe_layers(model)
     if not layers:
         raise ValueError("expert parallelism needs a MoE model")
-    n = model.config.n_routed_experts
+    cfg = model.config
+    n = getattr(cfg, "moe_experts", 0) or cfg.n_routed_experts
     own = owned_experts(n, rank, world)
+    if getattr(cfg, "moe_experts", 0) and getattr(model, "expert_store", None) is None:  # a MoE-fied llama
+        held = 0
+        for ffn in layers:
+            for name in ("gate", "up", "down"):
+                t = getattr(ffn, name)
+                setattr(ffn, name, nn.Parameter(t.data[own.start:own.stop].clone(), requires_grad=False))
+                held += getattr(ffn, name).numel() * getattr(ffn, name).element_size()
+            ffn.owned, ffn.combine = own, combine
+        return {"owned": own, "expert_bytes": held}
     store = getattr(model, "expert_store", None)
     if store is not None:  # experts served from the checkpoint: this rank asks only for its own
         if store.slab is not None:

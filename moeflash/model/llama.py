@@ -179,6 +179,10 @@ class MoefiedMLP(nn.Module):
             self.router = nn.Sequential(nn.Linear(dim, experts))
         self.on_route = None
         self.provider = None  # optional (None, e) -> callable expert; an expert store serves them then
+        # expert parallelism: experts owned..owned+len held here (the stacked tensors hold only those);
+        # `combine` adds the other processes' partial sums (engine/parallel.py)
+        self.owned: range | None = None
+        self.combine = None
 
     def predict(self, x: torch.Tensor, ids=None):
         """(None, the experts x would use): what an expert store's prefetch asks of a layer's gate."""
@@ -187,6 +191,10 @@ class MoefiedMLP(nn.Module):
     def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if self.provider is not None:
             return self.provider(None, e)(x)
+        if self.owned is not None:
+            if e not in self.owned:
+                return torch.zeros_like(x)  # another process's expert
+            e -= self.owned.start
         return (F.silu(x @ self.gate[e].T) * (x @ self.up[e].T)) @ self.down[e].T
 
     def fuse_projections_(self) -> None:
@@ -202,15 +210,17 @@ class MoefiedMLP(nn.Module):
         if self.on_route is not None:
             self.on_route(x, idx.reshape(-1), idx)
         out = torch.zeros_like(x)
-        if x.shape[0] == 1 and self.provider is None:  # a decode step: only the chosen experts are read
+        if x.shape[0] == 1 and self.provider is None and self.owned is None:  # a decode step: chosen experts only
             for e in idx[0].tolist():
                 h = F.silu(self.gate[e] @ x[0]) * (self.up[e] @ x[0])
                 out[0] += self.down[e] @ h
             return out
         for e in idx.unique().tolist():
+            if self.owned is not None and self.provider is None and e not in self.owned:
+                continue
             rows = (idx == e).any(dim=-1).nonzero().squeeze(1)
             out.index_add_(0, rows, self._expert(e, x[rows]).to(out.dtype))
-        return out
+        return self.combine(out) if self.combine is not None else out
 
 
 class LlamaBlock(nn.Module):
