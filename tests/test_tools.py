@@ -103,3 +103,82 @@ def test_errors(client):
     with pytest.raises(openai.BadRequestError, match="cannot be combined"):
         client.chat.completions.create(model="tiny", messages=MSGS, tools=[WEATHER], tool_choice="required",
                                        response_format={"type": "json_object"}, max_tokens=2)
+
+
+# -- Hermes-style templates (Qwen 2.5 / 3, Hermes, SmolLM3): <tool_call> JSON blocks -----------------
+HERMES_TEMPLATE = """{%- if tools %}<|im_start|>system
+{% if messages[0].role == 'system' %}{{ messages[0].content }}
+
+{% endif %}# Tools
+
+You are provided with function signatures within <tools></tools> XML tags:
+<tools>
+{%- for tool in tools %}
+{{ tool | tojson }}
+{%- endfor %}
+</tools>
+
+For each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags.<|im_end|>
+{% elif messages[0].role == 'system' %}<|im_start|>system
+{{ messages[0].content }}<|im_end|>
+{% endif %}
+{%- for m in messages %}
+{%- if m.role == 'user' or (m.role == 'assistant' and not m.tool_calls) %}<|im_start|>{{ m.role }}
+{{ m.content }}<|im_end|>
+{% elif m.role == 'assistant' %}<|im_start|>assistant
+{% if m.content %}{{ m.content }}
+{% endif %}{%- for tc in m.tool_calls %}<tool_call>
+{"name": "{{ tc.function.name }}", "arguments": {{ tc.function.arguments | tojson }}}
+</tool_call>{% endfor %}<|im_end|>
+{% elif m.role == 'tool' %}<|im_start|>user
+<tool_response>
+{{ m.content }}
+</tool_response><|im_end|>
+{% endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+
+
+class HermesTokenizer(ByteTokenizer):
+    chat_template = HERMES_TEMPLATE
+
+
+def test_hermes_encoding_and_parsing():
+    from moeflash.server.chat import make_chat_encoder
+    from moeflash.server.hermes import HermesCallParser
+
+    enc = make_chat_encoder(HermesTokenizer(), "template")
+    assert enc.supports_tools and enc.tool_format == "hermes"
+    msgs = MSGS + [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "18C"}]
+    text = enc.encode(msgs, tools=[WEATHER["function"]])
+    assert '{"type": "function", "function": {"name": "get_weather"' in text
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n18C\n</tool_response>" in text and text.endswith("<|im_start|>assistant\n")
+    out = 'Sure.\n<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    for size in (1, 4, 1000):
+        p, content, calls = HermesCallParser(), "", []
+        for i in range(0, len(out), size):
+            c, new = p.push(out[i:i + size])
+            content, calls = content + c, calls + new
+        content += p.flush()
+        assert content == "Sure." and [(c.name, c.arguments) for c in calls] == [("get_time", {"zone": "UTC"})]
+
+
+def test_hermes_forced_call_through_the_openai_client():
+    from moeflash.model.init import randomize_
+    from moeflash.model.llama import Llama
+    from tests.test_llama import CONFIGS
+
+    model = randomize_(Llama(CONFIGS["tied-gqa"].replace(max_position_embeddings=2048)), seed=0, std=0.02).eval()
+    with RunningServer(model, HermesTokenizer(), "llama", "template", max_model_len=2048) as s:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        tool = {"type": "function", "function": {"name": "pick", "parameters": {
+            "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"]}}}
+        r = c.chat.completions.create(model="llama", messages=[{"role": "user", "content": "n?"}], tools=[tool],
+                                      tool_choice="required", parallel_tool_calls=False, max_tokens=120, seed=0)
+        ch = r.choices[0]
+        assert ch.finish_reason == "tool_calls" and len(ch.message.tool_calls) == 1
+        check_call(ch.message.tool_calls[0], tool)

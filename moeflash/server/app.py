@@ -217,11 +217,13 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
                     raise APIError(400, "tool_choice that forces a call cannot be combined with response_format or "
                                    "guided_* output", param="tool_choice")
                 from .dsml import call_grammar
+                from .hermes import hermes_grammar
 
                 called = functions if tool_choice == "required" else [f for f in functions if f["name"] == tool_choice]
                 dsml_id = (getattr(tokenizer, "special_tokens", None) or {}).get("｜DSML｜")
-                grammar = await loop.run_in_executor(text_pool, _compile, "lark",
-                                                     call_grammar(called, req.parallel_tool_calls, dsml_id), "tool_choice")
+                lark = (hermes_grammar(called, req.parallel_tool_calls) if encoder.tool_format == "hermes"
+                        else call_grammar(called, req.parallel_tool_calls, dsml_id))
+                grammar = await loop.run_in_executor(text_pool, _compile, "lark", lark, "tool_choice")
             else:
                 grammar = await loop.run_in_executor(text_pool, _grammar, req)
             return await _run(request, "chat.completion", req, [ids], bool(thinking), lease, starts[-1:],
@@ -325,7 +327,8 @@ def create_app(engine: AsyncLLMEngine, tokenizer, config: ServerConfig, grammars
         created = int(time.time())
         jobs = [(i, prompts[i // req.n], params[i]) for i in range(len(params))]
         parallel = getattr(req, "parallel_tool_calls", True)
-        parsers = {i: ReplyParser(encoder.reasoning_parser(bool(thinking)), tools, parallel)
+        parsers = {i: ReplyParser(encoder.reasoning_parser(bool(thinking)), tools, parallel,
+                                  encoder.tool_format or "dsml")
                    for i, _, _ in jobs} if chat else {}
         head = {"id": rid, "object": kind + (".chunk" if chat and req.stream else ""), "created": created,
                 "model": config.served_model_name}

@@ -233,11 +233,13 @@ class ReplyParser:
     are split out (`dsml.ToolCallParser`) when the request offered tools. `push` and `flush` give
     (reasoning, content, calls completed); with `parallel` False only the first call is kept."""
 
-    def __init__(self, reasoning: ReasoningParser, tools: bool = False, parallel: bool = True):
+    def __init__(self, reasoning: ReasoningParser, tools: bool = False, parallel: bool = True,
+                 tool_format: str = "dsml"):
         from .dsml import ToolCallParser
+        from .hermes import HermesCallParser
 
         self.reasoning = reasoning
-        self.tools = ToolCallParser() if tools else None
+        self.tools = (HermesCallParser() if tool_format == "hermes" else ToolCallParser()) if tools else None
         self.parallel = parallel
         self.calls: list = []
 
@@ -274,6 +276,7 @@ class ChatEncoder:
     supports_thinking: bool = False
 
     supports_tools: bool = False
+    tool_format: str | None = None  # how its model writes calls: "dsml" (V4) or "hermes" (<tool_call> JSON)
 
     def encode(self, messages: list[dict], thinking: bool | None = None, tools: list[dict] | None = None) -> str:
         return "".join(text for text, _ in self.encode_parts(messages, thinking, tools))
@@ -310,7 +313,8 @@ class ChatEncoder:
             return
         if tools:
             raise ChatError("this model's chat encoding has no tool support (tools work with DeepSeek-V4 "
-                            "models, through DSML)", "tools")
+                            "models, through DSML, and with chat templates that write Hermes-style <tool_call> "
+                            "blocks)", "tools")
         for i, m in enumerate(msgs):
             if m.get("tool_calls"):
                 raise ChatError(f"messages[{i}].tool_calls: this model's chat encoding has no tool support",
@@ -348,6 +352,7 @@ class DeepSeekV4Encoder(ChatEncoder):
 
     supports_thinking = True
     supports_tools = True
+    tool_format = "dsml"
 
     def __init__(self, think_end_id: int | None = None) -> None:
         self.think_end_id = think_end_id  # "</think>"'s id, for ReasoningParser.push_token
@@ -419,8 +424,23 @@ class TemplateEncoder(ChatEncoder):
         self._check_thinking(thinking)
         norm = normalize_messages(messages)
         self._check_tools(norm, tools)
-        msgs = [{"role": m["role"], "content": m["content"]} for m in norm]
-        marked = [{"role": m["role"], "content": f"{_MARK_OPEN}{i}{_MARK_CLOSE}"} for i, m in enumerate(msgs)]
+        msgs = []
+        for m in norm:
+            d = {"role": m["role"], "content": m["content"]}
+            if m.get("tool_calls"):  # as transformers hands them to templates: arguments as an object
+                d["tool_calls"] = [{"id": c["id"], "type": "function",
+                                    "function": {"name": c["name"], "arguments": c["arguments"]}}
+                                   for c in m["tool_calls"]]
+            if m.get("tool_call_id"):
+                d["tool_call_id"] = m["tool_call_id"]
+            msgs.append(d)
+        self._tools = [{"type": "function", "function": f} for f in tools] if tools else None
+        if tools or any(m.get("tool_calls") for m in msgs):  # rendered by the template: no special tokens inside
+            blob = json.dumps([self._tools, [m.get("tool_calls") for m in msgs]], ensure_ascii=False)
+            hit = next((t for t in self.special_tokens if t and t in blob), None)
+            if hit is not None:
+                raise ChatError(f"a tool schema or call holds the special token {hit!r}; remove it", "tools")
+        marked = [dict(m, content=f"{_MARK_OPEN}{i}{_MARK_CLOSE}") for i, m in enumerate(msgs)]
         pieces = _MARK.split(self._render(marked))  # text, index, text, index, ..., text
         if [int(k) for k in pieces[1::2]] == list(range(len(msgs))) and not any(
                 _MARK_OPEN in t or _MARK_CLOSE in t for t in pieces[0::2]):
@@ -436,10 +456,19 @@ class TemplateEncoder(ChatEncoder):
                                 "remove it", f"messages[{i}].content")
         return [(self._render(msgs), True)]
 
+    @property
+    def supports_tools(self) -> bool:  # a template that lists tools and has the model write <tool_call>
+        return "tools" in self.template and "<tool_call>" in self.template
+
+    @property
+    def tool_format(self) -> str | None:
+        return "hermes" if self.supports_tools else None
+
     def _render(self, msgs: list[dict]) -> str:
         try:
+            extra = {"tools": self._tools} if getattr(self, "_tools", None) else {}
             return render_chat(self.template, msgs, add_generation_prompt=True,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
+                               bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except ChatTemplateError as e:
             raise ChatError(str(e), "messages") from None
 
