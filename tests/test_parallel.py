@@ -281,3 +281,38 @@ def test_ranks_that_loaded_different_models_refuse_to_start():
     results = mp.Manager().dict()
     mp.spawn(disagree_rank, args=(2, free_port(), results), nprocs=2, join=True)
     assert all("disagree" in results[r] for r in (0, 1))
+
+
+def test_ctrl_c_on_rank_0_stops_every_rank():
+    """SIGINT to the serving rank: it shuts down gracefully, tells the others to stop, and the whole
+    torchrun run ends with status 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    port = free_port()
+    torchrun = Path(sys.executable).with_name("torchrun")
+    proc = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
+                             "moeflash.cli", "serve", "--model", "tiny", "--port", str(port), "--threads", "1",
+                             "--expert-parallel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        rank0 = _children_with_rank(proc.pid, 0)
+        assert rank0
+        os.kill(rank0[0], signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
