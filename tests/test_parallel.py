@@ -316,3 +316,47 @@ def test_ctrl_c_on_rank_0_stops_every_rank():
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def fp4_rank(rank: int, world: int, port: int, ckpt: str, store: bool, results):
+    torch.set_num_threads(1)
+    from moeflash.engine.load import load_model
+    from moeflash.engine.parallel import ExpertParallel, shard_experts_
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=60)
+    try:
+        model, _ = load_model(ckpt, dtype="float32", **({"expert_memory": 1.0} if store else {}))
+        info = shard_experts_(model, rank, world, ep.all_reduce)
+        with torch.inference_mode():
+            _, logits = run(model)
+        fetched = sorted({e for (_, e) in model.expert_store.cache}) if store else None
+        results[rank] = {"logits": torch.stack(logits), "expert_bytes": info["expert_bytes"], "fetched": fetched}
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("store", [False, True])
+def test_two_ranks_equal_one_with_official_fp4_experts(tmp_path, store):
+    """The official format keeps the experts as FP4 codes: each rank keeps its slice of the packed
+    codes and scales; the logits equal one process's."""
+    import subprocess
+    import sys
+
+    from moeflash.engine.load import load_model
+
+    ckpt = tmp_path / "tiny-official"
+    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--official", "--out",
+                    str(ckpt)], check=True, capture_output=True)
+    ref, _ = load_model(str(ckpt), dtype="float32")
+    assert all(layer.ffn.fp4 for layer in ref.layers)
+    full = sum(getattr(layer.ffn, n).numel() for layer in ref.layers for n in ("q13", "s13", "q2", "s2"))
+    with torch.inference_mode():
+        _, want = run(ref)
+    results = mp.Manager().dict()
+    mp.spawn(fp4_rank, args=(2, free_port(), str(ckpt), store, results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.allclose(results[rank]["logits"], torch.stack(want), atol=1e-5, rtol=1e-5)
+        if store:  # the slab's FP4 experts: this rank fetched only its own
+            assert results[rank]["fetched"] and set(results[rank]["fetched"]) <= set(owned_experts(8, rank, 2))
+        else:
+            assert 2 * results[rank]["expert_bytes"] == full

@@ -68,19 +68,36 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
             ffn.owned, ffn.combine = own, combine
         return {"owned": own, "expert_bytes": held}
     store = getattr(model, "expert_store", None)
+    if store is not None and store.slab is not None:  # FP4 experts in the store's slab: route others' pairs
+        for ffn in layers:                             # to an owned expert with weight 0 (never fetched)
+            inner = ffn.slots
+
+            def slots(idx, inner=inner):
+                mine = (idx >= own.start) & (idx < own.stop)
+                safe = torch.where(mine, idx, torch.full_like(idx, own.start))
+                for slot_idx, mask, bufs in inner(safe):
+                    yield slot_idx, (mine if mask is None else mask & mine), bufs
+            ffn.slots = slots
+            ffn.combine = combine
+        return {"owned": own, "expert_bytes": 0, "store": True}
     if store is not None:  # experts served from the checkpoint: this rank asks only for its own
-        if store.slab is not None:
-            raise ValueError("expert parallelism does not yet combine with FP4 experts in an expert store's slab")
         absent = AbsentExpert()
         for ffn in layers:
             fetch = ffn.provider
             ffn.provider = (lambda experts, e, fetch=fetch: fetch(experts, e) if e in own else absent)
             ffn.combine = combine
         return {"owned": own, "expert_bytes": 0, "store": True}
-    if any(ffn.fp4 for ffn in layers):
-        raise ValueError("expert parallelism does not shard FP4-held experts yet: load with --dequantize or bf16, "
-                         "or through the expert store (--expert-memory)")
     held = 0
+    if all(ffn.fp4 for ffn in layers):  # official FP4 experts held packed: keep this rank's slices
+        for ffn in layers:
+            for name in ("q13", "s13", "q2", "s2"):
+                part = getattr(ffn, name)[own.start:own.stop].clone()
+                setattr(ffn, name, part)
+                held += part.numel() * part.element_size()
+            ffn.owned, ffn.combine = own, combine
+        return {"owned": own, "expert_bytes": held}
+    if any(ffn.fp4 for ffn in layers):
+        raise ValueError("a model with FP4-held experts in some layers only cannot be sharded")
     for ffn in layers:
         ffn.w13 = ffn.w2 = None  # the packed copies cover every expert: per-expert modules from here
         for e in range(len(ffn.experts)):

@@ -84,6 +84,7 @@ class MoE(nn.Module):
         # optional callable out [N, dim] -> out: the routed experts' partial sum combined with other
         # processes' (expert parallelism: each holds a share of the experts; engine/parallel.py)
         self.combine = None
+        self.owned: range | None = None  # FP4-held experts under expert parallelism: the ids held here
         self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
         self.w13: torch.Tensor | None = None  # [E, 2I, dim] packed w1|w3 (see pack_experts_)
         self.w2: torch.Tensor | None = None   # [E, dim, I]
@@ -136,6 +137,10 @@ class MoE(nn.Module):
         """The routed experts' weighted sum for each row of flat [N, dim]; records `last_experts`."""
         if self.fp4 and self.provider is None and self.slots is None:  # every (token, expert) pair, one call
             self.last_experts = torch.unique(idx)
+            if self.owned is not None:  # only experts owned..: the others' pairs weigh nothing here
+                mine = (idx >= self.owned.start) & (idx < self.owned.stop)
+                idx = (idx - self.owned.start).clamp(0, len(self.owned) - 1)
+                weights = weights * mine
             return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
         if self.slots is not None:  # the same kernel over an expert store's slots
             self.last_experts = torch.unique(idx)
