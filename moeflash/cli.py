@@ -77,14 +77,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ep = None
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
-        if args.expert_parallel:  # under torchrun: this rank keeps its share of the experts
-            from .engine.parallel import ExpertParallel, shard_experts_
-            from .engine.prefix_cache import model_fingerprint
-
-            ep = ExpertParallel.from_env(args.parallel_timeout)
-            ep.agree(model_fingerprint(model))  # every rank must have loaded the same model
-            shard_experts_(model, ep.rank, ep.world, ep.all_reduce)
+        model, tokenizer, ep = _load_for(args, load_model)
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         if ep is not None:
@@ -95,6 +88,27 @@ def cmd_generate(args: argparse.Namespace) -> int:
     finally:
         if ep is not None:
             ep.close()
+
+
+def _load_for(args: argparse.Namespace, load_model):
+    """(model, tokenizer, ExpertParallel or None): with --expert-parallel (under torchrun) the rank joins
+    its group first and reads only its own routed experts from a checkpoint directory (other models are
+    loaded whole and sharded), and all ranks must have loaded the same model."""
+    if not args.expert_parallel:
+        return (*load_model(args.model, dtype=args.dtype, **_expert_args(args)), None)
+    from .engine.parallel import ExpertParallel, checkpoint_experts, shard_experts_, shared_fingerprint
+
+    ep = ExpertParallel.from_env(args.parallel_timeout)
+    try:
+        own = checkpoint_experts(args.model, ep.rank, ep.world) if args.expert_memory is None else None
+        model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args),
+                                      **({"experts": own} if own is not None else {}))
+        ep.agree(shared_fingerprint(model))
+        shard_experts_(model, ep.rank, ep.world, ep.all_reduce)
+    except BaseException:
+        ep.close()
+        raise
+    return model, tokenizer, ep
 
 
 def _generate(args: argparse.Namespace, model, tokenizer, quiet: bool = False) -> int:
@@ -328,17 +342,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     ep = leader = None
     try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype, **_expert_args(args))
-        if args.expert_parallel:  # under torchrun: rank 0 serves, the others follow its steps
-            from .engine.parallel import ExpertParallel, Leader, follow, shard_experts_
-            from .engine.prefix_cache import model_fingerprint
+        if args.expert_parallel and args.prefix_cache_dir:
+            raise ValueError("--expert-parallel serves without the prefix cache (its states live on rank 0 only)")
+        model, tokenizer, ep = _load_for(args, load_model)
+        if ep is not None:  # under torchrun: rank 0 serves, the others follow its steps
+            from .engine.parallel import Leader, follow
 
-            if args.prefix_cache_dir:
-                raise ValueError("--expert-parallel serves without the prefix cache (its states live on rank 0 only)")
             args.prefix_cache_gb = 0.0
-            ep = ExpertParallel.from_env(args.parallel_timeout)
-            ep.agree(model_fingerprint(model))
-            shard_experts_(model, ep.rank, ep.world, ep.all_reduce)
             if ep.rank != 0:
                 try:
                     follow(model, ep)

@@ -360,3 +360,62 @@ def test_two_ranks_equal_one_with_official_fp4_experts(tmp_path, store):
             assert results[rank]["fetched"] and set(results[rank]["fetched"]) <= set(owned_experts(8, rank, 2))
         else:
             assert 2 * results[rank]["expert_bytes"] == full
+
+
+@pytest.mark.parametrize("official", [False, True])
+def test_a_rank_reads_only_its_own_experts_from_the_checkpoint(tmp_path, monkeypatch, official):
+    import re
+    import subprocess
+    import sys
+
+    from moeflash.engine.load import load_model
+    from moeflash.weights.loader import Checkpoint
+
+    ckpt = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
+                    *(["--official"] if official else ["--dtype", "float32"])], check=True, capture_output=True)
+    read = []
+    for method in ("get", "get_quantized"):
+        orig = getattr(Checkpoint, method)
+        monkeypatch.setattr(Checkpoint, method, lambda self, name, *a, orig=orig, **k: (read.append(name),
+                                                                                         orig(self, name, *a, **k))[1])
+    own = owned_experts(8, 1, 2)
+    model, _ = load_model(str(ckpt), dtype="float32", experts=own)
+    experts = {int(m.group(1)) for n in read if (m := re.match(r"layers\.\d+\.ffn\.experts\.(\d+)\.", n))}
+    assert experts == set(own)  # the other rank's experts were never read
+    ffn = model.layers[1].ffn
+    assert ffn.owned == own and (ffn.q13.shape[0] == 4 if official else sum(1 for e in ffn.experts if list(e.parameters())) == 4)
+
+
+def loaded_rank(rank: int, world: int, port: int, ckpt: str, results):
+    torch.set_num_threads(1)
+    from moeflash.engine.load import load_model
+    from moeflash.engine.parallel import ExpertParallel, shard_experts_
+
+    ep = ExpertParallel(rank, world, init_method=f"tcp://127.0.0.1:{port}", timeout_s=60)
+    try:
+        model, _ = load_model(ckpt, dtype="float32", experts=owned_experts(8, rank, world))
+        shard_experts_(model, rank, world, ep.all_reduce)
+        with torch.inference_mode():
+            _, logits = run(model)
+        results[rank] = torch.stack(logits)
+    finally:
+        ep.close()
+
+
+def test_ranks_loaded_with_their_own_experts_equal_one(tmp_path):
+    import subprocess
+    import sys
+
+    from moeflash.engine.load import load_model
+
+    ckpt = tmp_path / "tiny"
+    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
+                    "--dtype", "float32"], check=True, capture_output=True)
+    ref, _ = load_model(str(ckpt), dtype="float32")
+    with torch.inference_mode():
+        _, want = run(ref)
+    results = mp.Manager().dict()
+    mp.spawn(loaded_rank, args=(2, free_port(), str(ckpt), results), nprocs=2, join=True)
+    for rank in (0, 1):
+        assert torch.allclose(results[rank], torch.stack(want), atol=1e-5, rtol=1e-5)

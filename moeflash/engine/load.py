@@ -17,14 +17,14 @@ from .experts import DiskExperts, ExpertStore
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
-               dequantize: bool = False, progress=None):
+               dequantize: bool = False, progress=None, experts: range | None = None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
 
     With `expert_memory` (GiB; V4 checkpoint directories only) the routed experts are not loaded: an
     `ExpertStore` with `expert_policy` (and `prefetch`) serves them from the files. `memory_limit`,
     `dequantize`, `progress`: see weights.build."""
-    if expert_memory is None:
-        return build.load_model(spec, dtype, memory_limit, dequantize, progress)
+    if expert_memory is None:  # `experts`: read only those routed experts (expert parallelism)
+        return build.load_model(spec, dtype, memory_limit, dequantize, progress, experts)
     name = str(spec)
     if name.endswith(".gguf"):
         return _load_moefied_gguf(name, dtype, expert_memory, expert_policy, prefetch)

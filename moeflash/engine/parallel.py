@@ -58,6 +58,14 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
     cfg = model.config
     n = getattr(cfg, "moe_experts", 0) or cfg.n_routed_experts
     own = owned_experts(n, rank, world)
+    if all(getattr(ffn, "owned", None) == own for ffn in layers) and not getattr(cfg, "moe_experts", 0):
+        held = 0  # loaded with only this rank's experts (load_model(experts=...)): combine, nothing to free
+        for ffn in layers:
+            ffn.combine = combine
+            parts = [getattr(ffn, k) for k in ("q13", "s13", "q2", "s2")] if ffn.fp4 else \
+                [p for e in own for p in ffn.experts[e].parameters()]
+            held += sum(t.numel() * t.element_size() for t in parts)
+        return {"owned": own, "expert_bytes": held}
     if getattr(cfg, "moe_experts", 0) and getattr(model, "expert_store", None) is None:  # a MoE-fied llama
         held = 0
         for ffn in layers:
@@ -214,3 +222,34 @@ def follow(model, ep: ExpertParallel) -> None:
                                    f"at {start} on the leader; the ranks are out of step")
             seqs.append(st)
         run_tokens(model, torch.tensor(tokens, dtype=torch.long), seqs, lengths)
+
+
+def shared_fingerprint(model) -> str:
+    """A digest of the configuration and of every tensor all ranks hold alike (not the routed experts,
+    which differ per rank): ranks that loaded different models disagree on it."""
+    import hashlib
+    import json
+
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps(getattr(model.config, "__dict__", str(model.config)), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        if ".experts." in name or name.split(".")[-1] in ("q13", "s13", "q2", "s2") or \
+                (name.endswith(("ffn.gate", "ffn.up", "ffn.down"))):
+            continue
+        if t.device.type == "meta" or not t.numel():
+            continue
+        h.update(name.encode())
+        h.update(t.reshape(-1)[:64].float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def checkpoint_experts(spec: str, rank: int, world: int) -> range | None:
+    """The routed experts rank `rank` should read from a V4 checkpoint directory (None for models
+    loaded another way, which are sharded after loading)."""
+    from pathlib import Path
+
+    from ..config import ModelConfig
+
+    if not (Path(spec).is_dir() and (Path(spec) / "config.json").is_file()):
+        return None
+    return owned_experts(ModelConfig.from_json(Path(spec)).n_routed_experts, rank, world)

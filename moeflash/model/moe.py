@@ -64,6 +64,13 @@ class Gate(nn.Module):
         return (w if w.dtype == x.dtype else w.to(x.dtype)), idx
 
 
+class AbsentExpert(nn.Module):
+    """A routed expert held by another process (expert parallelism): contributes nothing here."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
 class MoE(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int | None):
         super().__init__()
@@ -104,11 +111,20 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList()
         self.fp4 = True
 
+    def keep_experts_(self, owned: range) -> None:
+        """Hold only the routed experts `owned` (expert parallelism): the others become `AbsentExpert`
+        (their weights are never read), and FP4-held experts are expected as that slice."""
+        self.owned = owned
+        if not self.fp4:
+            for e in range(len(self.experts)):
+                if e not in owned:
+                    self.experts[e] = AbsentExpert()
+
     @torch.no_grad()
     def pack_experts_(self) -> None:
         """Store all routed experts in two stacked tensors (the per-expert parameters become views
         of them, so names, state dicts and memory stay the same) and use grouped matmuls."""
-        if GROUPED_MM is None or self.w13 is not None or self.fp4:
+        if GROUPED_MM is None or self.w13 is not None or self.fp4 or self.owned is not None:
             return
         inter = self.experts[0].w1.weight.shape[0]
         w13 = torch.stack([torch.cat((e.w1.weight, e.w3.weight)) for e in self.experts])

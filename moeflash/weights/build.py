@@ -8,6 +8,7 @@ weights are materialised once, in the requested dtype.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -129,9 +130,10 @@ def dense_bytes(model: Transformer, dtype: torch.dtype) -> int:
 
 
 def load_checkpoint_model(path: str | Path, dtype: str | torch.dtype = "auto", memory_limit: float | None = None,
-                          dequantize: bool = False, progress=None) -> Transformer:
-    """A V4 checkpoint directory as a Transformer with every weight in memory (see `_load_checkpoint`)."""
-    return _load_checkpoint(path, dtype, None, memory_limit, dequantize, progress)[0]
+                          dequantize: bool = False, progress=None, experts: range | None = None) -> Transformer:
+    """A V4 checkpoint directory as a Transformer with every weight in memory (see `_load_checkpoint`);
+    with `experts`, only those routed experts of each layer are read (expert parallelism)."""
+    return _load_checkpoint(path, dtype, None, memory_limit, dequantize, progress, experts)[0]
 
 
 def load_checkpoint_dense(path: str | Path, expert_memory: float, dtype: str | torch.dtype = "auto",
@@ -143,7 +145,7 @@ def load_checkpoint_dense(path: str | Path, expert_memory: float, dtype: str | t
 
 
 def _load_checkpoint(path: str | Path, dtype: str | torch.dtype, expert_memory: float | None,
-                     memory_limit: float | None, dequantize: bool, progress):
+                     memory_limit: float | None, dequantize: bool, progress, experts: range | None = None):
     """Load a safetensors checkpoint (official DeepSeek or Hugging Face names) into a Transformer.
 
     Quantized weights stay at their storage precision (weights/storage.py): FP8 linears as FP8 with
@@ -167,10 +169,19 @@ def _load_checkpoint(path: str | Path, dtype: str | torch.dtype, expert_memory: 
         model = Transformer(cfg)
     meta = dict(model.state_dict())  # names and shapes only (meta tensors)
     expected = {n: t for n, t in meta.items() if not (streamed and ".ffn.experts." in n)}
+    if experts is not None:  # expert parallelism: the other processes' routed experts are never read
+        others = re.compile(r"^layers\.\d+\.ffn\.experts\.(\d+)\.")
+        expected = {n: t for n, t in expected.items()
+                    if not ((m := others.match(n)) and int(m.group(1)) not in experts)}
+        for layer in model.layers:
+            layer.ffn.keep_experts_(experts)
     budget = int(expert_memory * (1 << 30)) if streamed else 0
     if streamed and budget <= 0:
         raise ValueError(f"--expert-memory must be > 0 GiB, got {expert_memory}")
     skip = (["mtp."] + [f"layers.{i}.ffn.experts." for i in range(cfg.num_hidden_layers)]) if streamed else []
+    if experts is not None:
+        skip += [f"layers.{i}.ffn.experts.{j}." for i in range(cfg.num_hidden_layers)
+                 for j in range(cfg.n_routed_experts) if j not in experts]
     check(ckpt, expected, skip)
     if streamed:  # the store reads the experts, whose shapes `check` skipped: check them here
         check(ckpt, {n: t for n, t in meta.items() if ".ffn.experts." in n and not n.startswith("mtp.")},
@@ -210,7 +221,7 @@ def _load_checkpoint(path: str | Path, dtype: str | torch.dtype, expert_memory: 
         state[name] = t.to(want, copy=not streamed)
     model.load_state_dict(state, strict=False, assign=True)
     if held:
-        load_quantized(ckpt, model, held, tick)
+        load_quantized(ckpt, model, held, tick, experts)
     # non-persistent buffers (RoPE frequencies) are rebuilt in real memory
     model.inv_freq_main = rope_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
     model.inv_freq_compress = rope_inv_freq(cfg.qk_rope_head_dim, cfg.compress_rope_theta, cfg.yarn)
@@ -227,7 +238,7 @@ NEEDS_CHECKPOINT_DIR = ("--expert-memory and --memory-limit need a V4 checkpoint
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", memory_limit: float | None = None,
-               dequantize: bool = False, progress=None):
+               dequantize: bool = False, progress=None, experts: range | None = None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory, every
     weight in memory. `memory_limit` / `dequantize` / `progress`: see `_load_checkpoint` (V4 checkpoint
     directories only). Models whose experts stream from disk: `moeflash.engine.load.load_model`."""
@@ -237,7 +248,7 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", memory_limit
     path = checkpoint_dir(name)
     if path is None:
         return named_model(name, dtype)
-    model = load_checkpoint_model(path, dtype, memory_limit, dequantize, progress)
+    model = load_checkpoint_model(path, dtype, memory_limit, dequantize, progress, experts)
     return model, load_tokenizer(path, model.config.bos_token_id, model.config.eos_token_id)
 
 

@@ -85,9 +85,10 @@ def stored_bytes(ckpt: Checkpoint, p: Plan, name: str, numel: int) -> int | None
 
 
 @torch.no_grad()
-def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -> None:
+def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None, experts: range | None = None) -> None:
     """Read the planned tensors and install them: FP8 Linears replaced by Fp8Linear, FP4 experts packed
-    into their MoE. `progress(name)` is called after each tensor."""
+    into their MoE (only the routed experts `experts` when given: expert parallelism). `progress(name)`
+    is called after each tensor."""
     for name in sorted(p.fp8):
         w, s, _ = ckpt.get_quantized(name)
         parent, _, attr = name[:-7].rpartition(".")
@@ -104,6 +105,10 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None) -
         layer, j, proj = _parts(name)
         moe = model.get_submodule(layer)
         n_exp = len(moe.experts)
+        if experts is not None and not layer.startswith("mtp."):
+            if j not in experts:
+                continue  # another process's expert: never read
+            j, n_exp = j - experts.start, len(experts)
         w, s, _ = ckpt.get_quantized(name)
         w, s = w.view(torch.uint8), s.view(torch.uint8)
         buf = layers.get(layer)
