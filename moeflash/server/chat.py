@@ -434,14 +434,14 @@ class TemplateEncoder(ChatEncoder):
             if m.get("tool_call_id"):
                 d["tool_call_id"] = m["tool_call_id"]
             msgs.append(d)
-        self._tools = [{"type": "function", "function": f} for f in tools] if tools else None
+        offered = [{"type": "function", "function": f} for f in tools] if tools else None
         if tools or any(m.get("tool_calls") for m in msgs):  # rendered by the template: no special tokens inside
-            blob = json.dumps([self._tools, [m.get("tool_calls") for m in msgs]], ensure_ascii=False)
+            blob = json.dumps([offered, [m.get("tool_calls") for m in msgs]], ensure_ascii=False)
             hit = next((t for t in self.special_tokens if t and t in blob), None)
             if hit is not None:
                 raise ChatError(f"a tool schema or call holds the special token {hit!r}; remove it", "tools")
         marked = [dict(m, content=f"{_MARK_OPEN}{i}{_MARK_CLOSE}") for i, m in enumerate(msgs)]
-        pieces = _MARK.split(self._render(marked))  # text, index, text, index, ..., text
+        pieces = _MARK.split(self._render(marked, offered))  # text, index, text, index, ..., text
         if [int(k) for k in pieces[1::2]] == list(range(len(msgs))) and not any(
                 _MARK_OPEN in t or _MARK_CLOSE in t for t in pieces[0::2]):
             parts = []
@@ -454,7 +454,7 @@ class TemplateEncoder(ChatEncoder):
                 raise ChatError(f"messages[{i}].content holds the special token {hit!r}, and this model's chat "
                                 "template rewrites message content, so it cannot be kept as plain text; "
                                 "remove it", f"messages[{i}].content")
-        return [(self._render(msgs), True)]
+        return [(self._render(msgs, offered), True)]
 
     @property
     def supports_tools(self) -> bool:  # a template that lists tools and has the model write <tool_call>
@@ -464,9 +464,9 @@ class TemplateEncoder(ChatEncoder):
     def tool_format(self) -> str | None:
         return "hermes" if self.supports_tools else None
 
-    def _render(self, msgs: list[dict]) -> str:
+    def _render(self, msgs: list[dict], tools: list[dict] | None = None) -> str:
         try:
-            extra = {"tools": self._tools} if getattr(self, "_tools", None) else {}
+            extra = {"tools": tools} if tools else {}
             return render_chat(self.template, msgs, add_generation_prompt=True,
                                bos_token=self.bos_token, eos_token=self.eos_token, **extra)
         except ChatTemplateError as e:
