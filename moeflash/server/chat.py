@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..chat_template import ChatTemplateError, render_chat
+from .dsml import partial_suffix
 
 # DeepSeek-V4's special tokens (V4-SPEC section 7; DeepSeek's encoding/encoding_dsv4.py).
 BOS = "<｜begin▁of▁sentence｜>"
@@ -199,7 +200,7 @@ class ReasoningParser:
         if k >= 0:
             self._held, self.in_reasoning = "", False
             return text[:k], text[k + len(self.marker):]
-        keep = self._partial_marker_len(text)
+        keep = partial_suffix(text, self.marker)
         self._held = text[len(text) - keep:] if keep else ""
         return text[:len(text) - keep], ""
 
@@ -219,13 +220,6 @@ class ReasoningParser:
         """At the end of generation: the held-back rest (reasoning: the marker never completed)."""
         held, self._held = self._held, ""
         return held, ""
-
-    def _partial_marker_len(self, text: str) -> int:
-        """Length of the longest suffix of `text` that is a proper prefix of the marker."""
-        for n in range(min(len(text), len(self.marker) - 1), 0, -1):
-            if self.marker.startswith(text[-n:]):
-                return n
-        return 0
 
 
 class ReplyParser:

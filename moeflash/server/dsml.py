@@ -154,17 +154,20 @@ def split_output(text: str) -> tuple[str, list[ToolCall]]:
     return text[:at].rstrip("\n"), parse_calls(body)
 
 
-class ToolCallParser:
-    """Splits streamed text into content and tool calls, delta by delta. Text that may be the start of
-    the block marker (split over deltas, even mid-character of a marker) is held back until it is
-    known; once the block opens, nothing more is content, and each call is returned when its invoke
-    closes."""
+class BlockCallParser:
+    """Splits streamed text into content and tool calls, delta by delta, for a format whose calls sit
+    in a block opening with `opener`: text that may be the start of the opener (split over deltas, even
+    mid-character) is held back until it is known, and so are newlines that may separate it; once the
+    block opens nothing more is content, and each call is returned when `pattern` matches it in the
+    block (from the opener on), read by `read(match) -> [ToolCall]`. A malformed call is counted, not
+    returned."""
 
-    def __init__(self):
+    def __init__(self, opener: str, pattern: re.Pattern, read):
+        self.opener, self.pattern, self.read = opener, pattern, read
         self._held = ""
         self.in_block = False
         self._body = ""
-        self._seen = 0  # invokes already returned
+        self._seen = 0  # calls already returned
         self.calls: list[ToolCall] = []
         self.malformed = 0
 
@@ -173,35 +176,42 @@ class ToolCallParser:
         if self.in_block:
             return "", self._advance(delta)
         text = self._held + delta
-        at = text.find(CALLS_OPEN)
+        at = text.find(self.opener)
         if at < 0:
-            cut = len(text) - _partial_suffix(text, CALLS_OPEN)
+            cut = len(text) - partial_suffix(text, self.opener)
             while cut > 0 and text[cut - 1] == "\n":  # newlines may be the block's separator
                 cut -= 1
             self._held = text[cut:]
             return text[:cut], []
         self.in_block, self._held = True, ""
-        return text[:at].rstrip("\n"), self._advance(text[at + len(CALLS_OPEN):])
+        return text[:at].rstrip("\n"), self._advance(text[at:])
 
     def _advance(self, delta: str) -> list[ToolCall]:
         self._body += delta
         new = []
-        for m in list(_INVOKE.finditer(self._body))[self._seen:]:
+        for m in list(self.pattern.finditer(self._body))[self._seen:]:
             self._seen += 1
             try:
-                new += parse_calls(m.group(0))
-            except DSMLError:  # a malformed invoke is not a call (the rest of the block still counts)
+                new += self.read(m)
+            except DSMLError:  # a malformed call is not a call (the rest of the block still counts)
                 self.malformed += 1
         self.calls += new
         return new
 
     def flush(self) -> str:
-        """At the end of generation: held text that turned out not to be a marker."""
+        """At the end of generation: held text that turned out not to be the opener."""
         held, self._held = self._held, ""
         return "" if self.in_block else held
 
 
-def _partial_suffix(text: str, marker: str) -> int:
+class ToolCallParser(BlockCallParser):
+    """DSML calls: the block opens with `<｜DSML｜tool_calls>`; each invoke is a call."""
+
+    def __init__(self):
+        super().__init__(CALLS_OPEN, _INVOKE, lambda m: parse_calls(m.group(0)))
+
+
+def partial_suffix(text: str, marker: str) -> int:
     """Length of the longest suffix of text that is a proper prefix of marker."""
     for n in range(min(len(marker) - 1, len(text)), 0, -1):
         if marker.startswith(text[-n:]):

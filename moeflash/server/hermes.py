@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 
-from .dsml import DSMLError, ToolCall, _partial_suffix
+from .dsml import BlockCallParser, DSMLError, ToolCall
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
@@ -39,46 +39,11 @@ def parse_call(body: str) -> ToolCall:
     return ToolCall(obj["name"], args)
 
 
-class HermesCallParser:
-    """`dsml.ToolCallParser`'s interface for the Hermes format: (content delta, calls completed)."""
+class HermesCallParser(BlockCallParser):
+    """Hermes calls: each `<tool_call>...</tool_call>` block is one call (`dsml.BlockCallParser`)."""
 
     def __init__(self):
-        self._held = ""
-        self.in_block = False
-        self._body = ""
-        self._seen = 0
-        self.calls: list[ToolCall] = []
-        self.malformed = 0
-
-    def push(self, delta: str):
-        if self.in_block:
-            return "", self._advance(delta)
-        text = self._held + delta
-        at = text.find(OPEN)
-        if at < 0:
-            cut = len(text) - _partial_suffix(text, OPEN)
-            while cut > 0 and text[cut - 1] == "\n":
-                cut -= 1
-            self._held = text[cut:]
-            return text[:cut], []
-        self.in_block, self._held = True, ""
-        return text[:at].rstrip("\n"), self._advance(text[at:])
-
-    def _advance(self, delta: str):
-        self._body += delta
-        new = []
-        for m in list(_BLOCK.finditer(self._body))[self._seen:]:
-            self._seen += 1
-            try:
-                new.append(parse_call(m.group(1)))
-            except DSMLError:
-                self.malformed += 1
-        self.calls += new
-        return new
-
-    def flush(self) -> str:
-        held, self._held = self._held, ""
-        return "" if self.in_block else held
+        super().__init__(OPEN, _BLOCK, lambda m: [parse_call(m.group(1))])
 
 
 def hermes_grammar(functions: list[dict], parallel: bool = True) -> str:
