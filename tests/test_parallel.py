@@ -299,7 +299,7 @@ def test_ctrl_c_on_rank_0_stops_every_rank():
     torchrun = Path(sys.executable).with_name("torchrun")
     proc = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "--master-port", str(free_port()), "-m",
                              "moeflash.cli", "serve", "--model", "tiny", "--port", str(port), "--threads", "1",
-                             "--expert-parallel"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             "--expert-parallel"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -312,7 +312,8 @@ def test_ctrl_c_on_rank_0_stops_every_rank():
         rank0 = _children_with_rank(proc.pid, 0)
         assert rank0
         os.kill(rank0[0], signal.SIGINT)
-        assert proc.wait(timeout=60) == 0
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()[-3000:]
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

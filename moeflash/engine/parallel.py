@@ -24,12 +24,7 @@ import os
 import torch
 from torch import nn
 
-
-class AbsentExpert(nn.Module):
-    """An expert another process owns: contributes nothing here (its share arrives by all-reduce)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(x)
+from ..model.moe import AbsentExpert
 
 
 def owned_experts(n_experts: int, rank: int, world: int) -> range:
@@ -49,24 +44,19 @@ def moe_layers(model) -> list:
 
 @torch.no_grad()
 def shard_experts_(model, rank: int, world: int, combine) -> dict:
-    """Keep only this rank's routed experts in every MoE layer of an in-memory V4 model (the others
-    become `AbsentExpert`, their memory freed) and combine each layer's partial sum with `combine`.
-    Returns {"owned": range, "expert_bytes": bytes of routed experts still held}."""
+    """Keep only this rank's routed experts in every MoE layer and combine each layer's partial sum
+    with `combine`. An in-memory V4 model loaded whole drops the others (`MoE.keep_experts_`; FP4-held
+    experts keep their slice of the packed codes); one loaded with only its own
+    (`load_model(experts=...)`) has nothing to drop; with an expert store, the store is asked only for
+    this rank's experts. Returns {"owned": range, "expert_bytes": routed expert bytes held in memory}."""
     layers = moe_layers(model)
     if not layers:
         raise ValueError("expert parallelism needs a MoE model")
     cfg = model.config
     n = getattr(cfg, "moe_experts", 0) or cfg.n_routed_experts
     own = owned_experts(n, rank, world)
-    if all(getattr(ffn, "owned", None) == own for ffn in layers) and not getattr(cfg, "moe_experts", 0):
-        held = 0  # loaded with only this rank's experts (load_model(experts=...)): combine, nothing to free
-        for ffn in layers:
-            ffn.combine = combine
-            parts = [getattr(ffn, k) for k in ("q13", "s13", "q2", "s2")] if ffn.fp4 else \
-                [p for e in own for p in ffn.experts[e].parameters()]
-            held += sum(t.numel() * t.element_size() for t in parts)
-        return {"owned": own, "expert_bytes": held}
-    if getattr(cfg, "moe_experts", 0) and getattr(model, "expert_store", None) is None:  # a MoE-fied llama
+    store = getattr(model, "expert_store", None)
+    if getattr(cfg, "moe_experts", 0) and store is None:  # a MoE-fied llama
         held = 0
         for ffn in layers:
             for name in ("gate", "up", "down"):
@@ -75,7 +65,6 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
                 held += getattr(ffn, name).numel() * getattr(ffn, name).element_size()
             ffn.owned, ffn.combine = own, combine
         return {"owned": own, "expert_bytes": held}
-    store = getattr(model, "expert_store", None)
     if store is not None and store.slab is not None:  # FP4 experts in the store's slab: route others' pairs
         for ffn in layers:                             # to an owned expert with weight 0 (never fetched)
             inner = ffn.slots
@@ -95,25 +84,20 @@ def shard_experts_(model, rank: int, world: int, combine) -> dict:
             ffn.provider = (lambda experts, e, fetch=fetch: fetch(experts, e) if e in own else absent)
             ffn.combine = combine
         return {"owned": own, "expert_bytes": 0, "store": True}
-    held = 0
-    if all(ffn.fp4 for ffn in layers):  # official FP4 experts held packed: keep this rank's slices
-        for ffn in layers:
-            for name in ("q13", "s13", "q2", "s2"):
-                part = getattr(ffn, name)[own.start:own.stop].clone()
-                setattr(ffn, name, part)
-                held += part.numel() * part.element_size()
-            ffn.owned, ffn.combine = own, combine
-        return {"owned": own, "expert_bytes": held}
-    if any(ffn.fp4 for ffn in layers):
+    if len({ffn.fp4 for ffn in layers}) > 1:
         raise ValueError("a model with FP4-held experts in some layers only cannot be sharded")
+    held = 0
     for ffn in layers:
-        ffn.w13 = ffn.w2 = None  # the packed copies cover every expert: per-expert modules from here
-        for e in range(len(ffn.experts)):
-            if e not in own:
-                ffn.experts[e] = AbsentExpert()
-            else:
-                held += sum(p.numel() * p.element_size() for p in ffn.experts[e].parameters())
+        if ffn.owned != own:  # loaded whole: drop the other ranks' experts
+            if ffn.fp4:
+                for name in ("q13", "s13", "q2", "s2"):
+                    setattr(ffn, name, getattr(ffn, name)[own.start:own.stop].clone())
+            ffn.w13 = ffn.w2 = None  # the packed copies cover every expert: per-expert modules from here
+            ffn.keep_experts_(own)
         ffn.combine = combine
+        parts = [getattr(ffn, k) for k in ("q13", "s13", "q2", "s2")] if ffn.fp4 else \
+            [p for e in own for p in ffn.experts[e].parameters()]
+        held += sum(t.numel() * t.element_size() for t in parts)
     return {"owned": own, "expert_bytes": held}
 
 
