@@ -424,9 +424,14 @@ class RoutingRecorder:
     def __init__(self, model):
         self.n_layers = len(model.layers)
         self._rows: list[list[list[int]] | None] = [None] * self.n_layers
-        for i, layer in enumerate(model.layers):
-            prev = layer.ffn.on_route
-            layer.ffn.on_route = (lambda x, ids, idx, i=i, prev=prev: self._hook(i, prev, x, ids, idx))
+        self._prev = [(layer.ffn, layer.ffn.on_route) for layer in model.layers]
+        for i, (ffn, prev) in enumerate(self._prev):
+            ffn.on_route = (lambda x, ids, idx, i=i, prev=prev: self._hook(i, prev, x, ids, idx))
+
+    def detach(self) -> None:
+        """Give the layers their previous hooks back."""
+        for ffn, prev in self._prev:
+            ffn.on_route = prev
 
     def _hook(self, i, prev, x, ids, idx) -> None:
         if prev is not None:

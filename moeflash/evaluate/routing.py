@@ -16,23 +16,17 @@ import numpy as np
 
 
 class RoutingStats:
-    def __init__(self, model):
-        self.layers = list(model.layers)
-        self.n_layers = len(self.layers)
-        self.n_experts, self.top_k, self.expert_bytes = moe_shape(model)
-        self._current: str | None = None
-        self._rows: list = [None] * self.n_layers
-        self._traces: dict[str, list] = {}
-        self._prev = []
-        for i, layer in enumerate(self.layers):
-            prev = layer.ffn.on_route
-            self._prev.append(prev)
-            layer.ffn.on_route = (lambda x, ids, idx, i=i, prev=prev: self._hook(i, prev, x, ids, idx))
+    """Which experts each token used (an `engine.experts.RoutingRecorder`), filed under the text or
+    task being scored."""
 
-    def _hook(self, i, prev, x, ids, idx) -> None:
-        if prev is not None:
-            prev(x, ids, idx)
-        self._rows[i] = idx
+    def __init__(self, model):
+        from ..engine.experts import RoutingRecorder
+
+        self.n_layers = len(model.layers)
+        self.n_experts, self.top_k, self.expert_bytes = moe_shape(model)
+        self._recorder = RoutingRecorder(model)
+        self._current: str | None = None
+        self._traces: dict[str, list] = {}
 
     def start(self, name: str | None) -> None:
         """File the next forward calls' tokens under `name` (None: record nothing)."""
@@ -41,16 +35,12 @@ class RoutingStats:
             self._traces.setdefault(name, [])
 
     def take(self, n_tokens: int) -> None:
-        """Called after each forward call: its tokens' experts, layer by layer."""
-        rows, self._rows = self._rows, [None] * self.n_layers
-        if self._current is None:
-            return
-        if any(r is None for r in rows):
-            raise RuntimeError("a forward call did not pass every MoE layer's router")
-        per_layer = [r.tolist() for r in rows]
-        trace = self._traces[self._current]
-        for t in range(n_tokens):
-            trace.append([sorted(per_layer[layer][t]) for layer in range(self.n_layers)])
+        """Called after each forward call of `n_tokens` tokens: their experts, layer by layer."""
+        rows = self._recorder.take()
+        if len(rows) != n_tokens:
+            raise RuntimeError(f"the forward call routed {len(rows)} tokens, not {n_tokens}")
+        if self._current is not None:
+            self._traces[self._current] += rows
 
     def counts(self) -> dict:
         """{text: [[tokens routed to expert e] for each layer]}"""
@@ -71,8 +61,7 @@ class RoutingStats:
                 "expert_bytes": self.expert_bytes}
 
     def detach(self) -> None:
-        for layer, prev in zip(self.layers, self._prev):
-            layer.ffn.on_route = prev
+        self._recorder.detach()
 
 
 def is_moe(model) -> bool:
