@@ -12,36 +12,20 @@ from __future__ import annotations
 
 import argparse
 import socket
-import statistics
-import time
 
 import torch
 import torch.multiprocessing as mp
 
 from common import add_common_args, apply_common_args, log, machine_info, make_or_load, print_json, rounded
 
-from moeflash.engine.forward import run_tokens  # noqa: E402
+from moeflash.evaluate.compare import measure_speed  # noqa: E402
 
 
 def decode(model, prompt: int, tokens: int, rounds: int) -> dict:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (prompt,), generator=g)
-    pre, dec = [], []
-    with torch.inference_mode():
-        for r in range(rounds + 1):
-            st = model.new_seq_state()
-            t0 = time.perf_counter()
-            x = run_tokens(model, ids, [st], [prompt])
-            nxt = model.logits(x[-1:]).argmax(-1)
-            t1 = time.perf_counter()
-            for _ in range(tokens):
-                nxt = model.logits(run_tokens(model, nxt, [st], [1])).argmax(-1)
-            t2 = time.perf_counter()
-            if r:
-                pre.append(prompt / (t1 - t0))
-                dec.append(tokens / (t2 - t1))
-    return {"prefill_tok_s": statistics.median(pre), "decode_tok_s": statistics.median(dec),
-            "decode_spread": [min(dec), max(dec)]}
+    """Median prefill and decode tokens/s at batch 1 (`moeflash compare`'s measurement)."""
+    r = measure_speed(model, prompt, tokens, rounds, seed=0)
+    return {"prefill_tok_s": r["prefill_tokens_per_s"], "decode_tok_s": r["decode_tokens_per_s"],
+            "decode_spread": r["decode_spread"]}
 
 
 def rank_main(rank, world, port, name, prompt, tokens, rounds, results):

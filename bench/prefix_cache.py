@@ -41,16 +41,22 @@ def load(name: str):
     return make_or_load(name, "float32")
 
 
-def ttft(engine: LLMEngine, prompt: list[int], hint: int) -> tuple[float, list[int], int]:
+def run_request(engine: LLMEngine, prompt: list[int], params: SamplingParams, hints=()) -> tuple[float, object]:
+    """(seconds to the first token, the final output) of one request run alone through `engine`."""
     t0 = time.perf_counter()
-    rid = engine.add_request(prompt, PARAMS, cache_hints=[hint])
-    first, out = None, None
+    rid = engine.add_request(prompt, params, cache_hints=list(hints))
+    first, final = None, None
     while engine.has_unfinished():
         for o in engine.step():
             if o.request_id == rid and first is None and o.new_token_ids:
                 first = time.perf_counter() - t0
             if o.request_id == rid and o.finished:
-                out = o
+                final = o
+    return first, final
+
+
+def ttft(engine: LLMEngine, prompt: list[int], hint: int) -> tuple[float, list[int], int]:
+    first, out = run_request(engine, prompt, PARAMS, [hint])
     return first, out.token_ids, out.cached_tokens
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import time
 
 import torch
 
@@ -32,6 +31,7 @@ from common import add_common_args, apply_common_args, log, machine_info, make_o
 from moeflash.engine import LLMEngine, SamplingParams  # noqa: E402
 from moeflash.engine.prefix_cache import PrefixCache  # noqa: E402
 from moeflash.server.chat import DeepSeekV4Encoder, make_chat_encoder  # noqa: E402
+from prefix_cache import run_request  # noqa: E402
 
 TURNS = 6
 
@@ -49,19 +49,6 @@ def conversation_text() -> tuple[str, list[str]]:
                textwrap.dedent, collections.Counter.most_common]
     questions = [f"Explain this, briefly:\n{(inspect.getdoc(f) or f.__name__)[:300]}" for f in sources]
     return system, questions
-
-
-def ttft(engine: LLMEngine, prompt: list[int], params: SamplingParams, hints) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    rid = engine.add_request(prompt, params, cache_hints=hints)
-    first, final = None, None
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.request_id == rid and first is None and o.new_token_ids:
-                first = time.perf_counter() - t0
-            if o.request_id == rid and o.finished:
-                final = o
-    return first, final
 
 
 class IdsAsContent:
@@ -98,8 +85,8 @@ def run_chat(name: str, model, tokenizer, encoder, thinking: bool | None, reply_
         messages.append({"role": "user", "content": q})
         starts: list[int] = []
         prompt = encoder.encode_ids(tok, messages, thinking, content_starts=starts)
-        t_cache, out = ttft(engine, prompt, params, starts[-1:])
-        t_plain, ref = ttft(plain, prompt, params, ())
+        t_cache, out = run_request(engine, prompt, params, starts[-1:])
+        t_plain, ref = run_request(plain, prompt, params)
         turns.append({"turn": k + 1, "prompt_tokens": len(prompt), "cached_tokens": out.cached_tokens,
                       "cached_fraction": out.cached_tokens / len(prompt), "ttft_s": t_cache,
                       "ttft_without_cache_s": t_plain, "reply_tokens": len(out.token_ids),
