@@ -18,6 +18,21 @@ PROMPTS = [[256, 72, 101, 108, 108, 111], [256] + list(range(40, 77))]  # differ
 STEPS = 12
 
 
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The tiny preset written once as an fp32 checkpoint ("plain") and in the official FP8 / FP4 format."""
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("checkpoints")
+    out = {}
+    for kind, flags in (("plain", ["--dtype", "float32"]), ("official", ["--official"])):
+        out[kind] = str(root / kind)
+        subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", out[kind],
+                        *flags], check=True, capture_output=True)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -199,16 +214,12 @@ def store_rank(rank: int, world: int, port: int, ckpt: str, results):
         ep.close()
 
 
-def test_each_rank_reads_only_its_own_experts(tmp_path):
+def test_each_rank_reads_only_its_own_experts(checkpoints):
     """With the expert store, rank r fetches only experts it owns from the checkpoint, and the
     logits equal one process's with every expert in memory."""
-    import subprocess
-    import sys
-
-    ckpt = tmp_path / "tiny"
-    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
-                    "--dtype", "float32"], check=True, capture_output=True)
     from moeflash.engine.load import load_model
+
+    ckpt = checkpoints["plain"]
 
     ref_model, _ = load_model(str(ckpt), dtype="float32")
     with torch.inference_mode():
@@ -337,17 +348,12 @@ def fp4_rank(rank: int, world: int, port: int, ckpt: str, store: bool, results):
 
 
 @pytest.mark.parametrize("store", [False, True])
-def test_two_ranks_equal_one_with_official_fp4_experts(tmp_path, store):
+def test_two_ranks_equal_one_with_official_fp4_experts(checkpoints, store):
     """The official format keeps the experts as FP4 codes: each rank keeps its slice of the packed
     codes and scales; the logits equal one process's."""
-    import subprocess
-    import sys
-
     from moeflash.engine.load import load_model
 
-    ckpt = tmp_path / "tiny-official"
-    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--official", "--out",
-                    str(ckpt)], check=True, capture_output=True)
+    ckpt = checkpoints["official"]
     ref, _ = load_model(str(ckpt), dtype="float32")
     assert all(layer.ffn.fp4 for layer in ref.layers)
     full = sum(getattr(layer.ffn, n).numel() for layer in ref.layers for n in ("q13", "s13", "q2", "s2"))
@@ -364,17 +370,13 @@ def test_two_ranks_equal_one_with_official_fp4_experts(tmp_path, store):
 
 
 @pytest.mark.parametrize("official", [False, True])
-def test_a_rank_reads_only_its_own_experts_from_the_checkpoint(tmp_path, monkeypatch, official):
+def test_a_rank_reads_only_its_own_experts_from_the_checkpoint(checkpoints, monkeypatch, official):
     import re
-    import subprocess
-    import sys
 
     from moeflash.engine.load import load_model
     from moeflash.weights.loader import Checkpoint
 
-    ckpt = tmp_path / "tiny"
-    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
-                    *(["--official"] if official else ["--dtype", "float32"])], check=True, capture_output=True)
+    ckpt = checkpoints["official" if official else "plain"]
     read = []
     for method in ("get", "get_quantized"):
         orig = getattr(Checkpoint, method)
@@ -404,15 +406,10 @@ def loaded_rank(rank: int, world: int, port: int, ckpt: str, results):
         ep.close()
 
 
-def test_ranks_loaded_with_their_own_experts_equal_one(tmp_path):
-    import subprocess
-    import sys
-
+def test_ranks_loaded_with_their_own_experts_equal_one(checkpoints):
     from moeflash.engine.load import load_model
 
-    ckpt = tmp_path / "tiny"
-    subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", str(ckpt),
-                    "--dtype", "float32"], check=True, capture_output=True)
+    ckpt = checkpoints["plain"]
     ref, _ = load_model(str(ckpt), dtype="float32")
     with torch.inference_mode():
         _, want = run(ref)
