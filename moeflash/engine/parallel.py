@@ -151,8 +151,14 @@ class ExpertParallel:
             raise ValueError(f"the ranks disagree: {got}")
 
     def close(self) -> None:
-        if self.dist.is_initialized():
-            self.dist.destroy_process_group()
+        if not self.dist.is_initialized():
+            return
+        if self.broken is None:  # all ranks tear down together: gloo aborts a process whose peer left mid-teardown
+            try:
+                self.dist.barrier()
+            except Exception:
+                pass
+        self.dist.destroy_process_group()
 
 
 class Leader:
