@@ -11,7 +11,7 @@
 # another CPU) would be reused silently. We never use it: the wheel is built with --no-cache-dir into a
 # cache folder whose name hashes the version, the flags, the compiler and the CPU's feature flags.
 set -euo pipefail
-VENV=${1:?usage: install_llama_cpp.sh VENV}
+VENV=$(cd "${1:?usage: install_llama_cpp.sh VENV}" && pwd)  # absolute: the AMX scan below runs in another folder
 VERSION=0.3.36
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 CMAKE_ARGS="-DGGML_NATIVE=ON -DCMAKE_C_FLAGS='${NO_AMX}' -DCMAKE_CXX_FLAGS='${NO_AMX}'"
