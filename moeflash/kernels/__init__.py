@@ -38,6 +38,23 @@ def native(t: torch.Tensor) -> bool:
     return _NATIVE[0]
 
 
+_GPU: list = []  # cached: the Triton module (kernels/gpu.py), or None where Triton is missing
+
+
+def gpu_kernels(t: torch.Tensor):
+    """The Triton kernels for a CUDA tensor (kernels/gpu.py), None for other devices or without Triton
+    (the plain-torch reference runs then, decoding weights to fp32 first)."""
+    if t.device.type != "cuda":
+        return None
+    if not _GPU:
+        try:
+            from . import gpu as module
+        except ImportError:
+            module = None
+        _GPU.append(module)
+    return _GPU[0]
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """t in fp32 without a dispatch when it already is (a no-op cast still costs ~1 us on the CPU)."""
     return t if t.dtype == torch.float32 else t.float()
@@ -56,7 +73,7 @@ def decode_rows(x: torch.Tensor) -> bool:
 def _tiled_gemm(x2: torch.Tensor, n: int, tile_rows: int, decode) -> torch.Tensor:
     """The prefill path: x2 [M, K] @ W.T with W decoded `tile_rows` output rows at a time into fp32
     (`decode(r0, r1)` -> [r1 - r0, K]) and multiplied by torch's GEMM; scratch memory stays bounded."""
-    y = torch.empty(x2.shape[0], n, dtype=torch.float32)
+    y = torch.empty(x2.shape[0], n, dtype=torch.float32, device=x2.device)
     for r0 in range(0, n, tile_rows):
         r1 = min(n, r0 + tile_rows)
         torch.mm(x2, decode(r0, r1).t(), out=y[:, r0:r1])
@@ -88,8 +105,13 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ W.T for W = e4m3 weight [N, K] x fp32 block scale [ceil(N/128), ceil(K/128)] -> fp32 [..., N]."""
-    x2 = _rows(x)
     n = weight.shape[0]
+    g = gpu_kernels(weight)
+    if g is not None:  # bf16 activations stay bf16 (tensor cores); fp32 ones multiply in fp32
+        x2 = x.reshape(-1, x.shape[-1])
+        return g.fp8_linear(x2 if x2.dtype in (torch.float32, torch.bfloat16) else x2.float(), weight,
+                            scale).view(*x.shape[:-1], n)
+    x2 = _rows(x)
     if not native(weight):
         y = reference.fp8_linear(x2, weight, scale)
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
@@ -149,6 +171,9 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     """All (token, expert) pairs of one MoE layer in one call over packed FP4 experts: x [T, D], idx and
     weights [T, k], w13 [E, 2I, D/2] (w1 rows then w3 rows), s13 [E, 2I, D/32], w2 [E, D, I/2],
     s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]."""
+    g = gpu_kernels(w13)
+    if g is not None and idx.numel() <= g.FP4_MAX_PAIRS and x.shape[-1] % 32 == 0 and w2.shape[-1] % 16 == 0:
+        return g.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
         return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),

@@ -1,0 +1,171 @@
+"""Triton kernels for weights held at storage precision on a GPU: FP8 e4m3 linears with 128x128 block
+scales, and the routed FP4 (e2m1 + UE8M0) experts of a MoE layer, both read as stored bytes.
+
+Why: a decode step is memory-bound, so its cost is the bytes it reads. Decoding an FP8 or FP4 weight to
+bf16 first would write and read it again at two to four times its stored size; these kernels decode
+each tile in registers and accumulate in fp32. The codes are decoded with integer arithmetic (no
+float8 types, no lookup tables), which runs alike on every Triton backend, and under Triton's
+interpreter (TRITON_INTERPRET=1) on the CPU, where the tests check them against `kernels.reference`.
+
+Imported only when a CUDA tensor reaches `kernels` (or by the interpreter tests): Triton is what the
+GPU machine has; the CPU install does not need it.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+FP8_BLOCK = 128
+# above this many input rows (prefill) an FP8 weight is decoded once to the activations' dtype and
+# multiplied by cuBLAS; up to it (decode) the kernel reads the stored bytes
+FP8_KERNEL_MAX_ROWS = 64
+# at most this many (token, expert) pairs go through the per-pair FP4 kernels; larger calls (prefill)
+# decode each used expert once instead (kernels.reference.moe_fp4), which reads an expert once per call
+# rather than once per pair
+FP4_MAX_PAIRS = 512
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """e4m3fn bytes (int32) -> fp32: normal numbers by bit placement, subnormals as m * 2**-9."""
+    s = (b >> 7) & 1
+    e = (b >> 3) & 15
+    m = b & 7
+    normal = ((s << 31) | ((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    sub = m.to(tl.float32) * 0.001953125
+    sub = tl.where(s == 1, -sub, sub)
+    return tl.where(e == 0, sub, normal)
+
+
+@triton.jit
+def _e2m1_to_f32(c):
+    """e2m1 codes (int32, 0..15) -> fp32 {0, .5, 1, 1.5, 2, 3, 4, 6} with a sign bit."""
+    s = (c >> 3) & 1
+    e = (c >> 1) & 3
+    m = c & 1
+    bits = tl.where(e == 0, m * (126 << 23), ((e + 126) << 23) | (m << 22))
+    return ((s << 31) | bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e8m0_to_f32(b):
+    """UE8M0 exponent bytes (int32) -> 2**(b - 127); b = 0 is the subnormal 2**-127."""
+    return tl.where(b == 0, 1 << 22, b << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sk_stride,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                       IEEE: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
+                     other=0.0).to(tl.float32)
+        wb = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
+                     other=0).to(tl.int32)
+        sc = tl.load(s_ptr + (rn // 128) * sk_stride + k0 // 128, mask=rn < N, other=0.0)
+        w = _e4m3_to_f32(wb) * sc[:, None]
+        if IEEE:
+            acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
+        else:  # bf16 activations: TF32 products are finer than the activations themselves
+            acc += tl.dot(xt, tl.trans(w), input_precision="tf32")
+    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ W.T for W = e4m3 bytes [N, K] x fp32 block scales [ceil(N/128), ceil(K/128)] -> fp32
+    [M, N]. fp32 inputs multiply in IEEE fp32, bf16 inputs in TF32; above FP8_KERNEL_MAX_ROWS rows
+    the weight is decoded once and multiplied by torch."""
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > FP8_KERNEL_MAX_ROWS:
+        from .reference import dequant_fp8
+
+        return torch.nn.functional.linear(x, dequant_fp8(weight, scale).to(x.dtype)).float()
+    x = x.contiguous()
+    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    block_m = 16 if m <= 16 else 32
+    grid = (triton.cdiv(n, 32), triton.cdiv(m, block_m))
+    _fp8_linear_kernel[grid](x, weight.view(torch.uint8).contiguous(), scale.float().contiguous(), y, m, n, k,
+                             scale.shape[1], BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=FP8_BLOCK,
+                             IEEE=x.dtype == torch.float32)
+    return y
+
+
+@triton.jit
+def _fp4_rows(x_ptr, q_ptr, s_ptr, rows, K, row_ok, BLOCK_N: tl.constexpr, HALF: tl.constexpr):
+    """sum_k W[rows, k] x[k] for FP4 rows (codes two a byte, element 2j in the low nibble; one UE8M0
+    scale per 32 inputs): the even and odd inputs meet the low and high nibbles."""
+    rb = tl.arange(0, HALF)  # HALF bytes = 2 * HALF inputs per iteration
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, K, 2 * HALF):
+        byte = k0 // 2 + rb
+        ok = row_ok[:, None] & (byte[None, :] < K // 2)
+        q = tl.load(q_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=ok, other=0).to(tl.int32)
+        sc = tl.load(s_ptr + rows[:, None] * (K // 32) + byte[None, :] // 16, mask=ok, other=0).to(tl.int32)
+        xe = tl.load(x_ptr + 2 * byte, mask=byte < K // 2, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * byte + 1, mask=byte < K // 2, other=0.0).to(tl.float32)
+        w = _e2m1_to_f32(q & 15) * xe[None, :] + _e2m1_to_f32(q >> 4) * xo[None, :]
+        acc += tl.sum(w * _e8m0_to_f32(sc), axis=1)
+    return acc
+
+
+@triton.jit
+def _fp4_gate_up_kernel(x_ptr, idx_ptr, q13_ptr, s13_ptr, act_ptr, D, I, TOPK, limit,
+                        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    p = tl.program_id(0)
+    t = p // TOPK
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rn < I
+    base_q = q13_ptr + e * (2 * I) * (D // 2)
+    base_s = s13_ptr + e * (2 * I) * (D // 32)
+    gate = _fp4_rows(x_ptr + t * D, base_q, base_s, rn, D, ok, BLOCK_N, BLOCK_K // 2)
+    up = _fp4_rows(x_ptr + t * D, base_q, base_s, rn + I, D, ok, BLOCK_N, BLOCK_K // 2)
+    if limit > 0:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(gate) * up
+    tl.store(act_ptr + p * I + rn, act, mask=ok)
+
+
+@triton.jit
+def _fp4_down_kernel(act_ptr, idx_ptr, q2_ptr, s2_ptr, y_ptr, D, I,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    p = tl.program_id(0)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    ok = rn < D
+    y = _fp4_rows(act_ptr + p * I, q2_ptr + e * D * (I // 2), s2_ptr + e * D * (I // 32), rn, I, ok, BLOCK_N, BLOCK_K // 2)
+    tl.store(y_ptr + p * D + rn, y, mask=ok)
+
+
+def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
+            w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+    """kernels.moe_fp4 for a decode step: every (token, expert) pair runs the gate/up kernel (writing its
+    SwiGLU activation) and the down kernel (writing its output row), each reading only the codes of the
+    pair's expert; the k rows of a token are summed with their weights in a fixed order (no atomics, so
+    the result does not depend on scheduling). No host synchronisation: a CUDA graph can hold it.
+    x [T, D], idx / weights [T, k]; returns fp32 [T, D]."""
+    t, d = x.shape
+    k = idx.shape[1]
+    inter = w13.shape[1] // 2
+    pairs = t * k
+    x = x.float().contiguous()
+    flat = idx.reshape(-1).contiguous()
+    act = torch.empty(pairs, inter, dtype=torch.float32, device=x.device)
+    _fp4_gate_up_kernel[(pairs, triton.cdiv(inter, 32))](
+        x, flat, w13.view(torch.uint8), s13.view(torch.uint8), act, d, inter, k, float(limit),
+        BLOCK_N=32, BLOCK_K=64)
+    y = torch.empty(pairs, d, dtype=torch.float32, device=x.device)
+    _fp4_down_kernel[(pairs, triton.cdiv(d, 32))](
+        act, flat, w2.view(torch.uint8), s2.view(torch.uint8), y, d, inter, BLOCK_N=32, BLOCK_K=64)
+    return (y.view(t, k, d) * weights.float().unsqueeze(-1)).sum(dim=1)

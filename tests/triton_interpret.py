@@ -1,0 +1,58 @@
+"""Run by tests/test_gpu_kernels.py in a child process with TRITON_INTERPRET=1 (the variable must be set
+before Triton decorates the kernels): the GPU kernels of moeflash/kernels/gpu.py on CPU tensors, against
+the plain-torch references. Prints one JSON line of relative errors."""
+
+import json
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import torch  # noqa: E402
+
+from moeflash.kernels import gpu, reference  # noqa: E402
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+
+
+def fp8_case(m: int, n: int, k: int, dtype: torch.dtype, g: torch.Generator) -> float:
+    w = (torch.randn(n, k, generator=g) * 0.3).to(torch.float8_e4m3fn).view(torch.uint8)
+    # every byte that is not NaN appears somewhere: subnormals, both zeros, the largest magnitudes
+    codes = torch.tensor([b for b in range(256) if b & 0x7F != 0x7F], dtype=torch.uint8)
+    w.view(-1)[: codes.numel()] = codes[: w.numel()]
+    s = torch.rand(-(-n // 128), -(-k // 128), generator=g) + 0.25
+    x = torch.randn(m, k, generator=g).to(dtype)
+    return rel(gpu.fp8_linear(x, w, s), reference.fp8_linear(x.float(), w, s))
+
+
+def fp4_case(t: int, topk: int, experts: int, d: int, inter: int, limit: float, g: torch.Generator) -> float:
+    q13 = torch.randint(0, 256, (experts, 2 * inter, d // 2), dtype=torch.uint8, generator=g)
+    s13 = torch.randint(115, 132, (experts, 2 * inter, d // 32), dtype=torch.uint8, generator=g)
+    q2 = torch.randint(0, 256, (experts, d, inter // 2), dtype=torch.uint8, generator=g)
+    s2 = torch.randint(115, 132, (experts, d, inter // 32), dtype=torch.uint8, generator=g)
+    s13.view(-1)[:3] = torch.tensor([0, 1, 254], dtype=torch.uint8)  # subnormal and extreme exponents
+    x = torch.randn(t, d, generator=g)
+    idx = torch.randint(0, experts, (t, topk), generator=g)
+    idx[0, 0] = idx[-1, -1] = experts - 1  # one expert shared by several pairs
+    w = torch.rand(t, topk, generator=g)
+    return rel(gpu.moe_fp4(x, idx, w, q13, s13, q2, s2, limit),
+               reference.moe_fp4(x, idx, w, q13, s13, q2, s2, limit))
+
+
+def main() -> int:
+    g = torch.Generator().manual_seed(0)
+    out = {
+        "fp8_fp32": max(fp8_case(m, n, k, torch.float32, g) for m, n, k in
+                        [(1, 256, 256), (3, 200, 300), (17, 130, 128), (40, 96, 520)]),
+        "fp8_bf16": max(fp8_case(m, n, k, torch.bfloat16, g) for m, n, k in [(1, 256, 384), (5, 160, 200)]),
+        "fp4": max(fp4_case(t, k, e, d, i, lim, g) for t, k, e, d, i, lim in
+                   [(1, 2, 4, 64, 64, 0.0), (3, 3, 5, 96, 96, 7.0), (6, 2, 3, 128, 32, 0.5)]),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
