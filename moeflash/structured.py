@@ -130,7 +130,7 @@ class Constraint:
         compiles for over a second."""
         self._llg.torch.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
         allowed = ((self._bitmask[0].unsqueeze(1) >> _BITS) & 1).reshape(-1)[: logits.shape[0]].bool()
-        logits.masked_fill_(~allowed, float("-inf"))
+        logits.masked_fill_(~allowed.to(logits.device, non_blocking=True), float("-inf"))
 
     def accept(self, token: int) -> None:
         if not self.matcher.consume_token(token):

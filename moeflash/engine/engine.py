@@ -27,7 +27,7 @@ from .detok import IncrementalDetokenizer
 from .sampler import SamplingParams, make_generator, sample
 from .scheduler import Scheduler
 from .sequence import Logprob, RequestOutput, Sequence, Status
-from .forward import run_tokens
+from .forward import advance, run_tokens
 
 log = logging.getLogger("moeflash.engine")
 
@@ -36,14 +36,19 @@ class LLMEngine:
     def __init__(self, model, tokenizer=None, max_num_seqs: int = 16,
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  max_state_bytes: int | None = None, num_threads: int | None = None,
-                 batch_invariant: bool = False, prefix_cache=None, share_prompts: bool = True):
+                 batch_invariant: bool = False, prefix_cache=None, share_prompts: bool = True,
+                 decode_graphs: bool | None = None, graph_max_len: int | None = None):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
         `max_state_bytes` caps the sequence state held at once (admission waits when full).
         `batch_invariant`: a request's tokens never depend on what else is running. A step's decode
         rows then run in forward calls of at most ROW_KERNEL_MAX_ROWS rows (the kernels' row path, whose
         result for a row does not depend on the other rows) and each prompt chunk in a call of its own,
         never mixed; costs extra weight reads when more than 16 sequences decode or prompts arrive.
-        `prefix_cache` (`PrefixCache`): prompts that start like earlier ones reuse their saved states."""
+        `prefix_cache` (`PrefixCache`): prompts that start like earlier ones reuse their saved states.
+        `decode_graphs`: run pure decode steps over static slots (engine/graphs.py), replayed as CUDA
+        graphs on a GPU; default: on for a V4 model on a GPU whose experts are all resident. Sequences
+        up to `graph_max_len` tokens (default min(context, 16384)) fit the slots; longer ones decode
+        eagerly."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
@@ -62,6 +67,17 @@ class LLMEngine:
         self._ids = itertools.count()
         self._queues: dict[str, deque[RequestOutput]] = {}
         self.device = model.embed.weight.device
+        if decode_graphs is None:
+            decode_graphs = (self.device.type == "cuda" and hasattr(model, "forward_static")
+                             and getattr(model, "expert_store", None) is None)
+        self.graphs = None
+        if decode_graphs:
+            from .graphs import GraphDecoder
+
+            if getattr(model, "expert_store", None) is not None:
+                raise ValueError("decode graphs need every expert resident: an expert store decides per "
+                                 "step on the host which experts to fetch")
+            self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384))
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
         # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
         # preempted after a failed forward call, requests failed, and prompt tokens not recomputed
@@ -360,7 +376,14 @@ class LLMEngine:
         wanted = [(k, seq) for k, seq in zip(sample_rows, samplers) if seq.params.return_experts]
         routes = self._watch_routes() if wanted else None
         try:
-            streams = run_tokens(self.model, ids, [s.state for s in seqs], lengths)
+            streams = None
+            if (self.graphs is not None and routes is None and self.forward_hook is None
+                    and all(n == 1 for n in lengths)):
+                streams = self.graphs.decode([s.state for s in seqs], ids)
+                if streams is not None:
+                    advance([s.state for s in seqs], lengths)
+            if streams is None:
+                streams = run_tokens(self.model, ids, [s.state for s in seqs], lengths)
         finally:
             if routes is not None:
                 self._unwatch_routes(routes)

@@ -149,7 +149,7 @@ class ResidentExpert:
 
     __slots__ = ("parts", "w13", "limit", "dtype", "nbytes")
 
-    def __init__(self, parts: dict, limit: float, dtype: torch.dtype):
+    def __init__(self, parts: dict, limit: float, dtype: torch.dtype, pin: bool = False):
         self.limit, self.dtype = limit, dtype
         self.parts = {}
         for w, (t, scale, fmt) in parts.items():
@@ -165,6 +165,26 @@ class ResidentExpert:
                           for t, s, _ in self.parts.values())
         if self.w13 is not None:
             self.nbytes += self.w13.numel() * self.w13.element_size()
+        if pin:  # page-locked, so that a GPU tier's copies run asynchronously
+            self.parts = {w: (t.pin_memory(), None if sc is None else sc.pin_memory(), fmt)
+                          for w, (t, sc, fmt) in self.parts.items()}
+            self.w13 = None if self.w13 is None else self.w13.pin_memory()
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.w13] if self.w13 is not None else []
+        for t, sc, _ in self.parts.values():
+            out += [t] + ([sc] if sc is not None else [])
+        return out
+
+    def empty_like_on(self, device: torch.device) -> "ResidentExpert":
+        """A copy of this expert's layout on `device`, its tensors allocated but not yet filled
+        (a GPU tier fills them with `copy_` on its copy stream)."""
+        new = object.__new__(ResidentExpert)
+        new.limit, new.dtype, new.nbytes = self.limit, self.dtype, self.nbytes
+        like = (lambda t: None if t is None else torch.empty_like(t, device=device))
+        new.parts = {w: (like(t), like(sc), fmt) for w, (t, sc, fmt) in self.parts.items()}
+        new.w13 = like(self.w13)
+        return new
 
     def _linear(self, x: torch.Tensor, name: str) -> torch.Tensor:
         t, scale, fmt = self.parts[name]
@@ -185,14 +205,16 @@ class FP4Slab:
     them (MoE.hold_fp4_: w1 and w3 codes stacked), so one fused kernel call runs any mix of slots.
     Slots are assigned when an expert is installed and freed when it is evicted (under the store's lock)."""
 
-    def __init__(self, capacity: int, parts: dict):
+    def __init__(self, capacity: int, parts: dict, device: torch.device | str = "cpu", pin: bool = False):
         (q1, s1, _), (q2, s2, _) = parts["w1"], parts["w2"]
         inter = q1.shape[0]
         n = capacity + 1  # the last slot is scratch: an expert the cache could not keep runs from there
-        self.q13 = torch.zeros(n, 2 * inter, q1.shape[1], dtype=torch.uint8)
-        self.s13 = torch.zeros(n, 2 * inter, s1.shape[1], dtype=torch.uint8)
-        self.q2 = torch.zeros(n, *q2.shape, dtype=torch.uint8)
-        self.s2 = torch.zeros(n, *s2.shape, dtype=torch.uint8)
+        # pinned (page-locked) host memory lets a GPU tier copy from the slab asynchronously
+        z = dict(dtype=torch.uint8, device=device, pin_memory=pin)
+        self.q13 = torch.zeros(n, 2 * inter, q1.shape[1], **z)
+        self.s13 = torch.zeros(n, 2 * inter, s1.shape[1], **z)
+        self.q2 = torch.zeros(n, *q2.shape, **z)
+        self.s2 = torch.zeros(n, *s2.shape, **z)
         self.free = list(range(capacity - 1, -1, -1))
         self.scratch = capacity
         self.inter = inter
@@ -218,6 +240,16 @@ class FP4Slab:
     def release(self, slot: int) -> None:
         self.free.append(slot)
 
+    def buffers(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """The slot's (q13, s13, q2, s2): what a GPU tier copies from (views, no copy)."""
+        return self.q13[slot], self.s13[slot], self.q2[slot], self.s2[slot]
+
+    @staticmethod
+    def stack(parts: dict) -> tuple[torch.Tensor, ...]:
+        """An expert's read parts as one slot's (q13, s13, q2, s2) (for an expert the host tier did not keep)."""
+        cat = (lambda i: torch.cat((parts["w1"][i].view(torch.uint8), parts["w3"][i].view(torch.uint8))))
+        return cat(0), cat(1), parts["w2"][0].view(torch.uint8), parts["w2"][1].view(torch.uint8)
+
 
 @dataclass
 class LayerCounters:
@@ -240,6 +272,7 @@ class ExpertStore:
     dtype: torch.dtype = torch.bfloat16
     prefetch: bool = False
     policy_kw: dict = field(default_factory=dict)
+    pin_memory: bool = False  # page-locked host memory (under a GPU tier: engine/expert_tier.py)
 
     def __post_init__(self):
         c = self.config
@@ -253,7 +286,7 @@ class ExpertStore:
                              f"expert takes {self.expert_bytes / 2**20:.2f} MiB")
         self.capacity = min(capacity, self.n_layers * self.n_experts)
         self.policy = make_policy(self.policy_name, self.capacity, **self.policy_kw)
-        self.slab = FP4Slab(self.capacity, first) if FP4Slab.holds(first) else None
+        self.slab = FP4Slab(self.capacity, first, pin=self.pin_memory) if FP4Slab.holds(first) else None
         # key -> ResidentExpert, or its slab slot (int) when the experts are FP4
         self.cache: dict[tuple[int, int], ResidentExpert | int] = {}
         self.pending: dict[tuple[int, int], Future] = {}
@@ -346,8 +379,8 @@ class ExpertStore:
             return self.cache[key]
         if self.slab is not None and key not in self.policy:
             return parts  # not kept: `slots` runs it from the scratch slot
-        expert = ResidentExpert(parts, self.config.swiglu_limit, self.dtype) if self.slab is None \
-            else self.slab.install(parts)
+        expert = ResidentExpert(parts, self.config.swiglu_limit, self.dtype, self.pin_memory) \
+            if self.slab is None else self.slab.install(parts)
         if key in self.policy:
             self.cache[key] = expert
         return expert

@@ -10,24 +10,51 @@ from pathlib import Path
 
 import torch
 
+from ..devices import default_dtype, move_model, resolve_device
 from ..tokenizer import load_tokenizer
 from ..weights import build
+from .expert_tier import DeviceTier
 from .experts import DiskExperts, ExpertStore
 
 
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
-               dequantize: bool = False, progress=None, experts: range | None = None):
+               dequantize: bool = False, progress=None, experts: range | None = None,
+               device: str | torch.device | None = "cpu", device_expert_memory: float | None = None):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
 
     With `expert_memory` (GiB; V4 checkpoint directories only) the routed experts are not loaded: an
     `ExpertStore` with `expert_policy` (and `prefetch`) serves them from the files. `memory_limit`,
-    `dequantize`, `progress`: see weights.build."""
+    `dequantize`, `progress`: see weights.build.
+
+    `device` (cpu, cuda, cuda:N, auto): the model is loaded on the host and moved there whole (`--dtype
+    auto` is bfloat16 on a GPU). With an expert store on a GPU, `device_expert_memory` (GiB) is the GPU
+    tier's budget (engine/expert_tier.py) above `expert_memory` of pinned host RAM."""
+    dev = resolve_device(device)
+    dtype = default_dtype(dev, dtype)
+    if device_expert_memory is not None and expert_memory is None:
+        raise ValueError("--device-expert-memory is the GPU tier above the host tier: give --expert-memory "
+                         "(host RAM for experts) too")
+    if expert_memory is not None and dev.type != "cpu" and device_expert_memory is None:
+        raise ValueError(f"--expert-memory on {dev} needs --device-expert-memory GiB: the experts computed on "
+                         "the GPU are held in its memory")
     if expert_memory is None:  # `experts`: read only those routed experts (expert parallelism)
-        return build.load_model(spec, dtype, memory_limit, dequantize, progress, experts)
+        model, tok = build.load_model(spec, dtype, memory_limit, dequantize, progress, experts)
+        return (model if dev.type == "cpu" else move_model(model, dev)), tok
+    model, tok = _load_with_store(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize,
+                                  progress, pin=dev.type == "cuda")
+    if dev.type != "cpu":
+        move_model(model, dev)
+    if device_expert_memory is not None:
+        DeviceTier(model.expert_store, dev, int(device_expert_memory * 2**30)).attach(model)
+    return model, tok
+
+
+def _load_with_store(spec, dtype, expert_memory: float, expert_policy: str, prefetch: bool, memory_limit,
+                     dequantize: bool, progress, pin: bool):
     name = str(spec)
     if name.endswith(".gguf"):
-        return _load_moefied_gguf(name, dtype, expert_memory, expert_policy, prefetch)
+        return _load_moefied_gguf(name, dtype, expert_memory, expert_policy, prefetch, pin)
     if not Path(name).is_dir():
         raise ValueError(build.NEEDS_CHECKPOINT_DIR)
     if dequantize:
@@ -35,12 +62,12 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     path = build.checkpoint_dir(name)
     model, ckpt, torch_dtype, budget = build.load_checkpoint_dense(path, expert_memory, dtype, memory_limit, progress)
     cfg = model.config
-    store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch)
+    store = ExpertStore(DiskExperts(ckpt, cfg), cfg, budget, expert_policy, torch_dtype, prefetch, pin_memory=pin)
     store.attach(model)
     return model, load_tokenizer(path, cfg.bos_token_id, cfg.eos_token_id)
 
 
-def _load_moefied_gguf(path: str, dtype, expert_memory: float, policy: str, prefetch: bool):
+def _load_moefied_gguf(path: str, dtype, expert_memory: float, policy: str, prefetch: bool, pin: bool = False):
     """A MoE-fied llama GGUF (`moeflash moefy`) whose experts an expert store serves from the file."""
     from ..weights.gguf import GGUFFile, llama_config, load_llama_gguf
     from .experts import GGUFExperts, StoreShape
@@ -53,6 +80,6 @@ def _load_moefied_gguf(path: str, dtype, expert_memory: float, policy: str, pref
     torch_dtype = build.resolve_dtype(dtype, cfg)
     model, tokenizer = load_llama_gguf(f, torch_dtype, packed=torch_dtype == torch.float32, skip_experts=True)
     store = ExpertStore(GGUFExperts(path, cfg), StoreShape(cfg.num_hidden_layers, cfg.moe_experts),
-                        int(expert_memory * 2**30), policy, torch_dtype, prefetch)
+                        int(expert_memory * 2**30), policy, torch_dtype, prefetch, pin_memory=pin)
     store.attach(model)
     return model.fuse_projections_(), tokenizer

@@ -122,7 +122,7 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:
     d = _half(b[..., 0:2])
     qh = b[..., 2:6].to(torch.int64)
     bits = qh[..., 0] | (qh[..., 1] << 8) | (qh[..., 2] << 16) | (qh[..., 3] << 24)
-    high = (bits.unsqueeze(-1) >> torch.arange(32)) & 1
+    high = (bits.unsqueeze(-1) >> torch.arange(32, device=bits.device)) & 1
     qs = b[..., 6:].to(torch.int64)
     q = torch.cat((qs & 0xF, qs >> 4), dim=-1) | (high << 4)
     return d * (q - 16).float()
@@ -131,7 +131,7 @@ def _q5_0(b: torch.Tensor) -> torch.Tensor:
 def _mxfp4(b: torch.Tensor) -> torch.Tensor:
     """MXFP4 blocks [..., 17] -> [..., 32]: 2^(e - 128) times ggml's doubled e2m1 value; byte j holds
     element j (low nibble) and j + 16 (high)."""
-    d = torch.ldexp(torch.ones(b.shape[:-1] + (1,)), b[..., 0:1].to(torch.int32) - 128)
+    d = torch.ldexp(torch.ones(b.shape[:-1] + (1,), device=b.device), b[..., 0:1].to(torch.int32) - 128)
     qs = b[..., 1:].to(torch.int64)
     table = torch.tensor(_MXFP4_VALUES)
     return d * table[torch.cat((qs & 0xF, qs >> 4), dim=-1)]
@@ -189,10 +189,10 @@ def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, en
     p - 1 - ((p - 1 - j) mod W), visible when >= 0 and > p - W), the new key kv [D] at position p and
     entries ent [T, D] where ent_valid; a softmax with the per-head sink logit; values = keys. -> [H, D]."""
     w = win.shape[0]
-    slot = torch.arange(w)
+    slot = torch.arange(w, device=q.device)
     pos = p - 1 - torch.remainder(p - 1 - slot, w)
-    keys = torch.cat((win, kv[None], ent)).float()
-    ok = torch.cat(((pos >= 0) & (pos > p - w), torch.ones(1, dtype=torch.bool), ent_valid))
+    keys = torch.cat((win.float(), kv[None].float(), ent.float()))
+    ok = torch.cat(((pos >= 0) & (pos > p - w), torch.ones(1, dtype=torch.bool, device=q.device), ent_valid))
     logits = (q.float() @ keys.T * scale).masked_fill(~ok[None], float("-inf"))
     full = torch.cat((logits, sink.float()[:, None]), dim=-1)
     probs = torch.softmax(full, dim=-1)[:, :-1]

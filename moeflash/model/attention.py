@@ -82,6 +82,16 @@ class Attention(nn.Module):
             self._q_proj = FusedLinears([self.wq_b, self.indexer.wq_b])
         self._h_proj = FusedLinears(h_mods)
 
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` / dtype casts move each weight on its own: a fused matrix would stay behind
+        (and its views would part from it), so fusion is undone first and redone on the moved weights."""
+        fused = self._h_proj is not None
+        self._h_proj = self._q_proj = None
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections_()
+        return out
+
     def forward(self, h: torch.Tensor, segs: list[Segment], states: list[LayerState],
                 positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 inv_freq: torch.Tensor) -> torch.Tensor:
@@ -105,13 +115,16 @@ class Attention(nn.Module):
         if self.indexer is not None:
             pre = (iq_raw, *rest[2:5]) if rest else None
             rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin, pre)
-        out = torch.empty_like(q)
-        for seg, st in zip(segs, states):
-            step = self._block_size(seg)
-            for a in range(0, seg.length, step):
-                b = min(a + step, seg.length)
-                sl = slice(seg.offset + a, seg.offset + b)
-                out[sl] = self._attend({k: v[sl] for k, v in rows.items()}, st, seg.start + a, inv_freq)
+        if isinstance(states, LayerState):  # one decode row per sequence of a batched state
+            out = self._attend_static(rows, states, inv_freq)
+        else:
+            out = torch.empty_like(q)
+            for seg, st in zip(segs, states):
+                step = self._block_size(seg)
+                for a in range(0, seg.length, step):
+                    b = min(a + step, seg.length)
+                    sl = slice(seg.offset + a, seg.offset + b)
+                    out[sl] = self._attend({k: v[sl] for k, v in rows.items()}, st, seg.start + a, inv_freq)
         out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
         grouped = out.reshape(n, self.o_groups, -1)
         if isinstance(self.wo_a, Fp8Linear) and self.o_lora_rank % FP8_BLOCK == 0:
@@ -182,12 +195,46 @@ class Attention(nn.Module):
             out = part if out is None else out + part
         return out
 
+    def _attend_static(self, r: dict, st: LayerState, inv_freq: torch.Tensor) -> torch.Tensor:
+        """`_attend_one` for B sequences at once over a batched state (state.batched_layer_states): row b
+        is sequence b at position pos[b]. Fixed shapes, no branch on the positions and no host
+        synchronisation, so a CUDA graph can replay it (engine/graphs.py): visibility is masks, entry
+        buffers are read to their capacity with the rows past a sequence's count masked. Returns [B, H, D]."""
+        q, kv, pos = r["q"], r["kv"], r["pos"]
+        bsz, w = q.shape[0], self.window
+        slot = torch.arange(w, device=q.device)
+        ring_pos = pos[:, None] - 1 - torch.remainder(pos[:, None] - 1 - slot[None, :], w)
+        keys = [st.window.float(), kv[:, None].float()]
+        ok = [(ring_pos >= 0) & (ring_pos > pos[:, None] - w), torch.ones(bsz, 1, dtype=torch.bool, device=q.device)]
+        if self.compressor is not None:
+            self.compressor.consume_static(r["ckv"], r["cgate"], st.compressor, pos, inv_freq)
+            entries = st.compressor.entries  # [B, T, D]
+            if self.indexer is not None:
+                self.indexer.compressor.consume_static(r["ikv"], r["igate"], st.indexer, pos, inv_freq)
+            if self.indexer is not None and entries.shape[1] > self.indexer.topk:
+                idx, valid = self.indexer.select_static(r["iq"], r["iw"], st.indexer.entries, pos)
+                chosen = torch.gather(entries, 1, idx[..., None].expand(-1, -1, entries.shape[-1]))
+                keys.append(chosen.float())
+                ok.append(valid)
+            else:
+                keys.append(entries.float())
+                ok.append(torch.arange(entries.shape[1], device=q.device)[None, :] < ((pos + 1) // self.ratio)[:, None])
+        keys = torch.cat(keys, dim=1)  # [B, K, D]: window ring, the new key, entries
+        visible = torch.cat(ok, dim=1)
+        logits = torch.einsum("bhd,bkd->bhk", q.float(), keys) * self.scale
+        logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+        sink = self.attn_sink.float()[None, :, None].expand(bsz, -1, 1)
+        probs = torch.softmax(torch.cat((logits, sink), dim=-1), dim=-1)[..., :-1]
+        out = torch.einsum("bhk,bkd->bhd", probs, keys)
+        st.window[torch.arange(bsz, device=q.device), pos % w] = kv.to(st.window.dtype)
+        return out if out.dtype == q.dtype else out.to(q.dtype)
+
     def _attend_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
         """A single query row (a decode step): the same attention as `_attend`, its core in one call
         (kernels.attn_decode: window ring, new key, entries and sink); returns [1, H, D]."""
         q, kv = r["q"], r["kv"]
         ent = kv.new_zeros(0, kv.shape[-1])
-        valid = torch.zeros(0, dtype=torch.bool)
+        valid = torch.zeros(0, dtype=torch.bool, device=q.device)
         if self.compressor is not None:
             st.compressor.append(self.compressor.consume(r["ckv"], r["cgate"], st.compressor, start, inv_freq))
             entries = st.compressor.view()
@@ -199,7 +246,7 @@ class Attention(nn.Module):
                 idx, ok = self.indexer.select(r["iq"], r["iw"], ist.view(), r["pos"])
                 ent, valid = entries[idx[0]], ok[0]
             elif t:
-                ent, valid = entries, torch.arange(t) < (start + 1) // self.ratio
+                ent, valid = entries, torch.arange(t, device=q.device) < (start + 1) // self.ratio
         out = attn_decode(q[0], st.window, start, kv[0], ent, valid, self.attn_sink, self.scale)
         st.window[start % self.window] = kv[0]  # (index_put casts to the ring's dtype)
         return (out if out.dtype == q.dtype else out.to(q.dtype))[None]

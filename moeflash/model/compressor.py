@@ -19,6 +19,14 @@ from .layers import RMSNorm, apply_rope, rope_cos_sin
 from .state import CompressorState
 
 
+def top_entries(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k highest scores along the last axis, ties to the earlier entry. The ReLU makes
+    exact ties common (every entry no head fires for scores 0), and topk breaks them as its kernel
+    happens to: differently on the CPU and a GPU, and for a different number of entries (the static
+    decode path scores its whole buffer). A stable sort makes the choice the same everywhere."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
 class Compressor(nn.Module):
     """Pools each window of `ratio` tokens into one `width`-dim entry (official names: wkv, wgate,
     ape, norm)."""
@@ -81,6 +89,39 @@ class Compressor(nn.Module):
         return apply_rope(pooled, cos, sin)
 
 
+    def consume_static(self, kv: torch.Tensor, gate: torch.Tensor, st: CompressorState, pos: torch.Tensor,
+                       inv_freq: torch.Tensor) -> None:
+        """One decode row per sequence of a batched state (state.batched_layer_states): kv / gate [B, C] at
+        positions pos [B]. The same arithmetic as `consume`, written without branches on the positions
+        (a CUDA graph replays it at any positions): every row writes its pending slot, the window close
+        is computed for every row, and only rows whose window closes now (pos % m == m - 1) keep it."""
+        m, w = self.ratio, self.width
+        b = torch.arange(kv.shape[0], device=kv.device)
+        r = pos % m
+        st.pending_kv[b, r] = kv.to(st.pending_kv.dtype)
+        st.pending_gate[b, r] = gate.to(st.pending_gate.dtype)
+        emit = r == m - 1
+        first = pos // m  # the window this row belongs to
+        ckv = st.pending_kv.to(kv.dtype)  # [B, m, C]
+        cgate = st.pending_gate.to(gate.dtype) + self.ape
+        if self.overlap:
+            has_prev = (first > 0)[:, None, None]
+            prev_kv = torch.where(has_prev, st.prev_kv.to(ckv.dtype), torch.zeros_like(ckv[..., :w]))
+            prev_gate = torch.where(has_prev, st.prev_gate.to(cgate.dtype), torch.full_like(cgate[..., :w], float("-inf")))
+            slots_kv = torch.cat((prev_kv, ckv[..., w:]), dim=1)  # [B, 2m, w]
+            slots_gate = torch.cat((prev_gate, cgate[..., w:]), dim=1)
+            keep = emit[:, None, None]
+            st.prev_kv.copy_(torch.where(keep, ckv[..., :w].to(st.prev_kv.dtype), st.prev_kv))
+            st.prev_gate.copy_(torch.where(keep, cgate[..., :w].to(st.prev_gate.dtype), st.prev_gate))
+        else:
+            slots_kv, slots_gate = ckv, cgate
+        weights = torch.softmax(slots_gate, dim=1, dtype=torch.float32).to(slots_kv.dtype)
+        pooled = self.norm((slots_kv * weights).sum(dim=1))
+        cos, sin = rope_cos_sin(inv_freq, first * m)
+        entry = apply_rope(pooled, cos, sin).to(st.entries.dtype)
+        st.entries[b, first] = torch.where(emit[:, None], entry, st.entries[b, first])
+
+
 class Indexer(nn.Module):
     """Lightning indexer: picks, per query, the top-k compressed entries a CSA layer attends to."""
 
@@ -114,5 +155,18 @@ class Indexer(nn.Module):
         scores = torch.bmm((weights * self.head_dim ** -0.5).unsqueeze(1), scores).squeeze(1)
         ent = torch.arange(t, device=q.device)
         scores = scores.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
-        idx = scores.topk(k, dim=-1).indices
+        idx = top_entries(scores, k)
+        return idx, idx < limit[:, None]
+
+    def select_static(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,
+                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`select` for one decode row per sequence over a batched entry buffer: q [B, Hi, Di], keys
+        [B, T, Di] (rows at or past a sequence's entry count are never valid) -> (indices, valid) [B, k]."""
+        t = keys.shape[1]
+        limit = (positions + 1) // self.ratio
+        scores = torch.einsum("bhd,btd->bht", q.float(), keys.float()).relu_()
+        scores = torch.bmm((weights * self.head_dim ** -0.5).unsqueeze(1), scores).squeeze(1)  # [B, T]
+        ent = torch.arange(t, device=q.device)
+        scores = scores.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
+        idx = top_entries(scores, min(self.topk, t))
         return idx, idx < limit[:, None]

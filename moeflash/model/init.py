@@ -11,15 +11,16 @@ import torch
 from torch import nn
 
 
-def random_tensors(model: nn.Module, seed: int = 0, std: float = 0.1):
+def random_tensors(model: nn.Module, seed: int = 0, std: float = 0.1, device: str | torch.device = "cpu"):
     """Yield (state_dict name, value) for every parameter, then the tid2eid / gate.bias buffers, one
     at a time and in a fixed order from one generator: the same values `randomize_` gives. Works on a
     model built on the meta device, so a checkpoint bigger than RAM can be written tensor by tensor
-    (weights/save.py)."""
-    g = torch.Generator().manual_seed(seed)
+    (weights/save.py). `device`: where the values are drawn (a GPU draws a V4-Flash layer's 6.4 billion
+    values in a moment; the CPU takes minutes); each device's generator gives its own seeded values."""
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def rand(shape, s=1.0):
-        return torch.randn(shape, generator=g) * s
+        return torch.randn(shape, generator=g, device=device) * s
 
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
@@ -28,7 +29,7 @@ def random_tensors(model: nn.Module, seed: int = 0, std: float = 0.1):
         elif leaf.endswith("_base"):
             v = rand(p.shape)
         elif leaf.endswith("_scale"):
-            v = torch.rand(p.shape, generator=g) * 2 + 0.5
+            v = torch.rand(p.shape, generator=g, device=device) * 2 + 0.5
         elif leaf in ("attn_sink", "ape"):
             v = rand(p.shape)
         elif ".norm" in name or "norm." in name or name.startswith("norm"):
@@ -39,7 +40,7 @@ def random_tensors(model: nn.Module, seed: int = 0, std: float = 0.1):
     for name, b in model.named_buffers():
         if name.endswith("tid2eid"):
             n_exp = model.config.n_routed_experts if hasattr(model, "config") else int(b.max()) + 1
-            rows = [torch.randperm(n_exp, generator=g)[: b.shape[1]] for _ in range(b.shape[0])]
+            rows = [torch.randperm(n_exp, generator=g, device=device)[: b.shape[1]] for _ in range(b.shape[0])]
             yield name, torch.stack(rows).to(b.dtype)
         elif name.endswith("gate.bias"):
             yield name, rand(b.shape, 0.1).to(b.dtype)

@@ -95,6 +95,13 @@ class LlamaAttention(nn.Module):
         self.wo = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
         self._qkv: FusedLinears | None = None
 
+    def _apply(self, fn, recurse=True):  # fusion redone on the moved weights (see Attention._apply)
+        fused, self._qkv = self._qkv is not None, None
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections_()
+        return out
+
     @torch.no_grad()
     def fuse_projections_(self) -> None:
         """q, k and v read the same input: one matmul instead of three (see FusedLinears)."""
@@ -144,6 +151,13 @@ class LlamaMLP(SwiGLU):
     def __init__(self, dim: int, inter: int):
         super().__init__(dim, inter, limit=0.0)
         self._gate_up: FusedLinears | None = None
+
+    def _apply(self, fn, recurse=True):  # fusion redone on the moved weights (see Attention._apply)
+        fused, self._gate_up = self._gate_up is not None, None
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.fuse_projections_()
+        return out
 
     @torch.no_grad()
     def fuse_projections_(self) -> None:
@@ -289,9 +303,12 @@ class Llama(nn.Module):
         if any(n < 1 for n in lengths):
             raise ValueError(f"every sequence needs at least one new token, got lengths {lengths}")
         vocab = self.config.vocab_size
-        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+        # checked on the CPU only: on a GPU it would be a host round trip per step (the engine checks
+        # prompts on arrival, and sampled ids are in range)
+        if tokens.device.type == "cpu" and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
             raise ValueError(f"token ids must lie in [0, {vocab}); got {int(tokens.min())}..{int(tokens.max())}")
-        positions = torch.cat([torch.arange(s.pos, s.pos + n) for s, n in zip(seqs, lengths)])
+        positions = torch.tensor([p for s, n in zip(seqs, lengths) for p in range(s.pos, s.pos + n)],
+                                 dtype=torch.long, device="cpu")
         cos, sin = rope_cos_sin(self.inv_freq, positions.to(tokens.device))
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         dtype = self.embed.weight.dtype

@@ -92,11 +92,17 @@ class MoE(nn.Module):
         # processes' (expert parallelism: each holds a share of the experts; engine/parallel.py)
         self.combine = None
         self.owned: range | None = None  # FP4-held experts under expert parallelism: the ids held here
-        self.last_experts: torch.Tensor | None = None  # distinct experts used by the last call
+        self._last_idx: torch.Tensor | None = None  # the last call's routed ids (see last_experts)
         self.w13: torch.Tensor | None = None  # [E, 2I, dim] packed w1|w3 (see pack_experts_)
         self.w2: torch.Tensor | None = None   # [E, dim, I]
         self.limit = config.swiglu_limit
         self.fp4 = False  # routed experts held as FP4 codes (see hold_fp4_)
+
+    @property
+    def last_experts(self) -> torch.Tensor | None:
+        """Distinct experts the last call used; computed when asked, so that the forward call itself
+        never waits for the device (a unique on a GPU is a host synchronisation)."""
+        return None if self._last_idx is None else torch.unique(self._last_idx)
 
     @torch.no_grad()
     def hold_fp4_(self, q13: torch.Tensor, s13: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor) -> None:
@@ -119,6 +125,16 @@ class MoE(nn.Module):
             for e in range(len(self.experts)):
                 if e not in owned:
                     self.experts[e] = AbsentExpert()
+
+    def _apply(self, fn, recurse=True):
+        """`.to(device)` / dtype casts: the packed tensors are plain attributes whose views the experts'
+        parameters are, so packing is undone first and redone on the moved weights."""
+        packed = self.w13 is not None
+        self.w13 = self.w2 = None
+        out = super()._apply(fn, recurse)
+        if packed:
+            self.pack_experts_()
+        return out
 
     @torch.no_grad()
     def pack_experts_(self) -> None:
@@ -152,26 +168,26 @@ class MoE(nn.Module):
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for each row of flat [N, dim]; records `last_experts`."""
         if self.fp4 and self.provider is None and self.slots is None:  # every (token, expert) pair, one call
-            self.last_experts = torch.unique(idx)
+            self._last_idx = idx
             if self.owned is not None:  # only experts owned..: the others' pairs weigh nothing here
                 mine = (idx >= self.owned.start) & (idx < self.owned.stop)
                 idx = (idx - self.owned.start).clamp(0, len(self.owned) - 1)
                 weights = weights * mine
             return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
         if self.slots is not None:  # the same kernel over an expert store's slots
-            self.last_experts = torch.unique(idx)
+            self._last_idx = idx
             out = None
             for slot_idx, mask, bufs in self.slots(idx):
                 y = moe_fp4(flat, slot_idx, weights if mask is None else weights * mask, *bufs, self.limit)
                 out = y if out is None else out + y
             return out.to(flat.dtype)
         out = torch.zeros_like(flat)
+        self._last_idx = idx
         if self.w13 is not None and self.provider is None:
             self._grouped(flat, weights, idx, out)
         elif flat.shape[0] == 1:  # one token (batch-1 decode): no grouping needed
             order = torch.argsort(idx[0])
             used = idx[0, order]
-            self.last_experts = used
             for e, w in zip(used.tolist(), weights[0, order].tolist()):
                 expert = self.provider(self.experts, e) if self.provider else self.experts[e]
                 out += expert(flat) * w
@@ -180,7 +196,6 @@ class MoE(nn.Module):
             flat_idx = idx.reshape(-1)
             order = torch.argsort(flat_idx, stable=True)
             used, counts = torch.unique_consecutive(flat_idx[order], return_counts=True)
-            self.last_experts = used
             tokens = order // idx.shape[1]
             wsorted = weights.reshape(-1)[order].to(flat.dtype)
             start = 0
@@ -195,8 +210,9 @@ class MoE(nn.Module):
         """All routed experts in two grouped matmuls over the (token, slot) rows sorted by expert."""
         flat_idx = idx.reshape(-1)
         order = torch.argsort(flat_idx, stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.w13.shape[0])
-        self.last_experts = counts.nonzero().flatten()
+        # (not bincount: on a GPU it reads the largest id back to the host first)
+        counts = torch.zeros(self.w13.shape[0], dtype=torch.long, device=flat_idx.device)
+        counts.scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
         offs = counts.cumsum(0).to(torch.int32)
         tokens = order // idx.shape[1]
         rows = flat[tokens].to(self.w13.dtype)

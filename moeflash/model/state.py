@@ -215,6 +215,58 @@ def new_state(config: ModelConfig, batch: int = 1, dtype=torch.float32, device="
     return ModelState([new_seq_state(config, dtype, device, max_len, mtp) for _ in range(batch)])
 
 
+def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, device) -> list[LayerState]:
+    """Static buffers for `batch` sequences of up to `max_len` tokens: the per-sequence layout with a
+    leading batch dimension (window [B, W, D], pending [B, m, C], entries [B, max_len // m + 1, Dc]).
+    A decode step over them has fixed shapes and addresses (what a CUDA graph replays, engine/graphs.py);
+    row b viewed alone (`slot_view`) is an ordinary per-sequence LayerState."""
+    out = []
+    for t in config.layer_types:
+        st = LayerState(window=torch.zeros(batch, config.sliding_window, config.head_dim, dtype=dtype, device=device))
+        if t != SLIDING:
+            m = config.compress_ratio(t)
+            cap = max_len // m + 1
+
+            def comp(width: int, overlap: bool) -> CompressorState:
+                c = 2 * width if overlap else width
+                z = dict(dtype=dtype, device=device)
+                return CompressorState(m, torch.zeros(batch, m, c, **z), torch.zeros(batch, m, c, **z),
+                                       torch.zeros(batch, m, width, **z) if overlap else None,
+                                       torch.zeros(batch, m, width, **z) if overlap else None,
+                                       torch.zeros(batch, cap, width, **z))
+            st.compressor = comp(config.head_dim, t == CSA)
+            if t == CSA:
+                st.indexer = comp(config.index_head_dim, True)
+        out.append(st)
+    return out
+
+
+def slot_view(layer: LayerState, b: int, pos: int) -> LayerState:
+    """Row b of a batched LayerState as one sequence's state at position `pos` (views, no copies)."""
+    def comp(c: CompressorState | None) -> CompressorState | None:
+        if c is None:
+            return None
+        opt = (lambda t: None if t is None else t[b])
+        return CompressorState(c.ratio, c.pending_kv[b], c.pending_gate[b], opt(c.prev_kv), opt(c.prev_gate),
+                               c.entries[b], pos // c.ratio)
+    return LayerState(layer.window[b], comp(layer.compressor), comp(layer.indexer))
+
+
+def copy_into(dst: LayerState, src: LayerState, pos: int) -> None:
+    """Copy one sequence's layer state (at position `pos`) into another of the same layout whose entry
+    buffer is large enough (a sequence entering or moving between static slots)."""
+    dst.window.copy_(src.window)
+    for d, s in zip(dst.parts(), src.parts()):
+        d.pending_kv.copy_(s.pending_kv)
+        d.pending_gate.copy_(s.pending_gate)
+        if s.prev_kv is not None:
+            d.prev_kv.copy_(s.prev_kv)
+            d.prev_gate.copy_(s.prev_gate)
+        n = pos // s.ratio
+        d.entries[:n].copy_(s.entries[:n])
+        d.count = n
+
+
 def state_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> float:
     """Asymptotic growth of the state per token (compressed entries + indexer keys), V4-SPEC §4."""
     total = 0.0
@@ -246,4 +298,5 @@ def state_bytes(config: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
 
 
 __all__ = ["CompressorState", "LayerState", "SeqState", "ModelState", "new_state", "new_seq_state",
-           "layer_state", "state_bytes", "state_bytes_per_token", "HCA", "CSA", "SLIDING"]
+           "layer_state", "state_bytes", "state_bytes_per_token", "batched_layer_states", "slot_view", "copy_into",
+           "HCA", "CSA", "SLIDING"]

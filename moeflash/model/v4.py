@@ -98,8 +98,10 @@ class Transformer(nn.Module):
     def experts_read(self) -> int:
         """Distinct routed experts the last forward call read, summed over layers (each is read once
         per call however many tokens chose it): the MoE part of that call's bytes."""
-        return sum(int(layer.ffn.last_experts.numel()) for layer in self.layers
-                   if layer.ffn.last_experts is not None)
+        e = self.config.n_routed_experts
+        used = [torch.zeros(e, dtype=torch.bool, device=idx.device).index_fill_(0, idx.reshape(-1), True).sum()
+                for idx in (layer.ffn._last_idx for layer in self.layers) if idx is not None]
+        return int(torch.stack(used).sum()) if used else 0  # one read-back for all layers
 
     state_from_tensors = staticmethod(SeqState.from_tensors)  # a prefix cache's files back to states
 
@@ -127,9 +129,10 @@ class Transformer(nn.Module):
             if n < 1:
                 raise ValueError(f"every sequence needs at least one new token, got length {n}")
             segs.append(Segment(off, n, seq.pos))
-            pos.append(torch.arange(seq.pos, seq.pos + n))
+            pos.extend(range(seq.pos, seq.pos + n))
             off += n
-        return segs, torch.cat(pos).to(device)
+        # built on the host and copied once (one transfer per call, not a kernel per sequence)
+        return segs, torch.tensor(pos, dtype=torch.long, device="cpu").to(device)
 
     def forward_tokens(self, tokens: torch.Tensor, seqs: list[SeqState], lengths: list[int]) -> torch.Tensor:
         """Run new tokens of several sequences: tokens [N] = the sequences' new tokens back to back,
@@ -140,7 +143,10 @@ class Transformer(nn.Module):
         if tokens.dim() != 1 or tokens.shape[0] != sum(lengths):
             raise ValueError(f"tokens must be a flat [sum(lengths)={sum(lengths)}] tensor, got {tuple(tokens.shape)}")
         vocab = self.config.vocab_size
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab):
+        # checked on the CPU only: on a GPU it would be a host round trip per step (the engine checks
+        # prompts on arrival, and sampled ids are in range)
+        if (tokens.device.type == "cpu" and tokens.numel()
+                and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab)):
             raise ValueError(f"token ids must lie in [0, {vocab}); got {int(tokens.min())}..{int(tokens.max())}")
         segs, positions = self._layout(seqs, lengths, tokens.device)
         ropes = self._ropes(positions)
@@ -148,6 +154,19 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
             x = layer(x, tokens, segs, [s.layers[i] for s in seqs], positions, rope)
+        return x
+
+    def forward_static(self, tokens: torch.Tensor, positions: torch.Tensor, layers: list[LayerState]) -> torch.Tensor:
+        """One decode token for each of B sequences held in batched static buffers
+        (state.batched_layer_states): tokens, positions [B] on the model's device -> final streams
+        [B, n, dim]. The same modules as `forward_tokens`, with shapes and addresses fixed and no host
+        synchronisation, which is what a CUDA graph captures (engine/graphs.py). The states are written
+        at `positions`; the caller advances them."""
+        ropes = self._ropes(positions)
+        x = self.embed(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
+            x = layer(x, tokens, None, layers[i], positions, rope)
         return x
 
     def forward_streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:

@@ -113,6 +113,25 @@ class _EngineCollector:
                               labels=["model_name"])
         g.add_metric([self.model_name], float(ex["capacity_experts"]))
         yield g
+        dev = ex.get("device")
+        if dev is not None:  # the GPU tier above the host cache (engine/expert_tier.py)
+            for name, doc, key in (("expert_device_hits", "Routed-expert accesses served from GPU memory.", "hits"),
+                                   ("expert_device_misses", "Routed-expert accesses copied up from host RAM.",
+                                    "misses"),
+                                   ("expert_device_evictions", "Experts evicted from GPU memory.", "evictions"),
+                                   ("expert_device_bytes_copied", "Bytes of experts copied host to GPU.",
+                                    "bytes_read"),
+                                   ("expert_device_prefetch_loads", "Experts copied up ahead of their layer.",
+                                    "prefetch_loads")):
+                c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
+                for i, layer in enumerate(dev["per_layer"]):
+                    c.add_metric([self.model_name, str(i)], float(layer[key]))
+                yield c
+            for name, doc, key in (("expert_device_resident", "Experts resident in GPU memory now.", "resident"),
+                                   ("expert_device_capacity", "Experts the GPU budget holds.", "capacity_experts")):
+                g = GaugeMetricFamily(f"moeflash:{name}", doc, labels=["model_name"])
+                g.add_metric([self.model_name], float(dev[key]))
+                yield g
 
 
 class Metrics:

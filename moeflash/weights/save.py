@@ -31,13 +31,13 @@ def _encoded(name: str, t: torch.Tensor, dtype: torch.dtype, official: bool):
     base = name[: -len(".weight")]
     if official and OFFICIAL_FP8_LINEAR.search(name):
         w, sc = quant_fp8(t.float())
-        return [(name, w), (base + ".scale", sc)]
+        return [(name, w.cpu()), (base + ".scale", sc.cpu())]
     if official and OFFICIAL_FP4_EXPERT.search(name):
         w, sc = quant_fp4(t.float())
-        return [(name, w), (base + ".scale", sc)]
+        return [(name, w.cpu()), (base + ".scale", sc.cpu())]  # (quantized where t was drawn)
     if t.dtype.is_floating_point and not keeps_fp32(name):
         t = t.to(dtype)
-    return [(name, t.contiguous())]
+    return [(name, t.cpu().contiguous())]
 
 
 def write_checkpoint(config: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], out: str | Path,
