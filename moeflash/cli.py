@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -294,7 +295,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             meta = Transformer(cfg)
         bar = _bar("writing")
         n_tensors = len(meta.state_dict())
-        out = write_checkpoint(cfg, random_tensors(meta, seed=args.seed), args.out, dtype,
+        from .devices import resolve_device
+
+        try:
+            draw_on = resolve_device(args.device)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        out = write_checkpoint(cfg, random_tensors(meta, seed=args.seed, device=draw_on), args.out, dtype,
                                int(args.shard_gb * (1 << 30)), official=args.official,
                                progress=(lambda done, _t: bar(done, n_tensors)) if bar else None)
         info.update(dtype=args.dtype, official=args.official,
@@ -488,9 +496,16 @@ class _Swallowed(list):
 
 
 def _expert_args(args) -> dict:
+    from .devices import resolve_device
+
+    device = resolve_device(args.device)
+    if getattr(args, "expert_parallel", False) and device.type == "cuda" and device.index is None:
+        device = resolve_device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}")  # one GPU per rank
+    if args.device_expert_memory is not None and device.type == "cpu":
+        raise ValueError("--device-expert-memory is the GPU tier of the expert store: it needs --device cuda")
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
             "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize,
-            "progress": _load_progress()}
+            "progress": _load_progress(), "device": device, "device_expert_memory": args.device_expert_memory}
 
 
 def _load_progress():
@@ -516,8 +531,15 @@ def _bar(desc: str):
 
 
 def _add_expert_flags(p) -> None:
+    from .devices import DEVICES
     from .engine.expert_policy import POLICIES
 
+    p.add_argument("--device", default="cpu", metavar="|".join(DEVICES),
+                   help="where the model runs: cpu (default), cuda, cuda:N, or auto (cuda when torch sees a GPU); "
+                        "on a GPU, --dtype auto is bfloat16 and FP8 / FP4 weights stay at storage precision")
+    p.add_argument("--device-expert-memory", type=float, default=None, metavar="GiB",
+                   help="with --expert-memory on a GPU: the experts held in GPU memory (the GPU tier above "
+                        "--expert-memory of pinned host RAM, which reads from disk)")
     p.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
                    help="stream routed experts from the checkpoint through a cache of this size "
                         "(V4 checkpoint directories; default: all experts in memory)")
@@ -650,6 +672,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
                 over[key] = v
         if over:
             hw = hw.replace(**over, sources={**hw.sources, **{k: "given" for k in over}})
+        layer_ms, head_ms, layer_ms_store = args.layer_ms, args.head_ms, None
+        if args.measured:  # a GPU check's numbers replace the profile's published ones (plan/measured.py)
+            from .plan.measured import load_measurements, measured_hardware
+
+            m = load_measurements(args.measured)
+            hw = measured_hardware(hw, m)
+            layer_ms = layer_ms if layer_ms is not None else m["layer_ms"]
+            head_ms = head_ms if head_ms is not None else m["head_ms"]
+            layer_ms_store = m["layer_ms_eager"] if args.layer_ms is None else None
         inputs = PlanInputs(
             model=args.model, context=args.context, batch=args.batch, weights_dtype=args.weights_dtype,
             dense_dtype=args.dense_dtype, expert_dtype=args.expert_dtype, state_dtype=args.state_dtype,
@@ -657,7 +688,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             price_per_hour=args.price_per_hour, utilization=args.utilization, tokens_per_day=args.tokens_per_day,
             output_share=args.output_share, mtp=args.mtp, decode_efficiency=args.efficiency,
             prefill_efficiency=args.prefill_efficiency, overhead=not args.no_overhead,
-            compute_dtype=args.compute_dtype, layer_ms=args.layer_ms, head_ms=args.head_ms,
+            compute_dtype=args.compute_dtype, layer_ms=layer_ms, head_ms=head_ms,
+            target_tokens_per_s=args.target_tokens_per_s, layer_ms_store=layer_ms_store,
             documents=args.documents, document_tokens=args.document_tokens, question_tokens=args.question_tokens,
             answer_tokens=args.answer_tokens)
         if args.nodes > 1:  # expert parallelism across machines (plan/cluster.py)
@@ -820,6 +852,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --preset: keep its first N layers, or layers A..B-1 of its schedule (real "
                         "layer sizes, no MTP). A 2-layer V4-Flash-shaped checkpoint (~9 GB): --preset v4-flash "
                         "--layers 3:5 --official (an HCA and a CSA layer, score-routed, as 40 of its 43 are)")
+    c.add_argument("--device", default="cpu",
+                   help="where a preset's seeded random weights are drawn and quantized (cuda: seconds for real "
+                        "V4-Flash layers; each device's generator gives its own values)")
     c.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
                    help="safetensors storage dtype (mHC, sinks, position and router biases stay float32)")
     c.add_argument("--shard-gb", type=float, default=2.0, help="maximum shard size in GiB (safetensors)")
@@ -956,6 +991,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "estimate from it beside the modelled one")
     p_plan.add_argument("--head-ms", type=float, default=None,
                         help="with --layer-ms: the measured rest of the step (LM head, final norm), else modelled")
+    p_plan.add_argument("--measured", default=None, metavar="FILE",
+                        help="a bench/gpu_check.py JSON file: its measured bandwidth, GEMM rate, host-to-device "
+                             "copy speed and real-size layer and head times replace the profile's figures "
+                             "(give --hardware for the rest, e.g. h200)")
+    p_plan.add_argument("--target-tokens-per-s", type=float, default=None,
+                        help="with a measured layer: the hit rate a batch-1 stream needs to reach this rate")
     p_plan.add_argument("--expert-memory", type=float, default=None, metavar="GiB",
                         help="routed-expert budget in fast memory (default: all that fits)")
     p_plan.add_argument("--hit-rate", type=float, default=None,

@@ -388,3 +388,38 @@ def test_cluster_plan_cli(capsys):
     out = capsys.readouterr().out
     assert "3 x custom" in out and "fits" in out and "all-reduces" in out
     assert main(["plan", "--hardware", "h200", "--nodes", "2", "--link-gbps", "0"]) == 2
+
+
+def test_measured_layer_adds_the_expert_copies_and_the_hit_rate_a_target_needs():
+    """With a measured layer and experts outside fast memory, a batch-1 step is layers x layer_ms + head
+    + (layers x top_k x (1 - hit)) expert copies over the host link; the hit rate a target needs solves
+    the same sum for that target."""
+    from moeflash.plan.planner import PlanInputs, plan
+
+    hw = get_profile("h200")
+    base = dict(model="v4-flash", context=4096, layer_ms=0.3, head_ms=0.4, hit_rate=0.9, target_tokens_per_s=40.0)
+    p = plan(PlanInputs(**base), hw)
+    ml = p["decode"]["batch_1"]["from_measured_layer"]
+    c = ModelConfig.preset("v4-flash")
+    eb = p["weights"]["expert_bytes"]
+    assert p["weights"]["experts_disk"] == 0  # 224 GiB of host RAM holds every expert the GPU does not
+    misses = c.num_hidden_layers * c.num_experts_per_tok * (1 - 0.9)
+    assert ml["expert_misses_per_token"] == pytest.approx(misses)
+    assert ml["step_ms"] == pytest.approx(43 * 0.3 + 0.4 + misses * ml["ms_per_miss"])
+    assert ml["ms_per_miss"] == pytest.approx(1e3 * eb / (hw.host_link_gbps * 1e9))
+    need = ml["hit_rate_needed"]
+    assert 0 < need < 1
+    again = plan(PlanInputs(**{**base, "hit_rate": need}), hw)["decode"]["batch_1"]["from_measured_layer"]
+    assert again["tokens_per_s"] == pytest.approx(40.0, rel=1e-6)
+    slow = plan(PlanInputs(**{**base, "layer_ms": 1.0}), hw)["decode"]["batch_1"]["from_measured_layer"]
+    assert slow["hit_rate_needed"] is None  # 43 ms of layers alone: 40 tok/s cannot be reached
+
+
+def test_plan_measured_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"sections": {"probes": {"hbm_read_gbps": 1.0, "bf16_gemm_tflops": 1.0}},
+                               "errors": {"planner": "Traceback ...\nRuntimeError: out of memory"}}))
+    assert main(["plan", "--hardware", "h200", "--measured", str(bad)]) == 2
+    assert "no planner section (planner: RuntimeError: out of memory)" in capsys.readouterr().err
+    assert main(["plan", "--hardware", "h200", "--measured", str(tmp_path / "none.json")]) == 2
+    assert "not a readable JSON file" in capsys.readouterr().err

@@ -410,6 +410,9 @@ class PlanInputs:
     compute_dtype: str | None = None      # bf16 / fp32 for an fp8 model's other tensors (None: as the loader's auto)
     layer_ms: float | None = None         # measured batch-1 decode time of one layer (bench/flash_layers.py)
     head_ms: float | None = None          # measured time of the rest of a step (head, final norm; same at any depth)
+    target_tokens_per_s: float | None = None  # with layer_ms: the hit rate a batch-1 stream needs to reach it
+    layer_ms_store: float | None = None   # the layer time when an expert store serves the experts (its steps
+    #                                       are eager: no CUDA graphs); used instead of layer_ms then
     documents: int = 1                    # documents whose states the prefix cache keeps (disk needed)
     document_tokens: int | None = None    # tokens per document (None: the prompt less the question)
     question_tokens: int = 256            # a question after the document (prefilled on a hit)
@@ -673,16 +676,40 @@ def plan(inp: PlanInputs, hw: Hardware) -> dict:
     decb = decode(batch) if batch > 1 else dec1
     if inp.layer_ms is not None:
         # A measured layer (at real layer sizes, all experts resident) replaces the per-layer model; the
-        # head, final norm and hyper head are still modelled (their bytes at the decode efficiency).
+        # head, final norm and hyper head are still modelled (their bytes at the decode efficiency) unless
+        # measured too. Experts outside fast memory add their copies: at batch 1 each layer uses top_k
+        # experts, (1 - hit) of them missing, each brought over the host link (or read from disk) at the
+        # profile's speed (measured, with `--measured`), without overlap with compute (an upper bound on
+        # the copy time: prefetch hides part of it).
         head_b = s["components"]["head (+ final norm, hyper head)"]["bytes"] + s["embed_row_bytes"]
         head_ms = inp.head_ms if inp.head_ms is not None else 1e3 * head_b / (dev_bw * dec_eff)
-        step_ms = c.num_hidden_layers * inp.layer_ms + head_ms
-        dec1["from_measured_layer"] = {"layer_ms": inp.layer_ms, "layers": c.num_hidden_layers,
-                                       "head_ms": head_ms, "head_measured": inp.head_ms is not None,
-                                       "step_ms": step_ms, "tokens_per_s": 1e3 / step_ms}
+        layer_ms = inp.layer_ms_store if rest and inp.layer_ms_store else inp.layer_ms
+        layers_ms = c.num_hidden_layers * layer_ms
+        per_miss_ms = 0.0
         if rest:
-            notes.append("--layer-ms was measured with every expert resident; this plan has experts in a lower "
-                         "tier, so the measured-layer estimate is an upper bound")
+            host_ms = 1e3 * eb / dev_link if dev_link else math.inf
+            disk_ms = 1e3 * eb / disk_bw if disk_bw else math.inf
+            per_miss_ms = host_share * host_ms + (1 - host_share) * disk_ms
+        misses = c.num_hidden_layers * c.num_experts_per_tok * (1 - hit) if rest else 0.0
+        copy_ms = misses * per_miss_ms if misses else 0.0
+        step_ms = layers_ms + head_ms + copy_ms
+        ml = {"layer_ms": layer_ms, "layer_steps": "eager (expert store)" if layer_ms is not inp.layer_ms
+              else "as measured", "layers": c.num_hidden_layers, "head_ms": head_ms,
+              "head_measured": inp.head_ms is not None, "experts_resident": resident, "experts_total": n_exp,
+              "hit_rate": hit, "expert_misses_per_token": misses, "ms_per_miss": per_miss_ms,
+              "copy_ms": copy_ms, "step_ms": step_ms, "tokens_per_s": 1e3 / step_ms if step_ms else math.inf}
+        if inp.target_tokens_per_s:
+            spare = 1e3 / inp.target_tokens_per_s - layers_ms - head_ms
+            per_token_all = c.num_hidden_layers * c.num_experts_per_tok * per_miss_ms
+            if spare < 0:
+                need = None  # not reachable even with every expert hitting
+            elif not rest or per_token_all == 0:
+                need = 0.0
+            else:
+                need = min(1.0, max(0.0, 1 - spare / per_token_all))
+            ml["target_tokens_per_s"] = inp.target_tokens_per_s
+            ml["hit_rate_needed"] = need
+        dec1["from_measured_layer"] = ml
 
     # ---- prefill ----------------------------------------------------------------------------------
     def prefill_time(end: int, start: int = 0) -> dict:

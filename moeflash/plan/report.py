@@ -122,10 +122,18 @@ def format_plan(p: dict) -> str:
                    "per token", "ms/step", "roofline tok/s", "expected tok/s", "bound by"], rows)
     ml = p["decode"]["batch_1"].get("from_measured_layer")
     if ml:
-        out.append(f"  from the measured layer: {ml['layers']} x {ml['layer_ms']:.2f} ms + head "
-                   f"{ml['head_ms']:.2f} ms ({'measured' if ml['head_measured'] else 'modelled'}) = "
-                   f"{ml['step_ms']:.1f} ms/step, "
+        copies = (f" + {ml['expert_misses_per_token']:.1f} expert misses x {ml['ms_per_miss']:.3f} ms "
+                  f"(hit rate {ml['hit_rate']:.1%}, {ml['experts_resident']:,} of {ml['experts_total']:,} experts "
+                  f"resident)" if ml["copy_ms"] else "")
+        out.append(f"  from the measured layer ({ml['layer_steps']}): {ml['layers']} x {ml['layer_ms']:.3f} ms + head "
+                   f"{ml['head_ms']:.2f} ms ({'measured' if ml['head_measured'] else 'modelled'}){copies} = "
+                   f"{ml['step_ms']:.2f} ms/step, "
                    f"{ml['tokens_per_s']:.2f} tok/s at batch 1")
+        if "hit_rate_needed" in ml:
+            need = ml["hit_rate_needed"]
+            out.append(f"  {ml['target_tokens_per_s']:g} tok/s per stream needs "
+                       + ("more than every expert hitting (the resident part alone is slower)" if need is None
+                          else f"a hit rate of at least {need:.1%}"))
     pf = p["prefill"]
     out.append("")
     out.append(f"Prefill of a {pf['prompt_tokens']:,}-token prompt ({pf['flops']['per_token'] / 1e9:,.1f} GFLOP per "
