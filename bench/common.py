@@ -36,6 +36,13 @@ from moeflash.config import CSA, HCA, SLIDING  # noqa: E402
 from moeflash.engine.forward import run_tokens  # noqa: E402
 
 BENCH_DIR = Path(os.environ.get("MOEFLASH_BENCH_DIR", "/tmp/moeflash-bench"))
+DEVICE = torch.device("cpu")  # `--device` (apply_common_args): where models, probes and tokens live
+
+
+def sync() -> None:
+    """Wait for the device (a GPU runs asynchronously: a timer must not stop before its work does)."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -95,9 +102,11 @@ def timed(fn, warmup: int = 1, iters: int = 5) -> dict:
     for _ in range(warmup):
         fn()
     samples = []
+    sync()
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
+        sync()
         samples.append(time.perf_counter() - t0)
     s = sorted(samples)
     return {"best": s[0], "mean": sum(s) / len(s), "median": s[len(s) // 2], "samples": samples}
@@ -114,7 +123,7 @@ def read_bandwidth_probe(gib: float = 1.0, iters: int = 4, repeats: int = 3, det
     n = int(gib * (1 << 30)) // 4
     runs = []
     for _ in range(repeats):
-        x = torch.ones(n, dtype=torch.float32)
+        x = torch.ones(n, dtype=torch.float32, device=DEVICE)
         r = timed(lambda: torch.sum(x), warmup=1, iters=iters)
         runs.append(n * 4 / r["best"] / 1e9)
         del x
@@ -126,9 +135,9 @@ def read_bandwidth_probe(gib: float = 1.0, iters: int = 4, repeats: int = 3, det
 def matmul_probe(n: int = 2048, dtype: torch.dtype | str = torch.float32, iters: int = 5) -> float:
     """GFLOP/s of an n x n x n matmul (2 n^3 FLOPs) in `dtype`; best of `iters` after a warm-up."""
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    a = torch.randn(n, n).to(dtype)
-    b = torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+    a = torch.randn(n, n, device=DEVICE).to(dtype)
+    b = torch.randn(n, n, device=DEVICE).to(dtype)
+    out = torch.empty(n, n, dtype=dtype, device=DEVICE)
     r = timed(lambda: torch.matmul(a, b, out=out), warmup=1, iters=iters)
     return 2 * n ** 3 / r["best"] / 1e9
 
@@ -225,7 +234,7 @@ def make_or_load(preset: str, dtype: str | torch.dtype = "float32"):
     from moeflash.weights.build import build_tiny, load_model
 
     if preset == "tiny":
-        return build_tiny(dtype)
+        return _on_device(build_tiny(dtype))
     path = BENCH_DIR / preset
     if not (path / "config.json").exists():
         log(f"[make_or_load] converting preset {preset} -> {path} (one time)")
@@ -237,7 +246,15 @@ def make_or_load(preset: str, dtype: str | torch.dtype = "float32"):
     model, _ = load_model(path, dtype=dtype)
     log(f"[make_or_load] loaded {preset} ({dtype}) in {time.perf_counter() - t0:.1f}s")
     touch_weights(model)
-    return model
+    return _on_device(model)
+
+
+def _on_device(model):
+    if DEVICE.type == "cpu":
+        return model
+    from moeflash.devices import move_model
+
+    return move_model(model, DEVICE)
 
 
 @torch.inference_mode()
@@ -255,16 +272,22 @@ def touch_weights(model) -> float:
 def random_tokens(vocab: int, n: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     # avoid the special ids (bos/eos) only by chance; uniform over the vocabulary is fine here
-    return torch.randint(0, vocab, (n,), generator=g)
+    return torch.randint(0, vocab, (n,), generator=g).to(DEVICE)
 
 
 def add_common_args(p) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (scripts that take it: decode.py, "
+                                                   "prefill.py; the rest measure the CPU)")
 
 
 def apply_common_args(args) -> None:
+    global DEVICE
     if args.threads:
         torch.set_num_threads(args.threads)
+    from moeflash.devices import resolve_device
+
+    DEVICE = resolve_device(getattr(args, "device", "cpu"))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import time
 
 import torch
 
+import common
 from common import (add_common_args, apply_common_args, bytes_per_token, log, machine_info,
                     make_or_load, param_bytes, print_json, random_tokens, read_bandwidth_probe,
                     rounded)
@@ -54,15 +55,18 @@ def raw_decode(model, batch: int, prompt_len: int, tokens: int, warmup: int, see
     states = [model.new_seq_state() for _ in range(batch)]
     t0 = time.perf_counter()
     x = run_tokens(model, torch.cat(prompts), states, [prompt_len] * batch)
-    last = torch.arange(1, batch + 1) * prompt_len - 1
+    last = torch.arange(1, batch + 1, device=x.device) * prompt_len - 1
     nxt = model.logits(x[last]).argmax(-1)
+    common.sync()
     prefill_s = time.perf_counter() - t0
     step_s, reads = [], []
     ones = [1] * batch
     for i in range(warmup + tokens):
+        common.sync()
         t0 = time.perf_counter()
         x = run_tokens(model, nxt, states, ones)
         nxt = model.logits(x).argmax(-1)
+        common.sync()
         dt = time.perf_counter() - t0
         if i >= warmup:
             step_s.append(dt)

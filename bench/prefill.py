@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import common
 from common import (activated_flops_per_token, add_common_args, apply_common_args, attention_flops, log,
                     machine_info, make_or_load, matmul_probe, print_json, random_tokens, rounded)
 from moeflash.engine.forward import run_tokens
@@ -40,8 +41,10 @@ def prefill(model, length: int, chunk: int, seed: int) -> dict:
         t0 = time.perf_counter()
         b = min(a + chunk, length)
         x = run_tokens(model, tokens[a:b], [st], [b - a])
+        common.sync()
         chunk_s.append(time.perf_counter() - t0)
     model.logits(x[-1:]).argmax(-1)
+    common.sync()
     total = time.perf_counter() - t_all
     return {"seconds": total, "chunk_seconds": chunk_s, "state_used_bytes": st.used_bytes()}
 
