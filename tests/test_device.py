@@ -387,3 +387,18 @@ def test_gpu_check_runs_every_section_on_the_cpu_and_the_planner_reads_it(tmp_pa
     assert ml["head_ms"] == pytest.approx(s["planner"]["head_ms"])
     assert str(out) in p["hardware"]["sources"]["bandwidth_gbps"]
     assert p["hardware"]["bandwidth_gbps"] == pytest.approx(s["probes"]["hbm_read_gbps"])
+
+
+def test_gathered_experts_equal_the_per_expert_loop():
+    """The GPU's sync-free path for non-bf16 packed experts (a batched product per (token, expert) pair)."""
+    model = build_tiny("float32")
+    ffn = model.layers[1].ffn
+    ffn.pack_experts_()
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        w, idx = ffn.gate(x, torch.zeros(5, dtype=torch.long))
+        got = torch.zeros_like(x)
+        ffn._gathered(x, w, idx, got)
+        ffn.w13 = ffn.w2 = None  # the per-expert loop
+        want = ffn._routed(x, w, idx)
+    assert (got - want).abs().max() < 1e-5

@@ -172,7 +172,10 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     weights [T, k], w13 [E, 2I, D/2] (w1 rows then w3 rows), s13 [E, 2I, D/32], w2 [E, D, I/2],
     s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]."""
     g = gpu_kernels(w13)
-    if g is not None and idx.numel() <= g.FP4_MAX_PAIRS and x.shape[-1] % 32 == 0 and w2.shape[-1] % 16 == 0:
+    # past FP4_MAX_PAIRS the reference decodes each used expert once (a host round trip for the ids):
+    # never while a CUDA graph is being recorded
+    if g is not None and (idx.numel() <= g.FP4_MAX_PAIRS or torch.cuda.is_current_stream_capturing()) \
+            and x.shape[-1] % 32 == 0 and w2.shape[-1] % 16 == 0:
         return g.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
         return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),

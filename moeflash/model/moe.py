@@ -132,7 +132,7 @@ class MoE(nn.Module):
         packed = self.w13 is not None
         self.w13 = self.w2 = None
         out = super()._apply(fn, recurse)
-        if packed:
+        if packed or self.gate.weight.device.type == "cuda":  # on a GPU every dtype packs: no host sync
             self.pack_experts_()
         return out
 
@@ -208,6 +208,8 @@ class MoE(nn.Module):
 
     def _grouped(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
         """All routed experts in two grouped matmuls over the (token, slot) rows sorted by expert."""
+        if flat.is_cuda and self.w13.dtype != torch.bfloat16:  # torch's grouped GEMM on a GPU takes bf16
+            return self._gathered(flat, weights, idx, out)
         flat_idx = idx.reshape(-1)
         order = torch.argsort(flat_idx, stable=True)
         # (not bincount: on a GPU it reads the largest id back to the host first)
@@ -221,3 +223,14 @@ class MoE(nn.Module):
         act = clamped_swiglu(gate, up, self.limit)
         y = GROUPED_MM(act, self.w2.transpose(-2, -1), offs=offs)
         out.index_add_(0, tokens, (y * weights.reshape(-1)[order, None].to(y.dtype)).to(out.dtype))
+
+    def _gathered(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor, out: torch.Tensor) -> None:
+        """Every (token, slot) pair with its expert's packed weights gathered: batched matrix-vector
+        products, no host synchronisation (the fp32 GPU path: parity checks, small models)."""
+        t, k = idx.shape
+        e = idx.reshape(-1)
+        rows = flat.repeat_interleave(k, dim=0).to(self.w13.dtype)
+        h = torch.bmm(self.w13[e], rows.unsqueeze(-1)).squeeze(-1)
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.bmm(self.w2[e], clamped_swiglu(gate, up, self.limit).unsqueeze(-1)).squeeze(-1)
+        out += (y * weights.reshape(-1, 1).to(y.dtype)).view(t, k, -1).sum(dim=1).to(out.dtype)
