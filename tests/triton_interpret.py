@@ -41,14 +41,21 @@ def fp4_case(t: int, topk: int, experts: int, d: int, inter: int, limit: float, 
                reference.moe_fp4(x, idx, w, q13, s13, q2, s2, limit))
 
 
+def sinkhorn_case(shape: tuple, iters: int, g: torch.Generator) -> float:
+    x = torch.randn(*shape, generator=g) * 3
+    return rel(gpu.sinkhorn(x, iters, 1e-6), reference.sinkhorn(x, iters, 1e-6))
+
+
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     out = {
         "fp8_fp32": max(fp8_case(m, n, k, torch.float32, g) for m, n, k in
-                        [(1, 256, 256), (3, 200, 300), (17, 130, 128), (40, 96, 520)]),
+                        [(1, 256, 256), (3, 200, 300), (17, 130, 128), (40, 96, 520),
+                         (2, 40, 520), (1, 32, 1024)]),  # the last two split K across programs
         "fp8_bf16": max(fp8_case(m, n, k, torch.bfloat16, g) for m, n, k in [(1, 256, 384), (5, 160, 200)]),
         "fp4": max(fp4_case(t, k, e, d, i, lim, g) for t, k, e, d, i, lim in
                    [(1, 2, 4, 64, 64, 0.0), (3, 3, 5, 96, 96, 7.0), (6, 2, 3, 128, 32, 0.5)]),
+        "sinkhorn": max(sinkhorn_case(s, it, g) for s, it in [((5, 4, 4), 20), ((2, 3, 3, 3), 7), ((1, 4, 4), 1)]),
     }
     print(json.dumps(out))
     return 0

@@ -218,6 +218,9 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """mHC's doubly-stochastic mix (reference.sinkhorn) in one call on the CPU (~60 tiny ops otherwise)."""
     if native(logits) and logits.dtype == torch.float32 and not logits.requires_grad:
         return torch.ops.moeflash.sinkhorn(logits, iters, eps)
+    g = gpu_kernels(logits)
+    if g is not None and logits.dtype == torch.float32 and not logits.requires_grad and iters >= 1:
+        return g.sinkhorn(logits, iters, eps)
     return reference.sinkhorn(logits, iters, eps)
 
 
@@ -228,4 +231,6 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, fn, base, scale))
     if x.dim() == 3 and native(x) and not needs_grad:
         return torch.ops.moeflash.hc_weights(_f32(x), fn, base, scale, iters, hc_eps, norm_eps)
-    return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
+    g = gpu_kernels(x)
+    return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps,
+                                g.sinkhorn if g is not None and not needs_grad and iters >= 1 else None)

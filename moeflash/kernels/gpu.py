@@ -56,34 +56,54 @@ def _e8m0_to_f32(b):
 
 
 @triton.jit
-def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sk_stride,
+def _fp8_linear_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, sk_stride, k_per_split,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                        IEEE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * k_per_split
+    for k0 in range(k_lo, k_lo + k_per_split, BLOCK_K):
         kk = k0 + rk
         xt = tl.load(x_ptr + rm[:, None] * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K),
                      other=0.0).to(tl.float32)
         wb = tl.load(w_ptr + rn[:, None] * K + kk[None, :], mask=(rn[:, None] < N) & (kk[None, :] < K),
                      other=0).to(tl.int32)
-        sc = tl.load(s_ptr + (rn // 128) * sk_stride + k0 // 128, mask=rn < N, other=0.0)
+        # (a last split may run past K: its loads are masked to 0, and its scale index is kept in range)
+        sc = tl.load(s_ptr + (rn // 128) * sk_stride + tl.minimum(k0 // 128, sk_stride - 1), mask=rn < N, other=0.0)
         w = _e4m3_to_f32(wb) * sc[:, None]
         if IEEE:
             acc += tl.dot(xt, tl.trans(w), input_precision="ieee")
         else:  # bf16 activations: TF32 products are finer than the activations themselves
             acc += tl.dot(xt, tl.trans(w), input_precision="tf32")
-    tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+    out = y_ptr + pid_k * M * N + rm[:, None] * N + rn[None, :]
+    tl.store(out, acc, mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+_SMS: dict = {}
+
+
+def _programs_wanted(device: torch.device) -> int:
+    """Programs that keep every SM streaming (two per SM); 4 under the interpreter (the CPU)."""
+    if device.type != "cuda":
+        return 4
+    if device not in _SMS:
+        _SMS[device] = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ W.T for W = e4m3 bytes [N, K] x fp32 block scales [ceil(N/128), ceil(K/128)] -> fp32
     [M, N]. fp32 inputs multiply in IEEE fp32, bf16 inputs in TF32; above FP8_KERNEL_MAX_ROWS rows
-    the weight is decoded once and multiplied by torch."""
+    the weight is decoded once and multiplied by torch.
+
+    A decode GEMV of a narrow weight (V4's 512- to 2,048-row projections) has too few 32-row tiles to
+    keep a GPU's SMs reading, so K is split across programs (in whole 128-column scale blocks) and the
+    partial sums are added in a fixed order afterwards: the split depends on the weight's shape only."""
     m, k = x.shape
     n = weight.shape[0]
     if m > FP8_KERNEL_MAX_ROWS:
@@ -91,13 +111,17 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> to
 
         return torch.nn.functional.linear(x, dequant_fp8(weight, scale).to(x.dtype)).float()
     x = x.contiguous()
-    y = torch.empty(m, n, dtype=torch.float32, device=x.device)
-    block_m = 16 if m <= 16 else 32
-    grid = (triton.cdiv(n, 32), triton.cdiv(m, block_m))
-    _fp8_linear_kernel[grid](x, weight.view(torch.uint8).contiguous(), scale.float().contiguous(), y, m, n, k,
-                             scale.shape[1], BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=FP8_BLOCK,
-                             IEEE=x.dtype == torch.float32)
-    return y
+    block_m = max(16, triton.next_power_of_2(m))
+    tiles = triton.cdiv(n, 32)
+    k_blocks = triton.cdiv(k, FP8_BLOCK)
+    splits = max(1, min(k_blocks, triton.cdiv(_programs_wanted(x.device), tiles)))
+    per = triton.cdiv(k_blocks, splits) * FP8_BLOCK
+    splits = triton.cdiv(k, per)
+    y = torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    _fp8_linear_kernel[(tiles, triton.cdiv(m, block_m), splits)](
+        x, weight.view(torch.uint8).contiguous(), scale.float().contiguous(), y, m, n, k, scale.shape[1], per,
+        BLOCK_M=block_m, BLOCK_N=32, BLOCK_K=FP8_BLOCK, IEEE=x.dtype == torch.float32)
+    return y[0] if splits == 1 else y.sum(dim=0)
 
 
 @triton.jit
@@ -169,3 +193,35 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     _fp4_down_kernel[(pairs, triton.cdiv(d, 32))](
         act, flat, w2.view(torch.uint8), s2.view(torch.uint8), y, d, inter, BLOCK_N=32, BLOCK_K=64)
     return (y.view(t, k, d) * weights.float().unsqueeze(-1)).sum(dim=1)
+
+
+@triton.jit
+def _sinkhorn_kernel(x_ptr, y_ptr, n, iters, eps, BLOCK: tl.constexpr):
+    """One [n, n] matrix per program, every iteration in registers."""
+    t = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, BLOCK)[:, None]
+    c = tl.arange(0, BLOCK)[None, :]
+    mask = (r < n) & (c < n)
+    off = t * n * n + r * n + c
+    x = tl.load(x_ptr + off, mask=mask, other=float("-inf"))
+    x = x - tl.max(x, axis=1)[:, None]
+    e = tl.where(mask, tl.exp(x), 0.0)
+    m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
+    m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    for _ in range(iters - 1):
+        m = tl.where(mask, m / (tl.sum(m, axis=1)[:, None] + eps), 0.0)
+        m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    tl.store(y_ptr + off, m, mask=mask)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """kernels.sinkhorn (mHC's doubly-stochastic mix) for fp32 logits [..., n, n] in one launch: the
+    reference is about 6 x iters small kernels per call, which in a decode step's CUDA graph cost more
+    than the step's matrix products at small batch."""
+    n = logits.shape[-1]
+    x = logits.contiguous()
+    y = torch.empty_like(x)
+    rows = x.numel() // (n * n)
+    if rows:
+        _sinkhorn_kernel[(rows,)](x, y, n, int(iters), float(eps), BLOCK=triton.next_power_of_2(n))
+    return y
