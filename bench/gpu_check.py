@@ -16,7 +16,10 @@ short keeps what it had):
   precision, and the fraction of the HBM probe.
 - `prefill`: a 2,048-token prompt on the same models: FLOP/s against the bf16 GEMM probe.
 - `planner`: the measured parts the planner needs (`moeflash plan --measured FILE`): per-layer decode
-  time of a real-size layer, the head's time, host-to-device GB/s, expert bytes.
+  time of a real-size layer (graphs, eager, and with the expert store), the head's time, host-to-device
+  GB/s, expert bytes.
+- `compiled`: batch-1 decode with the static step compiled by torch.compile before recording (opt-in in
+  the engine, `decode_compile=True`), against the plain graph.
 
     bash bench/gpu_check.sh                  # on the GPU machine: python bench/gpu_check.py --out ...
     python bench/gpu_check.py --device cpu --quick --out /tmp/gc.json   # the same code paths on a CPU
@@ -270,22 +273,23 @@ def tiers() -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------
-def _decode_model(model, batches: list[int], prompt_len: int, steps: int) -> dict:
-    """Step time of `steps` decode steps at each batch (graphs; eager too at batch 1), bytes per step."""
+def _decode_model(model, batches: list[int], prompt_len: int, steps: int, compile: bool = False) -> dict:
+    """Step time of `steps` decode steps at each batch (graphs; eager too at batch 1), bytes per step.
+    `compile`: graphs of the torch.compile'd static step only."""
     from moeflash.engine.graphs import GraphDecoder
 
     vocab = model.config.vocab_size
     res = {}
     hbm = R.get("probes", {}).get("hbm_read_gbps")
     for b in batches:
-        for graphs in ((False, True) if b == 1 else (True,)):
+        for graphs in ((False, True) if b == 1 and not compile else (True,)):
             g = torch.Generator().manual_seed(b)
             states = [model.new_seq_state() for _ in range(b)]
             with torch.inference_mode():
                 for st in states:  # prefill each alone
                     ids = torch.randint(0, vocab, (prompt_len,), generator=g).to(DEV)
                     run_tokens(model, ids, [st], [prompt_len])
-                dec = GraphDecoder(model, b, prompt_len + steps + 16) if graphs else None
+                dec = GraphDecoder(model, b, prompt_len + steps + 16, compile=compile) if graphs else None
                 toks = torch.randint(0, vocab, (b,), generator=g).to(DEV)
 
                 def step():
@@ -294,7 +298,7 @@ def _decode_model(model, batches: list[int], prompt_len: int, steps: int) -> dic
                     return x
                 t = clock(step, warmup=3, iters=steps)
                 moved = bytes_per_token(model, states)
-            key = f"batch{b}_{'graph' if graphs else 'eager'}"
+            key = f"batch{b}_{'compiled_graph' if compile else 'graph' if graphs else 'eager'}"
             res[key] = {"step_ms": 1e3 * t, "tok_s": b / t, "bytes_per_step": moved["total"],
                         "dense_bytes": moved["dense"], "expert_bytes": moved["experts"], "state_bytes": moved["state"],
                         "gbps": moved["total"] / t / 1e9,
@@ -403,6 +407,23 @@ def planner() -> dict:
     return out
 
 
+@section
+def compiled() -> dict:
+    """The static step compiled by torch.compile (Inductor fuses its small elementwise kernels) and then
+    recorded: batch 1 on each model, against the uncompiled graph measured in `decode`."""
+    out = {}
+    for name, path in _models():
+        model = load(path, "auto")
+        t = time.perf_counter()
+        r = _decode_model(model, [1], 64, 8 if ARGS.quick else 30, compile=True)
+        out[name] = {**r, "seconds_with_compile": time.perf_counter() - t}
+        base = R["sections"].get("decode", {}).get(name, {}).get("batch1_graph")
+        if base:
+            out[name]["speedup_vs_graph"] = base["step_ms"] / r["batch1_compiled_graph"]["step_ms"]
+        del model
+    return out
+
+
 def main() -> int:
     global ARGS, DEV
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -420,7 +441,7 @@ def main() -> int:
     R["machine"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(DEV),
                     "triton": _version("triton"), "python": sys.version.split()[0], "quick": ARGS.quick}
     save()
-    for fn in (probes, kernel_checks, parity, tiers, decode, prefill, planner):
+    for fn in (probes, kernel_checks, parity, tiers, decode, prefill, planner, compiled):
         fn()
     R["total_seconds"] = round(time.perf_counter() - T0, 1)
     save()

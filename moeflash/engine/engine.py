@@ -37,7 +37,8 @@ class LLMEngine:
                  max_num_batched_tokens: int = 512, max_model_len: int | None = None,
                  max_state_bytes: int | None = None, num_threads: int | None = None,
                  batch_invariant: bool = False, prefix_cache=None, share_prompts: bool = True,
-                 decode_graphs: bool | None = None, graph_max_len: int | None = None):
+                 decode_graphs: bool | None = None, graph_max_len: int | None = None,
+                 decode_compile: bool = False):
         """`max_num_batched_tokens` bounds the tokens of one step (decode tokens + prompt chunks);
         `max_state_bytes` caps the sequence state held at once (admission waits when full).
         `batch_invariant`: a request's tokens never depend on what else is running. A step's decode
@@ -48,7 +49,8 @@ class LLMEngine:
         `decode_graphs`: run pure decode steps over static slots (engine/graphs.py), replayed as CUDA
         graphs on a GPU; default: on for a V4 model on a GPU whose experts are all resident. Sequences
         up to `graph_max_len` tokens (default min(context, 16384)) fit the slots; longer ones decode
-        eagerly."""
+        eagerly. `decode_compile`: torch.compile the static step before recording it (opt-in; Inductor
+        fuses its elementwise chains; compiling takes a while per batch bucket)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()
@@ -77,7 +79,8 @@ class LLMEngine:
             if getattr(model, "expert_store", None) is not None:
                 raise ValueError("decode graphs need every expert resident: an expert store decides per "
                                  "step on the host which experts to fetch")
-            self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384))
+            self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384),
+                                       compile=decode_compile)
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
         # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
         # preempted after a failed forward call, requests failed, and prompt tokens not recomputed

@@ -33,7 +33,7 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GraphDecoder:
-    def __init__(self, model, max_batch: int, max_len: int, capture: bool | None = None):
+    def __init__(self, model, max_batch: int, max_len: int, capture: bool | None = None, compile: bool = False):
         if not hasattr(model, "forward_static"):
             raise ValueError("static decode needs a V4 model (Transformer.forward_static)")
         self.model = model
@@ -50,6 +50,9 @@ class GraphDecoder:
         self.owner: list[weakref.ref | None] = [None] * max_batch
         self.graphs: dict[int, tuple] = {}
         self.stats = {"graph_steps": 0, "eager_steps": 0, "slot_loads": 0, "slot_moves": 0, "slot_evictions": 0}
+        # opt-in: torch.compile the static step before recording (Inductor fuses the step's chains of
+        # small elementwise kernels: casts, norms, RoPE, mHC; measured by bench/gpu_check.py)
+        self._forward = torch.compile(model.forward_static, dynamic=False) if compile else model.forward_static
         if self.capture:
             self._pool = torch.cuda.graph_pool_handle()
             for b in self.buckets:  # before any sequence is bound: warm-up runs write every slot
@@ -58,7 +61,7 @@ class GraphDecoder:
     # -- the static step --------------------------------------------------------------------------
     def _step(self, b: int) -> torch.Tensor:
         layers = [_rows(layer, b) for layer in self.layers]
-        return self.model.forward_static(self.tokens[:b], self.positions[:b], layers)
+        return self._forward(self.tokens[:b], self.positions[:b], layers)
 
     def _record(self, b: int) -> tuple:
         side = torch.cuda.Stream(self.device)
