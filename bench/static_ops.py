@@ -1,6 +1,6 @@
 """How many kernels a GPU would launch for one static decode step (what a CUDA graph replays), counted
 on the CPU: the step runs with the plain-torch paths a CUDA tensor takes, each call that is one Triton
-kernel on a GPU (FP8 linear, FP4 MoE, Sinkhorn) counted once, views and same-dtype casts not counted.
+kernel on a GPU (FP8 linear, FP4 MoE, Sinkhorn, RMSNorm, RoPE) counted once, views and same-dtype casts not counted.
 
 Why: inside a graph a kernel still costs a microsecond or two however little it does, so at batch 1 the
 kernel count, not the bytes, can set the step time. A V4-Flash step reads ~11 GB (2.3 ms at 4.8 TB/s);
@@ -56,7 +56,7 @@ def main() -> int:
                         path], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     K.native(torch.zeros(1))
     K._NATIVE[:] = [False]  # the paths a CUDA tensor takes where Triton has no kernel
-    for name in ("fp8_linear", "moe_fp4", "sinkhorn"):
+    for name in ("fp8_linear", "moe_fp4", "sinkhorn", "rms_norm", "apply_rope"):
         setattr(K, name, one_kernel(getattr(K, name)))
     KL.fp8_linear = K.fp8_linear
     K.hc_weights = (lambda x, fn, base, scale, iters, he, ne:

@@ -228,6 +228,8 @@ def test_triton_kernels_equal_the_references_under_the_interpreter():
     err = json.loads(r.stdout.strip().splitlines()[-1])
     print(f"[triton interpreter] max relative error vs reference: {err}")
     assert err["fp8_fp32"] < 1e-5 and err["fp4"] < 1e-5 and err["sinkhorn"] < 1e-5
+    assert err["rms_norm_fp32"] < 1e-5 and err["rope_fp32"] < 1e-5
+    assert err["rms_norm_bf16"] < 1e-2 and err["rope_bf16"] < 1e-2  # one bf16 rounding step
     assert err["fp8_bf16"] < 1e-2  # bf16 activations: TF32 products on a GPU
 
 

@@ -46,6 +46,22 @@ def sinkhorn_case(shape: tuple, iters: int, g: torch.Generator) -> float:
     return rel(gpu.sinkhorn(x, iters, 1e-6), reference.sinkhorn(x, iters, 1e-6))
 
 
+def norm_case(shape: tuple, dtype: torch.dtype, g: torch.Generator) -> float:
+    x = (torch.randn(*shape, generator=g) * 3).to(dtype)
+    w = 1 + torch.randn(shape[-1], generator=g) * 0.2
+    xf = x.float()
+    want = (w * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + 1e-6))).to(dtype)
+    return rel(gpu.rms_norm(x, w, 1e-6), want)
+
+
+def rope_case(n: int, heads: int, d: int, half: int, dtype: torch.dtype, inverse: bool, g: torch.Generator) -> float:
+    x = torch.randn(n, heads, d, generator=g).to(dtype)
+    ang = torch.randn(n, half, generator=g) * 3
+    cos, sin = ang.cos(), ang.sin()
+    return rel(gpu.apply_rope(x, cos[:, None, :], sin[:, None, :], inverse),
+               reference.apply_rope(x, cos[:, None, :], sin[:, None, :], inverse))
+
+
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     out = {
@@ -55,6 +71,12 @@ def main() -> int:
         "fp8_bf16": max(fp8_case(m, n, k, torch.bfloat16, g) for m, n, k in [(1, 256, 384), (5, 160, 200)]),
         "fp4": max(fp4_case(t, k, e, d, i, lim, g) for t, k, e, d, i, lim in
                    [(1, 2, 4, 64, 64, 0.0), (3, 3, 5, 96, 96, 7.0), (6, 2, 3, 128, 32, 0.5)]),
+        "rms_norm_fp32": max(norm_case(s, torch.float32, g) for s in [(3, 64), (2, 5, 96), (1, 7)]),
+        "rms_norm_bf16": max(norm_case(s, torch.bfloat16, g) for s in [(3, 64), (4, 160)]),
+        "rope_fp32": max(rope_case(n, h, d, hf, torch.float32, inv, g) for n, h, d, hf, inv in
+                         [(3, 4, 32, 4, False), (2, 1, 64, 32, True), (5, 3, 24, 8, False)]),
+        "rope_bf16": max(rope_case(n, h, d, hf, torch.bfloat16, inv, g) for n, h, d, hf, inv in
+                         [(3, 4, 32, 4, True), (2, 2, 64, 16, False)]),
         "sinkhorn": max(sinkhorn_case(s, it, g) for s, it in [((5, 4, 4), 20), ((2, 3, 3, 3), 7), ((1, 4, 4), 1)]),
     }
     print(json.dumps(out))

@@ -18,7 +18,7 @@ from . import reference
 from .build import load as _load_native
 from .build import status
 
-__all__ = ["apply_rope", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS"]
 
@@ -201,10 +201,26 @@ def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
     return reference.gqa_decode(q, keys, values, scale)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis, statistics and the weight multiply in fp32, cast back to x's dtype: one
+    Triton kernel for a CUDA tensor without autograd, plain torch otherwise."""
+    g = gpu_kernels(x)
+    if g is not None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return g.rms_norm(x, weight, eps)
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (weight.float() * xf).to(x.dtype)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Interleaved RoPE (reference.apply_rope). One native call for fp32 x [N, ..., D] with cos / sin of
-    shape [N, R/2] or [N, 1, R/2] (one angle per row n, shared by its heads), the reference otherwise."""
+    """Interleaved RoPE (reference.apply_rope). One native call (CPU, fp32) or one Triton kernel (CUDA) for
+    x [N, ..., D] with cos / sin of shape [N, R/2] or [N, 1, R/2] (one angle per row n, shared by its
+    heads), the reference otherwise."""
     n, half = x.shape[0] if x.dim() else 0, cos.shape[-1]
+    g = gpu_kernels(x)
+    if (g is not None and x.dim() >= 2 and cos.shape[0] == n and cos.numel() == n * half and sin.shape == cos.shape
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        return g.apply_rope(x, cos, sin, inverse)
     if (x.dim() >= 2 and x.dtype == torch.float32 and cos.dtype == torch.float32 and sin.shape == cos.shape
             and cos.dim() in (2, 3) and cos.shape[0] == n and cos.numel() == n * half and not x.requires_grad
             and not cos.requires_grad and native(x)):

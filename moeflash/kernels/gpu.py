@@ -225,3 +225,67 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     if rows:
         _sinkhorn_kernel[(rows,)](x, y, n, int(iters), float(eps), BLOCK=triton.next_power_of_2(n))
     return y
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, w_ptr, y_ptr, D, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    ok = c < D
+    x = tl.load(x_ptr + row * D + c, mask=ok, other=0.0).to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
+    w = tl.load(w_ptr + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + c, (w * (x * r)).to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis in one kernel (statistics and the weight multiply in fp32, the result
+    in x's dtype), where the plain path is eight small kernels for a bf16 input."""
+    d = x.shape[-1]
+    xc = x.contiguous()
+    y = torch.empty_like(xc)
+    rows = xc.numel() // d if d else 0
+    if rows:
+        _rms_norm_kernel[(rows,)](xc, weight.contiguous(), y, d, float(eps), BLOCK=triton.next_power_of_2(d))
+    return y
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, H, D, HALF, INVERSE: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_H: tl.constexpr):
+    """Row n of x [N, H, D]: every head's last 2 * HALF dims rotated pairwise by row n's angles, the rest
+    copied."""
+    n = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d = tl.arange(0, BLOCK_D)[None, :]
+    ok = (h < H) & (d < D)
+    base = x_ptr + n * H * D + h * D
+    x = tl.load(base + d, mask=ok, other=0.0).to(tl.float32)
+    start = D - 2 * HALF
+    j = d - start  # position inside the rotated part
+    in_rope = (j >= 0) & ok
+    pair = tl.where(in_rope, j // 2, 0)
+    cs = tl.load(cos_ptr + n * HALF + pair, mask=in_rope, other=1.0)
+    sn = tl.load(sin_ptr + n * HALF + pair, mask=in_rope, other=0.0)
+    if INVERSE:
+        sn = -sn
+    partner = tl.load(base + tl.where(j % 2 == 0, d + 1, d - 1), mask=in_rope, other=0.0).to(tl.float32)
+    # even slot a: a cos - b sin; odd slot b: a sin + b cos (a = even element, b = odd element)
+    rot = tl.where(j % 2 == 0, x * cs - partner * sn, partner * sn + x * cs)
+    out = tl.where(in_rope, rot, x)
+    tl.store(y_ptr + n * H * D + h * D + d, out.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """kernels.apply_rope for x [N, ..., D] with one angle row per n (cos / sin [N, R/2] or [N, 1, R/2]) in
+    one kernel, where the plain path is about a dozen small ones per call."""
+    n, d = x.shape[0], x.shape[-1]
+    half = cos.shape[-1]
+    xc = x.reshape(n, -1, d).contiguous()
+    y = torch.empty_like(xc)
+    heads = xc.shape[1]
+    if n and heads:
+        _rope_kernel[(n,)](xc, cos.reshape(n, half).float().contiguous(), sin.reshape(n, half).float().contiguous(),
+                           y, heads, d, half, INVERSE=bool(inverse), BLOCK_D=triton.next_power_of_2(d),
+                           BLOCK_H=triton.next_power_of_2(heads))
+    return y.view(x.shape)
