@@ -188,6 +188,10 @@ def _generate(args: argparse.Namespace, model, tokenizer, quiet: bool = False) -
               f"{st['bytes_read_per_token'] / 2**20:.1f} MiB read per token, prefetch accuracy "
               f"{st['prefetch_accuracy'] if st['prefetch_accuracy'] is None else format(st['prefetch_accuracy'], '.1%')}]",
               file=sys.stderr)
+        dev = st.get("device")
+        if dev is not None:  # the GPU tier above the host cache
+            print(f"[experts on {dev['device']}: {dev['capacity_experts']} resident, hit rate {dev['hit_rate']:.1%}, "
+                  f"{dev['bytes_copied_per_token'] / 2**20:.1f} MiB copied per token]", file=sys.stderr)
     ids = out.token_ids if out is not None else []
     text = out.text if tokenizer is not None and out is not None else None
     if args.json:
