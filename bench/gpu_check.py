@@ -232,10 +232,11 @@ def parity() -> dict:
     out = {}
     for name, make in (("tiny", lambda dt, dev: move_model(build_tiny(dt), dev)),
                        ("official", lambda dt, dev: load(official, dt, dev))):
-        ref_toks, ref = _logits_run(make("float32", "cpu"), prompt, 12, False)
+        steps = 6 if ARGS.quick else 12
+        ref_toks, ref = _logits_run(make("float32", "cpu"), prompt, steps, False)
         for dt, tol in (("float32", 1e-3), ("bfloat16", 0.25)):
             for graphs in (False, True):
-                toks, lg = _logits_run(make(dt, DEV), prompt, 12, graphs)
+                toks, lg = _logits_run(make(dt, DEV), prompt, steps, graphs)
                 # teacher-forced comparison would need the same tokens: compare while the tokens agree
                 agree = next((i for i, (a, b) in enumerate(zip(toks, ref_toks)) if a != b), len(toks))
                 diff = float((lg[:max(agree, 1)] - ref[:max(agree, 1)]).abs().max())
@@ -250,7 +251,8 @@ def parity() -> dict:
 def tiers() -> dict:
     official = convert("tiny", ["--official"])
     prompt = [256] + list(range(40, 70))
-    want, _ = _logits_run(load(official, "float32"), prompt, 16, False)
+    steps = 8 if ARGS.quick else 16
+    want, _ = _logits_run(load(official, "float32"), prompt, steps, False)
     probe = load(official, "float32", "cpu", expert_memory=1.0)
     eb = probe.expert_store.expert_bytes
     probe.expert_store.close()
@@ -259,7 +261,7 @@ def tiers() -> dict:
         model = load(official, "float32", expert_memory=12 * eb / 2**30, device_expert_memory=5 * eb / 2**30,
                      prefetch=prefetch)
         try:
-            got, _ = _logits_run(model, prompt, 16, False)
+            got, _ = _logits_run(model, prompt, steps, False)
             st = model.expert_store.stats()
         finally:
             model.expert_store.close()
