@@ -396,13 +396,22 @@ def planner() -> dict:
             run_tokens(stored, warm, [st], [256])
             tok = torch.randint(0, c.vocab_size, (1,), generator=g).to(DEV)
             before = stored.expert_store.stats()["device"]
+            from moeflash.engine.graphs import GraphDecoder
 
-            def step():
+            dec = GraphDecoder(stored, 1, 256 + 128)  # piecewise: graphs between the routed experts
+
+            def eager():
                 run_tokens(stored, tok, [st], [1])
-            t = clock(step, 3, 20)
+
+            def piecewise():
+                dec.decode([st], tok)
+                advance([st], [1])
+            t_eager = clock(eager, 2, 10)
+            t = clock(piecewise, 3, 20)
         after = stored.expert_store.stats()["device"]
         acc = (after["hits"] - before["hits"]) + (after["misses"] - before["misses"])
         out["layer_ms_store_b1"] = (1e3 * t - head_ms) / layers
+        out["layer_ms_store_eager_b1"] = (1e3 * t_eager - head_ms) / layers
         out["store_hit_rate_while_timed"] = (after["hits"] - before["hits"]) / acc if acc else None
     finally:
         stored.expert_store.close()

@@ -406,3 +406,59 @@ def test_gathered_experts_equal_the_per_expert_loop():
         ffn.w13 = ffn.w2 = None  # the per-expert loop
         want = ffn._routed(x, w, idx)
     assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("store", [False, True], ids=["resident", "expert-store"])
+def test_piecewise_static_decode_equals_eager(checkpoints, store):
+    """Piecewise steps (graphs between the routed experts, which run eagerly: what an expert store needs)
+    give the ordinary decode's logits, with all experts resident and through the store's two tiers."""
+    from moeflash.engine.graphs import GraphDecoder
+
+    path = checkpoints["official"]
+    ref, _ = load_model(path, "float32")
+    if store:
+        probe, _ = load_model(path, "float32", expert_memory=1.0)
+        eb = probe.expert_store.expert_bytes
+        probe.expert_store.close()
+        model, _ = load_model(path, "float32", expert_memory=12 * eb / 2**30, device="cpu",
+                              device_expert_memory=5 * eb / 2**30)
+    else:
+        model = ref
+    dec = GraphDecoder(model, max_batch=4, max_len=160)
+    assert dec.piecewise == store
+    if not store:
+        dec = GraphDecoder(model, max_batch=4, max_len=160, piecewise=True)
+    states, eager = _prefilled(model, [4, 21, 50], seed=9), _prefilled(ref, [4, 21, 50], seed=9)
+    g = torch.Generator().manual_seed(2)
+    from moeflash.engine.forward import advance
+
+    with torch.no_grad():
+        for _ in range(12):
+            toks = torch.randint(0, 200, (3,), generator=g)
+            got = model.logits(dec.decode(states, toks))
+            advance(states, [1, 1, 1])
+            want = ref.logits(run_tokens(ref, toks, eager, [1, 1, 1]))
+            assert (got - want).abs().max() < 1e-4
+    if store:
+        st = model.expert_store.stats()
+        assert st["device"]["misses"] > 0 and st["tokens"] > 0
+        model.expert_store.close()
+
+
+def test_engine_with_an_expert_store_decodes_piecewise(checkpoints):
+    from moeflash.engine import LLMEngine
+    from moeflash.engine.sampler import SamplingParams
+
+    path = checkpoints["official"]
+    prompts = [[256] + list(range(40, 40 + n)) for n in (3, 17, 9)]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    ref, _ = load_model(path, "float32")
+    want = [o.token_ids for o in LLMEngine(ref).generate(prompts, params)]
+    model, _ = load_model(path, "float32", expert_memory=0.001, device="cpu", device_expert_memory=0.0002)
+    try:
+        e = LLMEngine(model, max_num_seqs=4, decode_graphs=True, graph_max_len=64)
+        got = [o.token_ids for o in e.generate(prompts, params)]
+    finally:
+        model.expert_store.close()
+    assert e.graphs.piecewise and e.graphs.stats["graph_steps"] > 5
+    assert got == want

@@ -47,7 +47,8 @@ class LLMEngine:
         never mixed; costs extra weight reads when more than 16 sequences decode or prompts arrive.
         `prefix_cache` (`PrefixCache`): prompts that start like earlier ones reuse their saved states.
         `decode_graphs`: run pure decode steps over static slots (engine/graphs.py), replayed as CUDA
-        graphs on a GPU; default: on for a V4 model on a GPU whose experts are all resident. Sequences
+        graphs on a GPU (piecewise around the routed experts when an expert store serves them); default:
+        on for a V4 model on a GPU. Sequences
         up to `graph_max_len` tokens (default min(context, 16384)) fit the slots; longer ones decode
         eagerly. `decode_compile`: torch.compile the static step before recording it (opt-in; Inductor
         fuses its elementwise chains; compiling takes a while per batch bucket)."""
@@ -70,15 +71,11 @@ class LLMEngine:
         self._queues: dict[str, deque[RequestOutput]] = {}
         self.device = model.embed.weight.device
         if decode_graphs is None:
-            decode_graphs = (self.device.type == "cuda" and hasattr(model, "forward_static")
-                             and getattr(model, "expert_store", None) is None)
+            decode_graphs = self.device.type == "cuda" and hasattr(model, "forward_static")
         self.graphs = None
-        if decode_graphs:
+        if decode_graphs:  # piecewise when an expert store serves the experts (engine/graphs.py)
             from .graphs import GraphDecoder
 
-            if getattr(model, "expert_store", None) is not None:
-                raise ValueError("decode graphs need every expert resident: an expert store decides per "
-                                 "step on the host which experts to fetch")
             self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384),
                                        compile=decode_compile)
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the

@@ -15,6 +15,10 @@ graph records the step once and replays it with one launch. A graph fixes every 
 - **What the graph holds.** `Transformer.forward_static`: fixed shapes, masks instead of branches on
   positions, and no host synchronisation (MoE routing, FP8 / FP4 kernels and the attention all stay on
   the device). Sampling stays outside, in the engine.
+- **Piecewise**, when an expert store serves the experts: the store must see each layer's routing on the
+  host to copy the missing experts, so the step is cut at the routed experts (`static_piece`): one graph
+  from each layer's routing to the next, the routed experts eager in between (for the real rows only),
+  `L + 1` graph launches plus the experts' kernels per step instead of thousands of launches.
 
 On the CPU (tests) the same slots and the same static forward run without capture: what is checked
 there is everything but the recording. Steps that do not fit (a prefill chunk in the batch, more
@@ -33,7 +37,8 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class GraphDecoder:
-    def __init__(self, model, max_batch: int, max_len: int, capture: bool | None = None, compile: bool = False):
+    def __init__(self, model, max_batch: int, max_len: int, capture: bool | None = None, compile: bool = False,
+                 piecewise: bool | None = None):
         if not hasattr(model, "forward_static"):
             raise ValueError("static decode needs a V4 model (Transformer.forward_static)")
         self.model = model
@@ -49,6 +54,11 @@ class GraphDecoder:
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.owner: list[weakref.ref | None] = [None] * max_batch
         self.graphs: dict[int, tuple] = {}
+        # piecewise (default when an expert store serves the experts): one graph per stretch between two
+        # layers' routed experts, which run eagerly in between (the store decides on the host what to copy)
+        self.piecewise = getattr(model, "expert_store", None) is not None if piecewise is None else piecewise
+        self.routed = [torch.zeros(max_batch, cfg.hidden_size, dtype=dtype, device=self.device)
+                       for _ in model.layers] if self.piecewise else []
         self.stats = {"graph_steps": 0, "eager_steps": 0, "slot_loads": 0, "slot_moves": 0, "slot_evictions": 0}
         # opt-in: torch.compile the static step before recording (Inductor fuses the step's chains of
         # small elementwise kernels: casts, norms, RoPE, mHC; measured by bench/gpu_check.py)
@@ -56,12 +66,47 @@ class GraphDecoder:
         if self.capture:
             self._pool = torch.cuda.graph_pool_handle()
             for b in self.buckets:  # before any sequence is bound: warm-up runs write every slot
-                self.graphs[b] = self._record(b)
+                self.graphs[b] = self._record_pieces(b) if self.piecewise else self._record(b)
 
     # -- the static step --------------------------------------------------------------------------
     def _step(self, b: int) -> torch.Tensor:
         layers = [_rows(layer, b) for layer in self.layers]
         return self._forward(self.tokens[:b], self.positions[:b], layers)
+
+    def _io(self, b: int) -> dict:
+        return {"tokens": self.tokens[:b], "positions": self.positions[:b],
+                "layers": [_rows(layer, b) for layer in self.layers], "routed": [r[:b] for r in self.routed]}
+
+    def _routed_between(self, i: int, io: dict, n: int) -> None:
+        """Layer i's routed experts for the n real rows (not the padding), eagerly, into its static buffer."""
+        real = {k: io[k][:n] for k in ("h", "tokens", "weights", "idx")}
+        self.routed[i][:n].copy_(self.model.static_routed(i, real))
+
+    def _pieces(self, b: int, n: int) -> torch.Tensor:
+        """The piecewise step without recording (the CPU, and the warm-up before recording)."""
+        io = self._io(b)
+        for i in range(len(self.model.layers) + 1):
+            self.model.static_piece(i, io)
+            if i < len(self.model.layers):
+                self._routed_between(i, io, n)
+        return io["x"]
+
+    def _record_pieces(self, b: int) -> tuple:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(2):
+                self._pieces(b, b)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        io, graphs, snaps = self._io(b), [], []
+        with torch.inference_mode():
+            for i in range(len(self.model.layers) + 1):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self.model.static_piece(i, io)
+                graphs.append(graph)
+                snaps.append(dict(io))  # this piece's outputs: fixed addresses the next piece reads
+        return graphs, snaps
 
     def _record(self, b: int) -> tuple:
         side = torch.cuda.Stream(self.device)
@@ -165,14 +210,25 @@ class GraphDecoder:
         if b > n:
             self.tokens[n:b].zero_()
             self.positions[n:b].zero_()
-        if self.capture:
-            graph, out, routed = self.graphs[b]
-            graph.replay()
+        if self.piecewise:  # the routed experts run eagerly between pieces (and record their own ids)
+            if self.capture:
+                graphs, snaps = self.graphs[b]
+                for i, graph in enumerate(graphs):
+                    graph.replay()
+                    if i < len(self.model.layers):
+                        self._routed_between(i, snaps[i], n)
+                out = snaps[-1]["x"]
+            else:
+                out = self._pieces(b, n)
         else:
-            out = self._step(b)
-            routed = self._routed_ids()
-        for layer, idx in zip(self.model.layers, routed):  # what `experts_read` counts: the real rows
-            layer.ffn._last_idx = None if idx is None else idx[:n]
+            if self.capture:
+                graph, out, routed = self.graphs[b]
+                graph.replay()
+            else:
+                out = self._step(b)
+                routed = self._routed_ids()
+            for layer, idx in zip(self.model.layers, routed):  # what `experts_read` counts: the real rows
+                layer.ffn._last_idx = None if idx is None else idx[:n]
         for st, p in zip(states, pos):  # the entry counts the step's windows closed (host side)
             for layer in st.layers:
                 for part in layer.parts():

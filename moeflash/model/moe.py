@@ -156,14 +156,22 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, idx = self.gate(flat, ids.reshape(-1))
-        if self.on_route is not None:
-            self.on_route(flat, ids.reshape(-1), idx)
-        out = self._routed(flat, weights, idx)
-        if self.combine is not None:
-            out = self.combine(out)
+        out = self.routed(flat, ids, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
         return out.view(shape)
+
+    def routed(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """The routed part for rows flat [N, dim] already routed: the `on_route` hook, the experts' weighted
+        sum, other processes' partial sums (`combine`)."""
+        if self.on_route is not None:
+            self.on_route(flat, ids.reshape(-1), idx)
+        out = self._routed(flat, weights, idx)
+        return self.combine(out) if self.combine is not None else out
+
+    def shared(self, flat: torch.Tensor) -> torch.Tensor:
+        """The shared expert's output for flat [N, dim] (zeros without one)."""
+        return self.shared_experts(flat) if self.shared_experts is not None else torch.zeros_like(flat)
 
     def _routed(self, flat: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The routed experts' weighted sum for each row of flat [N, dim]; records `last_experts`."""

@@ -42,12 +42,17 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, segs: list[Segment], states: list[LayerState],
                 positions: torch.Tensor, rope: tuple) -> torch.Tensor:
         """x [N, n, dim] streams of the flat batch -> same shape."""
+        x, h, post, comb = self.pre_ffn(x, segs, states, positions, rope)
+        return hc_expand(x, self.ffn(h, ids), post, comb)
+
+    def pre_ffn(self, x: torch.Tensor, segs, states, positions: torch.Tensor, rope: tuple):
+        """Everything before the MoE: (streams after attention, the MoE's input h, the FFN site's post and
+        comb). A piecewise CUDA graph ends here (the routed experts run between graphs)."""
         pre, post, comb = hc_weights(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *self.hc)
         y = self.attn(self.attn_norm(hc_collapse(x, pre)), segs, states, positions, *rope)
         x = hc_expand(x, y, post, comb)
         pre, post, comb = hc_weights(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *self.hc)
-        y = self.ffn(self.ffn_norm(hc_collapse(x, pre)), ids)
-        return hc_expand(x, y, post, comb)
+        return x, self.ffn_norm(hc_collapse(x, pre)), post, comb
 
 
 class MTPBlock(Block):
@@ -168,6 +173,33 @@ class Transformer(nn.Module):
             rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
             x = layer(x, tokens, None, layers[i], positions, rope)
         return x
+
+    def static_piece(self, i: int, io: dict) -> None:
+        """Piece i of `forward_static` cut at the routed experts (piecewise CUDA graphs, for steps whose
+        experts an expert store decides on the host; engine/graphs.py). Piece 0 embeds and runs layer 0 up
+        to its routing; piece i finishes layer i-1's FFN with `io["routed"][i-1]` (the routed experts'
+        output, computed between pieces by `static_routed`) and runs layer i up to its routing; piece L
+        finishes the last layer. `io` carries tokens, positions, layers, routed in, and the piece's
+        outputs (x, h, post, comb, weights, idx, shared) out."""
+        n_layers = len(self.layers)
+        if i == 0:
+            io["ropes"] = self._ropes(io["positions"])
+            x = self.embed(io["tokens"]).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        else:
+            y = io["routed"][i - 1] + io["shared"]
+            x = hc_expand(io["x"], y, io["post"], io["comb"])
+        if i == n_layers:
+            io["x"] = x
+            return
+        layer = self.layers[i]
+        rope = io["ropes"]["main" if layer.layer_type == SLIDING else "compress"]
+        x, h, post, comb = layer.pre_ffn(x, None, io["layers"][i], io["positions"], rope)
+        weights, idx = layer.ffn.gate(h, io["tokens"])
+        io.update(x=x, h=h, post=post, comb=comb, weights=weights, idx=idx, shared=layer.ffn.shared(h))
+
+    def static_routed(self, i: int, io: dict) -> torch.Tensor:
+        """Layer i's routed experts for piece i's outputs, run eagerly between pieces (hooks, expert store)."""
+        return self.layers[i].ffn.routed(io["h"], io["tokens"], io["weights"], io["idx"])
 
     def forward_streams(self, ids: torch.Tensor, state: ModelState) -> torch.Tensor:
         """ids [B, S] for a ModelState of B sequences at one position -> streams [B, S, n, dim].
