@@ -62,6 +62,20 @@ def rope_case(n: int, heads: int, d: int, half: int, dtype: torch.dtype, inverse
                reference.apply_rope(x, cos[:, None, :], sin[:, None, :], inverse))
 
 
+def fp4_by_expert_case(dtype: torch.dtype, g: torch.Generator) -> float:
+    """The prefill path (plain torch, on the CPU here): fp32 exact, bf16 within bf16's rounding."""
+    e, d, inter, t, k = 4, 64, 32, 40, 2
+    q13 = torch.randint(0, 256, (e, 2 * inter, d // 2), dtype=torch.uint8, generator=g)
+    s13 = torch.randint(120, 128, (e, 2 * inter, d // 32), dtype=torch.uint8, generator=g)
+    q2 = torch.randint(0, 256, (e, d, inter // 2), dtype=torch.uint8, generator=g)
+    s2 = torch.randint(120, 128, (e, d, inter // 32), dtype=torch.uint8, generator=g)
+    x = torch.randn(t, d, generator=g)
+    idx = torch.randint(0, e, (t, k), generator=g)
+    w = torch.rand(t, k, generator=g)
+    return rel(gpu.moe_fp4_by_expert(x.to(dtype), idx, w, q13, s13, q2, s2, 4.0),
+               reference.moe_fp4(x.to(dtype), idx, w, q13, s13, q2, s2, 4.0))
+
+
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     out = {
@@ -77,6 +91,8 @@ def main() -> int:
                          [(3, 4, 32, 4, False), (2, 1, 64, 32, True), (5, 3, 24, 8, False)]),
         "rope_bf16": max(rope_case(n, h, d, hf, torch.bfloat16, inv, g) for n, h, d, hf, inv in
                          [(3, 4, 32, 4, True), (2, 2, 64, 16, False)]),
+        "fp4_by_expert_fp32": fp4_by_expert_case(torch.float32, g),
+        "fp4_by_expert_bf16": fp4_by_expert_case(torch.bfloat16, g),
         "sinkhorn": max(sinkhorn_case(s, it, g) for s, it in [((5, 4, 4), 20), ((2, 3, 3, 3), 7), ((1, 4, 4), 1)]),
     }
     print(json.dumps(out))

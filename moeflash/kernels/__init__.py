@@ -177,6 +177,8 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     if g is not None and (idx.numel() <= g.FP4_MAX_PAIRS or torch.cuda.is_current_stream_capturing()) \
             and x.shape[-1] % 32 == 0 and w2.shape[-1] % 16 == 0:
         return g.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
+    if g is not None:  # prefill: each used expert decoded once, bf16 GEMMs for bf16 activations
+        return g.moe_fp4_by_expert(x, idx, weights, w13, s13, w2, s2, limit)
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
         return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),

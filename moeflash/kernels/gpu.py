@@ -289,3 +289,32 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
                            y, heads, d, half, INVERSE=bool(inverse), BLOCK_D=triton.next_power_of_2(d),
                            BLOCK_H=triton.next_power_of_2(heads))
     return y.view(x.shape)
+
+
+def moe_fp4_by_expert(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor,
+                      s13: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+    """kernels.moe_fp4 for a large call (prefill): each used expert decoded once to the activations'
+    precision (bf16 for bf16 activations: tensor-core GEMMs; fp32 otherwise) and its rows multiplied by
+    torch; the SwiGLU and the weighted sum in fp32. Reads the ids on the host (not for CUDA graphs)."""
+    from .reference import dequant_fp4
+
+    dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    inter = w13.shape[1] // 2
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    flat = idx.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    used, counts = torch.unique_consecutive(flat[order], return_counts=True)
+    tokens = order // idx.shape[1]
+    wsorted = weights.reshape(-1)[order].float()
+    start = 0
+    for e, n in zip(used.tolist(), counts.tolist()):
+        rows = tokens[start:start + n]
+        h = torch.nn.functional.linear(x[rows].to(dt), dequant_fp4(w13[e], s13[e]).to(dt)).float()
+        gate, up = h[:, :inter], h[:, inter:]
+        if limit > 0:
+            gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        act = torch.nn.functional.silu(gate) * up
+        y = torch.nn.functional.linear(act.to(dt), dequant_fp4(w2[e], s2[e]).to(dt)).float()
+        out.index_add_(0, rows, y * wsorted[start:start + n, None])
+        start += n
+    return out
