@@ -684,7 +684,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             hw = measured_hardware(hw, m)
             layer_ms = layer_ms if layer_ms is not None else m["layer_ms"]
             head_ms = head_ms if head_ms is not None else m["head_ms"]
-            layer_ms_store = m["layer_ms_eager"] if args.layer_ms is None else None
+            layer_ms_store = m["layer_ms_store"] if args.layer_ms is None else None
         inputs = PlanInputs(
             model=args.model, context=args.context, batch=args.batch, weights_dtype=args.weights_dtype,
             dense_dtype=args.dense_dtype, expert_dtype=args.expert_dtype, state_dtype=args.state_dtype,

@@ -48,10 +48,9 @@ class LLMEngine:
         `prefix_cache` (`PrefixCache`): prompts that start like earlier ones reuse their saved states.
         `decode_graphs`: run pure decode steps over static slots (engine/graphs.py), replayed as CUDA
         graphs on a GPU (piecewise around the routed experts when an expert store serves them); default:
-        on for a V4 model on a GPU. Sequences
-        up to `graph_max_len` tokens (default min(context, 16384)) fit the slots; longer ones decode
-        eagerly. `decode_compile`: torch.compile the static step before recording it (opt-in; Inductor
-        fuses its elementwise chains; compiling takes a while per batch bucket)."""
+        on for a V4 model on a GPU. Sequences up to `graph_max_len` tokens (default min(context, 16384))
+        fit the slots; longer ones decode eagerly. `decode_compile`: torch.compile the static step before
+        recording it (opt-in; Inductor fuses its elementwise chains; compiling takes a while per bucket)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self.model = model.eval()

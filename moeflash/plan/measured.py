@@ -41,7 +41,7 @@ def load_measurements(path: str | Path) -> dict:
             "memory_gib": probes.get("device_memory_gib"), "host_link_gbps": probes.get("h2d_pinned_gbps"),
             "layer_ms": b1, "head_ms": planner.get("head_ms"),
             # with an expert store: the layer timed with the store (all experts cached), else the eager one
-            "layer_ms_eager": planner.get("layer_ms_store_b1") or planner.get("layer_ms_eager_b1"),
+            "layer_ms_store": planner.get("layer_ms_store_b1") or planner.get("layer_ms_eager_b1"),
             "quick": data.get("machine", {}).get("quick")}
 
 
