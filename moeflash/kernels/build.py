@@ -101,7 +101,7 @@ def load() -> bool:
         try:
             torch.ops.load_library(str(build()))
             ok = True
-        except (RuntimeError, OSError) as e:
+        except Exception as e:  # no compiler, headers or toolchain: the references run (a GPU box may lack them)
             _state["error"] = str(e)
     _state["ok"] = ok
     return ok
