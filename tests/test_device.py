@@ -463,3 +463,28 @@ def test_engine_with_an_expert_store_decodes_piecewise(checkpoints):
         model.expert_store.close()
     assert e.graphs.piecewise and e.graphs.stats["graph_steps"] > 5
     assert got == want
+
+
+def test_a_failing_static_step_falls_back_to_eager_and_loses_nothing(checkpoints, monkeypatch):
+    """If a recorded step raises, its sequences are recomputed (the engine's failure isolation) and decode
+    continues eagerly: the tokens are those of an engine that never tried."""
+    from moeflash.engine import LLMEngine
+    from moeflash.engine.graphs import GraphDecoder
+    from moeflash.engine.sampler import SamplingParams
+
+    model, _ = load_model(checkpoints["official"], "float32")
+    prompts = [[256] + list(range(40, 40 + n)) for n in (3, 17)]
+    params = SamplingParams(max_tokens=10, temperature=0.0)
+    want = [o.token_ids for o in LLMEngine(model).generate(prompts, params)]
+    engine = LLMEngine(model, max_num_seqs=4, decode_graphs=True, graph_max_len=64)
+    calls, original = [], GraphDecoder.decode
+
+    def broken(self, states, tokens):
+        calls.append(len(states))
+        if len(calls) == 3:
+            raise RuntimeError("replay failed")
+        return original(self, states, tokens)
+    monkeypatch.setattr(GraphDecoder, "decode", broken)
+    got = [o.token_ids for o in engine.generate(prompts, params)]
+    assert got == want and engine.graphs is None and len(calls) == 3
+    assert engine.stats["preemptions"] == 2 and engine.stats["failed_requests"] == 0

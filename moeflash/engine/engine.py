@@ -75,8 +75,14 @@ class LLMEngine:
         if decode_graphs:  # piecewise when an expert store serves the experts (engine/graphs.py)
             from .graphs import GraphDecoder
 
-            self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384),
-                                       compile=decode_compile)
+            try:
+                self.graphs = GraphDecoder(model, max_num_seqs, graph_max_len or min(self.max_model_len, 16384),
+                                           compile=decode_compile)
+            except Exception as e:  # a step that cannot be recorded still runs: eagerly, and says why
+                if self.device.type != "cuda":
+                    raise
+                log.warning("decode steps run eagerly: recording them as CUDA graphs failed (%s: %s)",
+                            type(e).__name__, e)
         # cumulative counters: steps, prompt tokens prefilled, tokens generated, tokens run through the
         # model, distinct routed experts read (summed over layers and steps; MoE models only), sequences
         # preempted after a failed forward call, requests failed, and prompt tokens not recomputed
@@ -378,7 +384,12 @@ class LLMEngine:
             streams = None
             if (self.graphs is not None and routes is None and self.forward_hook is None
                     and all(n == 1 for n in lengths)):
-                streams = self.graphs.decode([s.state for s in seqs], ids)
+                try:
+                    streams = self.graphs.decode([s.state for s in seqs], ids)
+                except Exception:  # the call's sequences are recomputed (_isolate), eagerly from now on
+                    log.exception("a recorded decode step failed; decode steps run eagerly from now on")
+                    self.graphs = None
+                    raise
                 if streams is not None:
                     advance([s.state for s in seqs], lengths)
             if streams is None:
