@@ -1,6 +1,7 @@
 """How many kernels a GPU would launch for one static decode step (what a CUDA graph replays), counted
 on the CPU: the step runs with the plain-torch paths a CUDA tensor takes, each call that is one Triton
-kernel on a GPU (FP8 linear, FP4 MoE, Sinkhorn, RMSNorm, RoPE) counted once, views and same-dtype casts not counted.
+kernel on a GPU (FP8 linear, FP4 MoE, Sinkhorn, RMSNorm, RoPE, mHC's collapse and expand, mHC's
+weights as three) counted once, views and same-dtype casts not counted.
 
 Why: inside a graph a kernel still costs a microsecond or two however little it does, so at batch 1 the
 kernel count, not the bytes, can set the step time. A V4-Flash step reads ~11 GB (2.3 ms at 4.8 TB/s);
@@ -25,6 +26,8 @@ from common import ROOT, print_json
 
 import moeflash.kernels as K
 import moeflash.kernels.linear as KL
+import moeflash.model.hyper as hyper
+import moeflash.model.v4 as v4
 from moeflash.engine.forward import advance, run_tokens
 from moeflash.engine.graphs import GraphDecoder
 from moeflash.kernels import reference
@@ -59,8 +62,16 @@ def main() -> int:
     for name in ("fp8_linear", "moe_fp4", "sinkhorn", "rms_norm", "apply_rope"):
         setattr(K, name, one_kernel(getattr(K, name)))
     KL.fp8_linear = K.fp8_linear
-    K.hc_weights = (lambda x, fn, base, scale, iters, he, ne:
-                    reference.hc_weights(x, fn, base, scale, iters, he, ne, K.sinkhorn))
+    # mHC on a GPU: the weights are three kernels (a cast, the mix GEMM, one Triton kernel); the collapse
+    # and the expand one Triton kernel each
+    hc_post = one_kernel(lambda *a: reference.hc_weights(*a))
+    K.hc_weights = (lambda x, fn, base, scale, iters, he, ne: (
+        x.float(), torch.nn.functional.linear(x.flatten(-2).float(), fn.float()),
+        hc_post(x, fn, base, scale, iters, he, ne))[-1])
+    for fn_name in ("hc_collapse", "hc_expand"):
+        wrapped = one_kernel(getattr(hyper, fn_name))
+        setattr(hyper, fn_name, wrapped)
+        setattr(v4, fn_name, wrapped)
     model, _ = load_model(path, args.dtype)
     dec = GraphDecoder(model, 1, 128)
     st = model.new_seq_state()

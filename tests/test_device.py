@@ -231,6 +231,7 @@ def test_triton_kernels_equal_the_references_under_the_interpreter():
     assert err["rms_norm_fp32"] < 1e-5 and err["rope_fp32"] < 1e-5
     assert err["rms_norm_bf16"] < 1e-2 and err["rope_bf16"] < 1e-2  # one bf16 rounding step
     assert err["fp4_by_expert_fp32"] < 1e-5 and err["fp4_by_expert_bf16"] < 3e-2  # bf16 GEMMs in prefill
+    assert max(err["hc_fp32"].values()) < 1e-5 and max(err["hc_bf16"].values()) < 1e-2
     assert err["fp8_bf16"] < 1e-2  # bf16 activations: TF32 products on a GPU
 
 

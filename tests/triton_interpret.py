@@ -76,6 +76,22 @@ def fp4_by_expert_case(dtype: torch.dtype, g: torch.Generator) -> float:
                reference.moe_fp4(x.to(dtype), idx, w, q13, s13, q2, s2, 4.0))
 
 
+def hc_case(t: int, n: int, d: int, dtype: torch.dtype, g: torch.Generator) -> dict:
+    """mHC on one token batch: weights, collapse and expand against the references."""
+    x = torch.randn(t, n, d, generator=g).to(dtype)
+    fn = torch.randn((2 + n) * n, n * d, generator=g) * 0.05
+    base, scale = torch.randn((2 + n) * n, generator=g), torch.rand(3, generator=g) * 2 + 0.5
+    got = gpu.hc_weights(x, fn, base, scale, 20, 1e-6, 1e-6)
+    want = reference.hc_weights(x, fn, base, scale, 20, 1e-6, 1e-6)
+    weights = max(rel(a, b) for a, b in zip(got, want))
+    pre, post, comb = want
+    collapse = rel(gpu.hc_collapse(x, pre), (pre.unsqueeze(-1) * x.float()).sum(-2).to(dtype))
+    y = torch.randn(t, d, generator=g).to(dtype)
+    exact = post.unsqueeze(-1) * y.float().unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x.float())
+    expand = rel(gpu.hc_expand(x, y, post, comb), exact.to(dtype))
+    return {"weights": weights, "collapse": collapse, "expand": expand}
+
+
 def main() -> int:
     g = torch.Generator().manual_seed(0)
     out = {
@@ -93,6 +109,9 @@ def main() -> int:
                          [(3, 4, 32, 4, True), (2, 2, 64, 16, False)]),
         "fp4_by_expert_fp32": fp4_by_expert_case(torch.float32, g),
         "fp4_by_expert_bf16": fp4_by_expert_case(torch.bfloat16, g),
+        "hc_fp32": {k: max(v) for k, v in zip(("weights", "collapse", "expand"), zip(*(
+            hc_case(t, n, d, torch.float32, g).values() for t, n, d in [(3, 4, 64), (2, 3, 40)])))},
+        "hc_bf16": hc_case(4, 4, 96, torch.bfloat16, g),
         "sinkhorn": max(sinkhorn_case(s, it, g) for s, it in [((5, 4, 4), 20), ((2, 3, 3, 3), 7), ((1, 4, 4), 1)]),
     }
     print(json.dumps(out))

@@ -250,5 +250,6 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     if x.dim() == 3 and native(x) and not needs_grad:
         return torch.ops.moeflash.hc_weights(_f32(x), fn, base, scale, iters, hc_eps, norm_eps)
     g = gpu_kernels(x)
-    return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps,
-                                g.sinkhorn if g is not None and not needs_grad and iters >= 1 else None)
+    if g is not None and not needs_grad and iters >= 1 and x.dim() >= 2:
+        return g.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)  # three kernels on a GPU
+    return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)

@@ -318,3 +318,123 @@ def moe_fp4_by_expert(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
         out.index_add_(0, rows, y * wsorted[start:start + n, None])
         start += n
     return out
+
+
+@triton.jit
+def _sinkhorn_tile(logits, mask, iters, eps):
+    """Row-softmax (+ eps), then alternate column / row normalisation, on a masked [B, B] tile."""
+    x = logits - tl.max(logits, axis=1)[:, None]
+    e = tl.where(mask, tl.exp(x), 0.0)
+    m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
+    m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    for _ in range(iters - 1):
+        m = tl.where(mask, m / (tl.sum(m, axis=1)[:, None] + eps), 0.0)
+        m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    return m
+
+
+@triton.jit
+def _hc_post_kernel(x_ptr, mix_ptr, base_ptr, scale_ptr, pre_ptr, post_ptr, comb_ptr, ND, n, iters, hc_eps,
+                    norm_eps, BLOCK: tl.constexpr, NB: tl.constexpr):
+    """Token t's mHC weights from its raw mix logits (fn @ x, without the RMS factor, which is a scalar per
+    token and applied here): pre, post, and the Sinkhorn comb."""
+    t = tl.program_id(0).to(tl.int64)
+    ar = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for k0 in range(0, ND, BLOCK):
+        xs = tl.load(x_ptr + t * ND + k0 + ar, mask=k0 + ar < ND, other=0.0).to(tl.float32)
+        acc += xs * xs
+    r = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / ND + norm_eps)
+    m_all = (2 + n) * n
+    i = tl.arange(0, NB)
+    ok = i < n
+    s0 = tl.load(scale_ptr)
+    s1 = tl.load(scale_ptr + 1)
+    s2 = tl.load(scale_ptr + 2)
+    m_pre = tl.load(mix_ptr + t * m_all + i, mask=ok, other=0.0) * r
+    pre = tl.sigmoid(m_pre * s0 + tl.load(base_ptr + i, mask=ok, other=0.0)) + hc_eps
+    tl.store(pre_ptr + t * n + i, pre, mask=ok)
+    m_post = tl.load(mix_ptr + t * m_all + n + i, mask=ok, other=0.0) * r
+    post = 2.0 * tl.sigmoid(m_post * s1 + tl.load(base_ptr + n + i, mask=ok, other=0.0))
+    tl.store(post_ptr + t * n + i, post, mask=ok)
+    rr = tl.arange(0, NB)[:, None]
+    cc = tl.arange(0, NB)[None, :]
+    okc = (rr < n) & (cc < n)
+    cell = rr * n + cc
+    m_comb = tl.load(mix_ptr + t * m_all + 2 * n + cell, mask=okc, other=0.0) * r
+    logits = tl.where(okc, m_comb * s2 + tl.load(base_ptr + 2 * n + cell, mask=okc, other=0.0), float("-inf"))
+    tl.store(comb_ptr + t * n * n + cell, _sinkhorn_tile(logits, okc, iters, hc_eps), mask=okc)
+
+
+def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
+               hc_eps: float, norm_eps: float):
+    """kernels.hc_weights (mHC's pre / post / comb for streams x [..., n, d]) in three kernels: a cast,
+    the mix GEMM (fn @ x: the RMS factor of x is a scalar per token, applied after), and one kernel for
+    the RMS factor, the sigmoids and the Sinkhorn; the plain path is about eighteen."""
+    n, d = x.shape[-2], x.shape[-1]
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, n * d).contiguous()
+    mix = torch.nn.functional.linear(flat.float(), fn.float()).contiguous()
+    rows = flat.shape[0]
+    pre = torch.empty(rows, n, dtype=torch.float32, device=x.device)
+    post = torch.empty_like(pre)
+    comb = torch.empty(rows, n, n, dtype=torch.float32, device=x.device)
+    if rows:
+        _hc_post_kernel[(rows,)](flat, mix, base.float().contiguous(), scale.float().contiguous(), pre, post, comb,
+                                 n * d, n, int(iters), float(hc_eps), float(norm_eps),
+                                 BLOCK=min(1024, triton.next_power_of_2(n * d)), NB=triton.next_power_of_2(n))
+    return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
+
+
+@triton.jit
+def _hc_collapse_kernel(x_ptr, pre_ptr, y_ptr, n, D, BLOCK: tl.constexpr, NB: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, NB)
+    ok = (j[:, None] < n) & (c[None, :] < D)
+    x = tl.load(x_ptr + t * n * D + j[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)
+    p = tl.load(pre_ptr + t * n + j, mask=j < n, other=0.0)
+    tl.store(y_ptr + t * D + c, tl.sum(p[:, None] * x, axis=0).to(y_ptr.dtype.element_ty), mask=c < D)
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """sum_j pre_j X_j in fp32, cast to x's dtype: [..., n, d] -> [..., d] in one kernel."""
+    n, d = x.shape[-2], x.shape[-1]
+    xc = x.reshape(-1, n, d).contiguous()
+    y = torch.empty(xc.shape[0], d, dtype=x.dtype, device=x.device)
+    if xc.shape[0]:
+        block = min(1024, triton.next_power_of_2(d))
+        _hc_collapse_kernel[(xc.shape[0], triton.cdiv(d, block))](
+            xc, pre.reshape(-1, n).float().contiguous(), y, n, d, BLOCK=block, NB=triton.next_power_of_2(n))
+    return y.view(*x.shape[:-2], d)
+
+
+@triton.jit
+def _hc_expand_kernel(x_ptr, y_ptr, post_ptr, comb_ptr, out_ptr, n, D, BLOCK: tl.constexpr, NB: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, NB)
+    okc = c < D
+    ok = (j[:, None] < n) & okc[None, :]
+    x = tl.load(x_ptr + t * n * D + j[:, None] * D + c[None, :], mask=ok, other=0.0).to(tl.float32)  # [j, c]
+    y = tl.load(y_ptr + t * D + c, mask=okc, other=0.0).to(tl.float32)
+    post = tl.load(post_ptr + t * n + j, mask=j < n, other=0.0)  # [k]
+    comb = tl.load(comb_ptr + t * n * n + j[:, None] * n + j[None, :],
+                   mask=(j[:, None] < n) & (j[None, :] < n), other=0.0)  # [j, k]
+    mixed = tl.sum(comb[:, :, None] * x[:, None, :], axis=0)  # [k, c] = sum_j comb[j, k] x[j, c]
+    out = post[:, None] * y[None, :] + mixed
+    tl.store(out_ptr + t * n * D + j[:, None] * D + c[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """X'_k = post_k * y + sum_j comb[j, k] X_j for x [..., n, d] in one kernel (fp32 inside, one rounding
+    to x's dtype, where the plain path rounds after each of its five kernels)."""
+    n, d = x.shape[-2], x.shape[-1]
+    xc = x.reshape(-1, n, d).contiguous()
+    out = torch.empty_like(xc)
+    if xc.shape[0]:
+        block = min(256, triton.next_power_of_2(d))
+        _hc_expand_kernel[(xc.shape[0], triton.cdiv(d, block))](
+            xc, y.reshape(-1, d).contiguous(), post.reshape(-1, n).float().contiguous(),
+            comb.reshape(-1, n, n).float().contiguous(), out, n, d, BLOCK=block, NB=triton.next_power_of_2(n))
+    return out.view(x.shape)

@@ -28,14 +28,25 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     return kernels.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
 
 
+def _gpu(x: torch.Tensor):
+    """The Triton kernels for a CUDA tensor outside autograd (one kernel where the plain path is several)."""
+    return kernels.gpu_kernels(x) if not torch.is_grad_enabled() else None
+
+
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
     """sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d]."""
+    g = _gpu(x)
+    if g is not None:
+        return g.hc_collapse(x, pre)
     out = (pre.unsqueeze(-1) * x).sum(dim=-2)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """X'_k = post_k * y + sum_j comb[j, k] X_j; x [..., n, d], y [..., d]."""
+    g = _gpu(x)
+    if g is not None:
+        return g.hc_expand(x, y, post, comb)
     dt = x.dtype
     if post.dtype != dt:  # (a cast to the same dtype still costs a dispatch per call)
         post, comb = post.to(dt), comb.to(dt)
