@@ -91,47 +91,38 @@ class _EngineCollector:
             yield from self._experts(experts)
 
     def _experts(self, ex: dict):
-        """The expert store's counters, per layer, and its cache occupancy."""
-        labels = ["model_name", "layer"]
-        for name, doc, key in (("expert_cache_hits", "Routed-expert accesses served from the cache.", "hits"),
-                               ("expert_cache_misses", "Routed-expert accesses read from disk.", "misses"),
-                               ("expert_cache_evictions", "Experts evicted from the cache.", "evictions"),
-                               ("expert_bytes_read", "Bytes of expert weights read from disk.", "bytes_read"),
-                               ("expert_prefetch_predicted", "Experts predicted for a layer before it ran.",
-                                "predicted"),
-                               ("expert_prefetch_correct", "Predicted experts the layer then used.",
-                                "predicted_used")):
-            c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
-            for i, layer in enumerate(ex["per_layer"]):
-                c.add_metric([self.model_name, str(i)], float(layer[key]))
-            yield c
-        g = GaugeMetricFamily("moeflash:expert_cache_resident", "Experts resident in the cache now.",
-                              labels=["model_name"])
-        g.add_metric([self.model_name], float(ex["resident"]))
-        yield g
-        g = GaugeMetricFamily("moeflash:expert_cache_capacity", "Experts the cache budget holds.",
-                              labels=["model_name"])
-        g.add_metric([self.model_name], float(ex["capacity_experts"]))
-        yield g
+        """The expert store's counters, per layer, and its cache occupancy; the same for its GPU tier."""
+        yield from self._tier(ex, (
+            ("expert_cache_hits", "Routed-expert accesses served from the cache.", "hits"),
+            ("expert_cache_misses", "Routed-expert accesses read from disk.", "misses"),
+            ("expert_cache_evictions", "Experts evicted from the cache.", "evictions"),
+            ("expert_bytes_read", "Bytes of expert weights read from disk.", "bytes_read"),
+            ("expert_prefetch_predicted", "Experts predicted for a layer before it ran.", "predicted"),
+            ("expert_prefetch_correct", "Predicted experts the layer then used.", "predicted_used")), (
+            ("expert_cache_resident", "Experts resident in the cache now.", "resident"),
+            ("expert_cache_capacity", "Experts the cache budget holds.", "capacity_experts")))
         dev = ex.get("device")
         if dev is not None:  # the GPU tier above the host cache (engine/expert_tier.py)
-            for name, doc, key in (("expert_device_hits", "Routed-expert accesses served from GPU memory.", "hits"),
-                                   ("expert_device_misses", "Routed-expert accesses copied up from host RAM.",
-                                    "misses"),
-                                   ("expert_device_evictions", "Experts evicted from GPU memory.", "evictions"),
-                                   ("expert_device_bytes_copied", "Bytes of experts copied host to GPU.",
-                                    "bytes_read"),
-                                   ("expert_device_prefetch_loads", "Experts copied up ahead of their layer.",
-                                    "prefetch_loads")):
-                c = CounterMetricFamily(f"moeflash:{name}", doc, labels=labels)
-                for i, layer in enumerate(dev["per_layer"]):
-                    c.add_metric([self.model_name, str(i)], float(layer[key]))
-                yield c
-            for name, doc, key in (("expert_device_resident", "Experts resident in GPU memory now.", "resident"),
-                                   ("expert_device_capacity", "Experts the GPU budget holds.", "capacity_experts")):
-                g = GaugeMetricFamily(f"moeflash:{name}", doc, labels=["model_name"])
-                g.add_metric([self.model_name], float(dev[key]))
-                yield g
+            yield from self._tier(dev, (
+                ("expert_device_hits", "Routed-expert accesses served from GPU memory.", "hits"),
+                ("expert_device_misses", "Routed-expert accesses copied up from host RAM.", "misses"),
+                ("expert_device_evictions", "Experts evicted from GPU memory.", "evictions"),
+                ("expert_device_bytes_copied", "Bytes of experts copied host to GPU.", "bytes_read"),
+                ("expert_device_prefetch_loads", "Experts copied up ahead of their layer.", "prefetch_loads")), (
+                ("expert_device_resident", "Experts resident in GPU memory now.", "resident"),
+                ("expert_device_capacity", "Experts the GPU budget holds.", "capacity_experts")))
+
+    def _tier(self, stats: dict, counters: tuple, gauges: tuple):
+        """One cache tier: a counter per (name, doc, key) with a sample per layer, a gauge per (name, doc, key)."""
+        for name, doc, key in counters:
+            c = CounterMetricFamily(f"moeflash:{name}", doc, labels=["model_name", "layer"])
+            for i, layer in enumerate(stats["per_layer"]):
+                c.add_metric([self.model_name, str(i)], float(layer[key]))
+            yield c
+        for name, doc, key in gauges:
+            g = GaugeMetricFamily(f"moeflash:{name}", doc, labels=["model_name"])
+            g.add_metric([self.model_name], float(stats[key]))
+            yield g
 
 
 class Metrics:
