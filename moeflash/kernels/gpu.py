@@ -196,6 +196,19 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
 
 
 @triton.jit
+def _sinkhorn_tile(logits, mask, iters, eps):
+    """Row-softmax (+ eps), then alternate column / row normalisation, on a masked [B, B] tile."""
+    x = logits - tl.max(logits, axis=1)[:, None]
+    e = tl.where(mask, tl.exp(x), 0.0)
+    m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
+    m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    for _ in range(iters - 1):
+        m = tl.where(mask, m / (tl.sum(m, axis=1)[:, None] + eps), 0.0)
+        m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
+    return m
+
+
+@triton.jit
 def _sinkhorn_kernel(x_ptr, y_ptr, n, iters, eps, BLOCK: tl.constexpr):
     """One [n, n] matrix per program, every iteration in registers."""
     t = tl.program_id(0).to(tl.int64)
@@ -204,14 +217,7 @@ def _sinkhorn_kernel(x_ptr, y_ptr, n, iters, eps, BLOCK: tl.constexpr):
     mask = (r < n) & (c < n)
     off = t * n * n + r * n + c
     x = tl.load(x_ptr + off, mask=mask, other=float("-inf"))
-    x = x - tl.max(x, axis=1)[:, None]
-    e = tl.where(mask, tl.exp(x), 0.0)
-    m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
-    m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
-    for _ in range(iters - 1):
-        m = tl.where(mask, m / (tl.sum(m, axis=1)[:, None] + eps), 0.0)
-        m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
-    tl.store(y_ptr + off, m, mask=mask)
+    tl.store(y_ptr + off, _sinkhorn_tile(x, mask, iters, eps), mask=mask)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -318,19 +324,6 @@ def moe_fp4_by_expert(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor,
         out.index_add_(0, rows, y * wsorted[start:start + n, None])
         start += n
     return out
-
-
-@triton.jit
-def _sinkhorn_tile(logits, mask, iters, eps):
-    """Row-softmax (+ eps), then alternate column / row normalisation, on a masked [B, B] tile."""
-    x = logits - tl.max(logits, axis=1)[:, None]
-    e = tl.where(mask, tl.exp(x), 0.0)
-    m = tl.where(mask, e / tl.sum(e, axis=1)[:, None] + eps, 0.0)
-    m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
-    for _ in range(iters - 1):
-        m = tl.where(mask, m / (tl.sum(m, axis=1)[:, None] + eps), 0.0)
-        m = tl.where(mask, m / (tl.sum(m, axis=0)[None, :] + eps), 0.0)
-    return m
 
 
 @triton.jit
