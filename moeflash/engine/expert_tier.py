@@ -59,14 +59,7 @@ class DeviceTier:
     # -- wiring -----------------------------------------------------------------------------------
     def attach(self, model) -> None:
         """Serve `model`'s routed experts from this tier (the host store is wired underneath it)."""
-        self.host._gates = [getattr(layer.ffn, "predict", None) or layer.ffn.gate for layer in model.layers]
-        for i, layer in enumerate(model.layers):
-            if self.slab is not None:
-                layer.ffn.slots = (lambda idx, i=i: self.slots(i, idx))
-            else:
-                layer.ffn.provider = (lambda experts, e, i=i: self.get(i, e))
-            layer.ffn.on_route = (lambda x, ids, idx, i=i: self.route(i, x, ids, idx))
-        model.expert_store = self
+        self.host.attach(model, server=self)
 
     def close(self) -> None:
         self._host_may_change()

@@ -298,16 +298,18 @@ class ExpertStore:
         self._gates = None
 
     # -- wiring -----------------------------------------------------------------------------------
-    def attach(self, model) -> None:
-        """Serve `model`'s routed experts from this store (its own expert weights are never read)."""
+    def attach(self, model, server=None) -> None:
+        """Serve `model`'s routed experts from this store (its own expert weights are never read), or from
+        `server`, a tier above it with the same `slots` / `get` / `route` (engine/expert_tier.py)."""
+        server = server or self
         self._gates = [getattr(layer.ffn, "predict", None) or layer.ffn.gate for layer in model.layers]
         for i, layer in enumerate(model.layers):
             if self.slab is not None:
-                layer.ffn.slots = (lambda idx, i=i: self.slots(i, idx))
+                layer.ffn.slots = (lambda idx, i=i: server.slots(i, idx))
             else:
-                layer.ffn.provider = (lambda experts, e, i=i: self.get(i, e))
-            layer.ffn.on_route = (lambda x, ids, idx, i=i: self.route(i, x, ids, idx))
-        model.expert_store = self
+                layer.ffn.provider = (lambda experts, e, i=i: server.get(i, e))
+            layer.ffn.on_route = (lambda x, ids, idx, i=i: server.route(i, x, ids, idx))
+        model.expert_store = server
 
     def close(self) -> None:
         if self._pool is not None:
