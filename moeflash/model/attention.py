@@ -18,7 +18,7 @@ from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
 from ..kernels import attn_decode, fp8_grouped_linear
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
-from .layers import FusedLinears, RMSNorm, apply_rope, rms_unweighted
+from .layers import FusedLinears, Rederived, RMSNorm, apply_rope, rms_unweighted
 from .state import LayerState
 
 # Upper bound on the elements of one attention-score block (fp32): long prefill chunks are split
@@ -35,7 +35,9 @@ class Segment:
     start: int
 
 
-class Attention(nn.Module):
+class Attention(Rederived, nn.Module):
+    _derived = ("_h_proj", "_q_proj")  # fused projections, redone after a move (layers.Rederived)
+
     def __init__(self, config: ModelConfig, layer_type: str):
         super().__init__()
         c = config
@@ -81,16 +83,6 @@ class Attention(nn.Module):
             h_mods += [self.indexer.weights_proj, ic.wkv, ic.wgate]
             self._q_proj = FusedLinears([self.wq_b, self.indexer.wq_b])
         self._h_proj = FusedLinears(h_mods)
-
-    def _apply(self, fn, recurse=True):
-        """`.to(device)` / dtype casts move each weight on its own: a fused matrix would stay behind
-        (and its views would part from it), so fusion is undone first and redone on the moved weights."""
-        fused = self._h_proj is not None
-        self._h_proj = self._q_proj = None
-        out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_projections_()
-        return out
 
     def forward(self, h: torch.Tensor, segs: list[Segment], states: list[LayerState],
                 positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

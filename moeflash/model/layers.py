@@ -16,6 +16,27 @@ from .. import kernels
 from ..kernels.linear import Bf16Linear, Fp8Linear, GgufLinear
 
 
+class Rederived:
+    """For a module holding tensors derived from its weights in plain attributes (`_derived`: fused
+    projections, packed experts), which `.to(device)` and dtype casts would leave behind (each weight is
+    moved on its own, and views would part from their base): `_apply` drops them, moves the weights, and
+    rebuilds them with `_rederive`. Put it before nn.Module in the bases."""
+
+    _derived: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        held = any(getattr(self, name) is not None for name in self._derived)
+        for name in self._derived:
+            setattr(self, name, None)
+        out = super()._apply(fn, recurse)
+        self._rederive(held)
+        return out
+
+    def _rederive(self, held: bool) -> None:
+        if held:
+            self.fuse_projections_()
+
+
 class RMSNorm(nn.Module):
     """Weighted RMSNorm; statistics and the weight multiply in fp32."""
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..config import LlamaConfig
 from ..kernels import gqa_decode
-from .layers import FusedLinears, RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
+from .layers import FusedLinears, Rederived, RMSNorm, SwiGLU, apply_rope, rope_cos_sin, rope_inv_freq
 
 
 @dataclass
@@ -85,7 +85,9 @@ class LlamaSeqState:
         return sum(2 * self.pos * k.shape[1] * k.shape[2] * k.element_size() for k in self.keys)
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(Rederived, nn.Module):
+    _derived = ("_qkv",)  # the fused q/k/v, redone after a move (layers.Rederived)
+
     def __init__(self, c: LlamaConfig):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -94,13 +96,6 @@ class LlamaAttention(nn.Module):
         self.wv = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=False)
         self.wo = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=False)
         self._qkv: FusedLinears | None = None
-
-    def _apply(self, fn, recurse=True):  # fusion redone on the moved weights (see Attention._apply)
-        fused, self._qkv = self._qkv is not None, None
-        out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_projections_()
-        return out
 
     @torch.no_grad()
     def fuse_projections_(self) -> None:
@@ -145,19 +140,14 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: in
     return o.transpose(0, 1)
 
 
-class LlamaMLP(SwiGLU):
+class LlamaMLP(Rederived, SwiGLU):
     """SwiGLU without a clamp; w1 = gate, w3 = up, w2 = down (the official DeepSeek names)."""
+
+    _derived = ("_gate_up",)  # the fused gate/up, redone after a move (layers.Rederived)
 
     def __init__(self, dim: int, inter: int):
         super().__init__(dim, inter, limit=0.0)
         self._gate_up: FusedLinears | None = None
-
-    def _apply(self, fn, recurse=True):  # fusion redone on the moved weights (see Attention._apply)
-        fused, self._gate_up = self._gate_up is not None, None
-        out = super()._apply(fn, recurse)
-        if fused:
-            self.fuse_projections_()
-        return out
 
     @torch.no_grad()
     def fuse_projections_(self) -> None:

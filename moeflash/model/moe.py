@@ -14,7 +14,7 @@ from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
 from ..kernels import moe_fp4
-from .layers import SwiGLU, clamped_swiglu
+from .layers import Rederived, SwiGLU, clamped_swiglu
 
 # torch >= 2.10 has a grouped matmul with a CPU kernel: all of a layer's routed experts in one call
 # over rows sorted by expert. Measured here (bf16, mini): 1.3x faster than a per-expert loop for one
@@ -71,7 +71,9 @@ class AbsentExpert(nn.Module):
         return torch.zeros_like(x)
 
 
-class MoE(nn.Module):
+class MoE(Rederived, nn.Module):
+    _derived = ("w13", "w2")  # the packed experts, whose views the experts' parameters are
+
     def __init__(self, config: ModelConfig, layer_idx: int | None):
         super().__init__()
         is_hash = layer_idx is not None and config.mlp_layer_types[layer_idx] == HASH_MOE
@@ -126,15 +128,11 @@ class MoE(nn.Module):
                 if e not in owned:
                     self.experts[e] = AbsentExpert()
 
-    def _apply(self, fn, recurse=True):
-        """`.to(device)` / dtype casts: the packed tensors are plain attributes whose views the experts'
-        parameters are, so packing is undone first and redone on the moved weights."""
-        packed = self.w13 is not None
-        self.w13 = self.w2 = None
-        out = super()._apply(fn, recurse)
-        if packed or self.gate.weight.device.type == "cuda":  # on a GPU every dtype packs: no host sync
+    def _rederive(self, packed: bool) -> None:
+        """After a move or cast (layers.Rederived): pack again, and on a GPU pack every dtype (the packed
+        paths need no host synchronisation)."""
+        if packed or self.gate.weight.device.type == "cuda":
             self.pack_experts_()
-        return out
 
     @torch.no_grad()
     def pack_experts_(self) -> None:
