@@ -26,17 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT = [256, 72, 101, 108, 108, 111, 44, 32, 119, 111, 114, 108, 100]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """The tiny preset as an fp32 checkpoint ("plain") and in the official FP8 / FP4 format."""
-    root = tmp_path_factory.mktemp("device")
-    out = {}
-    for kind, flags in (("plain", ["--dtype", "float32"]), ("official", ["--official"])):
-        out[kind] = str(root / kind)
-        assert main(["convert", "--preset", "tiny", "--out", out[kind], *flags]) == 0
-    return out
-
-
 @pytest.fixture
 def native_off():
     """The plain-torch reference kernels (what a CUDA tensor gets where Triton has no kernel)."""

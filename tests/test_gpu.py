@@ -7,7 +7,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeflash.cli import main
 from moeflash.devices import move_model
 from moeflash.engine.forward import advance, run_tokens
 from moeflash.engine.load import load_model
@@ -19,11 +18,9 @@ CUDA = torch.device("cuda")
 PROMPT = [256] + list(range(60, 90))
 
 
-@pytest.fixture(scope="module")
-def official(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("gpu") / "official")
-    assert main(["convert", "--preset", "tiny", "--official", "--out", path]) == 0
-    return path
+@pytest.fixture
+def official(checkpoints):
+    return checkpoints["official"]
 
 
 def run(model, steps: int, graphs: bool):

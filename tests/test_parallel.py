@@ -18,21 +18,6 @@ PROMPTS = [[256, 72, 101, 108, 108, 111], [256] + list(range(40, 77))]  # differ
 STEPS = 12
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    """The tiny preset written once as an fp32 checkpoint ("plain") and in the official FP8 / FP4 format."""
-    import subprocess
-    import sys
-
-    root = tmp_path_factory.mktemp("checkpoints")
-    out = {}
-    for kind, flags in (("plain", ["--dtype", "float32"]), ("official", ["--official"])):
-        out[kind] = str(root / kind)
-        subprocess.run([sys.executable, "-m", "moeflash.cli", "convert", "--preset", "tiny", "--out", out[kind],
-                        *flags], check=True, capture_output=True)
-    return out
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
