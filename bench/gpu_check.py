@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -43,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from common import ROOT, activated_flops_per_token, attention_flops, bytes_per_token, param_bytes
+import common
+from common import ROOT, activated_flops_per_token, attention_flops, bytes_per_token, param_bytes, timed
 
 from moeflash import kernels
 from moeflash.devices import move_model, resolve_device
@@ -82,23 +82,9 @@ def section(fn):
     return run
 
 
-def sync() -> None:
-    if DEV.type == "cuda":
-        torch.cuda.synchronize(DEV)
-
-
 def clock(fn, warmup: int = 2, iters: int = 10) -> float:
-    """Median seconds of fn() (device-synchronised)."""
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(iters):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+    """Median seconds of fn(), each run waited for on the device (common.timed)."""
+    return timed(fn, warmup, iters)["median"]
 
 
 def convert(preset: str, extra: list[str]) -> str:
@@ -447,7 +433,7 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=420.0, help="sections not started by then are skipped")
     p.add_argument("--only", nargs="*", default=None, help="run only these sections")
     ARGS = p.parse_args()
-    DEV = resolve_device(ARGS.device)
+    DEV = common.DEVICE = resolve_device(ARGS.device)  # common.timed waits on it
     Path(ARGS.dir).mkdir(parents=True, exist_ok=True)
     R["machine"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(DEV),
                     "triton": _version("triton"), "python": sys.version.split()[0], "quick": ARGS.quick}
