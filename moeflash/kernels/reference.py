@@ -169,10 +169,9 @@ def hc_mix_logits(x: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.T
 
 
 def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
-               hc_eps: float, norm_eps: float, sinkhorn_fn=None):
+               hc_eps: float, norm_eps: float):
     """mHC (V4-SPEC 2.2): mix logits = fn @ rmsnorm(flatten(x)) in fp32, split into pre / post / comb parts;
-    pre = sigmoid(m * s0 + b) + eps, post = 2 sigmoid(m * s1 + b), comb = Sinkhorn(m * s2 + b).
-    `sinkhorn_fn`: another implementation of `sinkhorn` (a GPU kernel)."""
+    pre = sigmoid(m * s0 + b) + eps, post = 2 sigmoid(m * s1 + b), comb = Sinkhorn(m * s2 + b)."""
     n = x.shape[-2]
     mix = hc_mix_logits(x, fn, norm_eps)
     m_pre, m_post, m_comb = mix.split([n, n, n * n], dim=-1)
@@ -180,7 +179,7 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     s = scale.float()
     pre = torch.sigmoid(m_pre * s[0] + b_pre) + hc_eps
     post = 2 * torch.sigmoid(m_post * s[1] + b_post)
-    comb = (sinkhorn_fn or sinkhorn)((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
+    comb = sinkhorn((m_comb * s[2] + b_comb).unflatten(-1, (n, n)), iters, hc_eps)
     return pre, post, comb
 
 
