@@ -153,8 +153,9 @@ class GraphDecoder:
         """Make `slot` free: a live owner still bound to it moves to a free slot >= keep_from, or, when
         there is none, is copied out into memory of its own."""
         owner = self._owner(slot)
+        bound = owner is not None and self._slot_of(owner) == slot
         self.owner[slot] = None
-        if owner is None or getattr(owner, "graph_slot", None) != slot or not self._views(owner, slot):
+        if not bound:
             return
         spare = next((j for j in range(keep_from, self.max_batch) if self._owner(j) is None), None)
         if spare is not None:
@@ -238,13 +239,5 @@ class GraphDecoder:
 
 
 def _rows(layer, b: int):
-    """The first b rows of a batched LayerState (views)."""
-    from ..model.state import CompressorState, LayerState
-
-    def comp(c):
-        if c is None:
-            return None
-        opt = (lambda t: None if t is None else t[:b])
-        return CompressorState(c.ratio, c.pending_kv[:b], c.pending_gate[:b], opt(c.prev_kv), opt(c.prev_gate),
-                               c.entries[:b], 0)
-    return LayerState(layer.window[:b], comp(layer.compressor), comp(layer.indexer))
+    """The first b rows of a batched LayerState (views; the step never reads the entry counts)."""
+    return slot_view(layer, slice(0, b), 0)

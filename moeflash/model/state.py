@@ -241,8 +241,9 @@ def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, d
     return out
 
 
-def slot_view(layer: LayerState, b: int, pos: int) -> LayerState:
-    """Row b of a batched LayerState as one sequence's state at position `pos` (views, no copies)."""
+def slot_view(layer: LayerState, b: int | slice, pos: int) -> LayerState:
+    """Row b of a batched LayerState as one sequence's state at position `pos` (views, no copies); a
+    slice of rows gives a smaller batched state."""
     def comp(c: CompressorState | None) -> CompressorState | None:
         if c is None:
             return None
