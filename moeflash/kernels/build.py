@@ -1,6 +1,6 @@
-"""Build and load the native kernels (native/quant_ops.cpp) as torch custom ops (`torch.ops.moeflash.*`).
+"""Build and load the native kernels (native/*.cpp) as torch custom ops (`torch.ops.moeflash.*`).
 
-Why our own build: the project installs without ninja or a CUDA toolchain, and a small C++ file compiled
+Why our own build: the project installs without ninja or a CUDA toolchain, and a few small C++ files compiled
 once per (source, torch, compiler) into a cache folder is all the kernels need. `make install` builds it
 (`python -m moeflash.kernels.build`); a first use builds it if that did not happen. The library is
 compiled for the generic x86-64 baseline; its AVX2 and AVX-512 functions carry their own target
@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("native") / "quant_ops.cpp"
+NATIVE = Path(__file__).with_name("native")
+# quant_ops.cpp: the fp32-activation ("exact") kernels and the other fused ops; quant_act.cpp: the
+# quantized-activation ("fast", "reference") kernels. Headers and the shared kernel body are hashed too.
+SOURCES = [NATIVE / "quant_ops.cpp", NATIVE / "quant_act.cpp"]
+DEPENDS = [NATIVE / "cpu.h", NATIVE / "quant_act.h", NATIVE / "quant_act_kernels.inc"]
 _state: dict = {}
 
 
@@ -48,7 +52,7 @@ def _key(cxx: str) -> str:
     except (OSError, subprocess.SubprocessError):
         version = ""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), version.encode(), sys.version.encode(),
+    for part in (*(p.read_bytes() for p in SOURCES + DEPENDS), torch.__version__.encode(), version.encode(), sys.version.encode(),
                  " ".join(FLAGS).encode()):
         h.update(part)
     return h.hexdigest()[:16]
@@ -76,7 +80,7 @@ def build(verbose: bool = False) -> Path:
             return out
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        cmd = [cxx, *FLAGS, str(SOURCE), "-o", str(tmp),
+        cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", str(tmp),
                f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{sysconfig.get_paths()['include']}"]
         cmd += [f"-I{p}" for p in include_paths()]
         cmd += [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]

@@ -51,20 +51,82 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
-            w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
-    """sum_j weights[t, j] * expert_{idx[t, j]}(x[t]); expert(x) = w2(SwiGLU(w1 x, w3 x)) with w13 = [w1; w3]."""
+            w2: torch.Tensor, s2: torch.Tensor, limit: float, numerics: int = 0) -> torch.Tensor:
+    """sum_j weights[t, j] * expert_{idx[t, j]}(x[t]); expert(x) = w2(SwiGLU(w1 x, w3 x)) with w13 = [w1; w3].
+    `numerics` (kernels/numerics.py): 0 exact, 1 DeepSeek's e4m3 activations before both products, 2 the
+    int8 activations of the fast kernels."""
+    def product(a, packed, scale):
+        if numerics == 2:
+            return fp4_linear_q8(a, packed, scale)
+        return fp4_linear(act_quant_e4m3(a) if numerics == 1 else a, packed, scale)
+
     x = x.float()
     out = torch.zeros_like(x)
     inter = w13.shape[1] // 2
     for e in torch.unique(idx).tolist():
         t, j = (idx == e).nonzero(as_tuple=True)
-        h = fp4_linear(x[t], w13[e], s13[e])
+        h = product(x[t], w13[e], s13[e])
         gate, up = h[:, :inter], h[:, inter:]
         if limit > 0:
             gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
-        y = fp4_linear(F.silu(gate) * up, w2[e], s2[e])
+        y = product(F.silu(gate) * up, w2[e], s2[e])
         out.index_add_(0, t, y * weights[t, j].float()[:, None])
     return out
+
+
+# ---- quantized activations (kernels/numerics.py) ------------------------------------------------------
+
+Q8_BLOCK = 32
+E4M3_MAX = 448.0
+
+
+def quantize_q8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "fast" numerics' activation rows: x [M, K] (K a multiple of 32) -> int8 codes [M, K] and fp32
+    scales [M, K/32], per 32 inputs d = amax / 127 and q = round(x * (127 / amax)), ties to even (the
+    native quantizer's exact operations, so the codes agree bit for bit)."""
+    xb = x.float().unflatten(-1, (-1, Q8_BLOCK))
+    amax = xb.abs().amax(-1)
+    d = amax / 127.0
+    inv = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv.unsqueeze(-1))
+    return q.to(torch.int8).flatten(-2), d
+
+
+def dequant_q8(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    return (q.float().unflatten(-1, (-1, Q8_BLOCK)) * d.unsqueeze(-1)).flatten(-2)
+
+
+def q8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] quantized as `quantize_q8`, times a decoded fp32 weight [N, K]; summed in fp64 so that the
+    reference carries no rounding of its own beyond the activation's quantization."""
+    xq = dequant_q8(*quantize_q8(x))
+    return F.linear(xq.double(), weight.double()).float()
+
+
+def fp4_linear_q8(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return q8_linear(x, dequant_fp4(packed, scale))
+
+
+def gguf_linear_q8(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
+    return q8_linear(x, gguf_dequant(blocks, qtype))
+
+
+def act_quant_e4m3(x: torch.Tensor, block: int = 128) -> torch.Tensor:
+    """DeepSeek's activation quantization before FP8 / FP4 products (V4-SPEC 5.3), returned dequantized: per
+    1 x `block` inputs (the last block may be shorter), amax clamped below at 1e-4, scale = amax / 448
+    rounded up to a power of two (the exact ceiling of log2, as its kernel takes it from the bits), values
+    cast to e4m3 with ties to even."""
+    xf = x.float()
+    k = xf.shape[-1]
+    pad = (-k) % block
+    xp = F.pad(xf, (0, pad)) if pad else xf
+    xb = xp.unflatten(-1, (-1, block))
+    amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+    s = amax * (1.0 / E4M3_MAX)
+    m, e = torch.frexp(s)
+    s = torch.where(m == 0.5, s, torch.ldexp(torch.ones_like(s), e))
+    y = (xb / s).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float() * s
+    return y.flatten(-2)[..., :k].reshape(x.shape)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -17,6 +17,9 @@
 
 #include <immintrin.h>
 
+#include "cpu.h"
+#include "quant_act.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -27,32 +30,11 @@
 
 namespace {
 
-enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2 };
-
-Isa detect_isa() {
-  int best = SCALAR;
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) best = AVX2;
-  if (best == AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl"))
-    best = AVX512;
-#endif
-  // MOEFLASH_ISA, and ATen's own cap ATEN_CPU_CAPABILITY (default / avx2 / avx512), can only lower it.
-  for (const char* var : {"MOEFLASH_ISA", "ATEN_CPU_CAPABILITY"}) {
-    const char* env = std::getenv(var);
-    if (!env) continue;
-    std::string s(env);
-    int want = (s == "scalar" || s == "default") ? SCALAR : s == "avx2" ? AVX2 : s == "avx512" ? AVX512 : best;
-    if (want < best) best = want;
-  }
-  return static_cast<Isa>(best);
-}
-
-Isa isa() {
-  static const Isa chosen = detect_isa();
-  return chosen;
-}
+using moeflash_native::Isa;
+using moeflash_native::isa;
+using moeflash_native::SCALAR;
+using moeflash_native::AVX2;
+using moeflash_native::AVX512;
 
 // ---- scalar decoding -----------------------------------------------------------------------------
 
@@ -1373,7 +1355,9 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
 // Returns sum_j wts[t, j] * expert_{idx[t, j]}(x[t]) [T, D] in fp32. Experts run in increasing id order
 // and each token's contributions are added in that order, whatever other tokens share the call.
 at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::Tensor& wts_in, const at::Tensor& w13,
-                   const at::Tensor& s13, const at::Tensor& w2, const at::Tensor& s2, double limit) {
+                   const at::Tensor& s13, const at::Tensor& w2, const at::Tensor& s2, double limit, int64_t numerics) {
+  TORCH_CHECK(numerics >= moeflash_native::NUM_EXACT && numerics <= moeflash_native::NUM_FAST,
+              "moe_fp4: numerics must be 0 (exact), 1 (reference) or 2 (fast), got ", numerics);
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "moe_fp4: x must be float32 [T, D]");
   TORCH_CHECK(w13.dim() == 3 && w2.dim() == 3 && w13.element_size() == 1 && w2.element_size() == 1,
               "moe_fp4: w13 / w2 must be packed bytes [E, rows, cols/2]");
@@ -1415,10 +1399,65 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
     if (!rows[e].empty()) { active.push_back(e); off.push_back(total); total += static_cast<int64_t>(rows[e].size()); }
   off.push_back(total);
   const int64_t A = static_cast<int64_t>(active.size());
-  std::vector<float> xs(total * D), xd(total * D), h(total * I2), act(total * I), actd(total * I), y(total * D);
+  std::vector<float> h(total * I2), act(total * I), y(total * D);
+  const float lim = static_cast<float>(limit);
+  auto swiglu = [&]() {
+    for (int64_t i = 0; i < total; ++i)
+      for (int64_t c = 0; c < I; ++c) {
+        float g = h[i * I2 + c], u = h[i * I2 + I + c];
+        if (lim > 0) { g = std::min(g, lim); u = std::max(-lim, std::min(u, lim)); }
+        act[i * I + c] = g / (1.0f + std::exp(-g)) * u;
+      }
+  };
+  auto combine = [&]() {  // experts in increasing id order, whatever else is in the call
+    for (int64_t a = 0; a < A; ++a) {
+      const auto& r = rows[active[a]];
+      for (int64_t i = 0; i < off[a + 1] - off[a]; ++i) {
+        float* o = op + r[i].first * D;
+        const float wt = r[i].second;
+        const float* yr = &y[(off[a] + i) * D];
+        for (int64_t c = 0; c < D; ++c) o[c] = std::fma(wt, yr[c], o[c]);
+      }
+    }
+  };
+  if (numerics == moeflash_native::NUM_FAST) {
+    // Each token's row is quantized once and shared by all of its experts; every expert, whatever its
+    // number of rows, runs the integer row kernel (it reads the weights once per 64 rows).
+    using moeflash_native::FP4_PAIRS;
+    moeflash_native::Q8Rows xt, xg, ag;
+    moeflash_native::quantize_rows(xp, T, D, FP4_PAIRS, xt);
+    std::vector<int64_t> tok(total);
+    for (int64_t a = 0; a < A; ++a)
+      for (int64_t i = 0; i < off[a + 1] - off[a]; ++i) tok[off[a] + i] = rows[active[a]][i].first;
+    moeflash_native::gather_rows(xt, tok.data(), total, xg);
+    auto region_q8 = [&](int64_t per_expert, int64_t in, const moeflash_native::Q8Rows& src, const uint8_t* wbase,
+                         const uint8_t* sbase, float* dst) {
+      const int64_t wrow = in / 2, srow = in / FP4_GROUP;
+      int64_t g = grain(per_expert, total / A, in);
+      g = std::min(per_expert, (g + 3) / 4 * 4);
+      const int64_t per_task = (per_expert + g - 1) / g;  // tasks per expert
+      at::parallel_for(0, A * per_task, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t a = t / per_task, n0 = (t % per_task) * g, n1 = std::min(per_expert, n0 + g);
+          const int64_t e = active[a], m = off[a + 1] - off[a];
+          moeflash_native::fp4_q8_rows(src.view(off[a], m), wbase + e * per_expert * wrow,
+                                       sbase + e * per_expert * srow, dst + off[a] * per_expert, per_expert, n0, n1);
+        }
+      });
+    };
+    region_q8(I2, D, xg, w13p, s13p, h.data());
+    swiglu();
+    moeflash_native::quantize_rows(act.data(), total, I, FP4_PAIRS, ag);
+    region_q8(D, I, ag, w2p, s2p, y.data());
+    combine();
+    return out;
+  }
+  std::vector<float> xs(total * D), xd(total * D), actd(total * I);
   for (int64_t a = 0; a < A; ++a)
     for (int64_t i = 0; i < off[a + 1] - off[a]; ++i)
       std::memcpy(&xs[(off[a] + i) * D], xp + rows[active[a]][i].first * D, D * sizeof(float));
+  // DeepSeek's activation quantization before each FP4 product (the reference numerics)
+  if (numerics == moeflash_native::NUM_REFERENCE) moeflash_native::fake_quant_e4m3(xs.data(), total, D);
   deinterleave(xs.data(), total, D, xd.data());
   // Experts with more than kRowKernelMaxRows rows (prefill) are decoded and multiplied by torch's GEMM;
   // the others run the row kernel. Decode steps of up to 16 sequences never reach the GEMM path, so their
@@ -1456,25 +1495,12 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
   };
   region(I2, D, xd.data(), w13p, s13p, h.data());
   for (int64_t a : big) gemm(a, I2, D, xd.data(), w13p, s13p, h.data());
-  const float lim = static_cast<float>(limit);
-  for (int64_t i = 0; i < total; ++i)
-    for (int64_t c = 0; c < I; ++c) {
-      float g = h[i * I2 + c], u = h[i * I2 + I + c];
-      if (lim > 0) { g = std::min(g, lim); u = std::max(-lim, std::min(u, lim)); }
-      act[i * I + c] = g / (1.0f + std::exp(-g)) * u;
-    }
+  swiglu();
+  if (numerics == moeflash_native::NUM_REFERENCE) moeflash_native::fake_quant_e4m3(act.data(), total, I);
   deinterleave(act.data(), total, I, actd.data());
   region(D, I, actd.data(), w2p, s2p, y.data());
   for (int64_t a : big) gemm(a, D, I, actd.data(), w2p, s2p, y.data());
-  for (int64_t a = 0; a < A; ++a) {  // experts in increasing id order, whatever else is in the call
-    const auto& r = rows[active[a]];
-    for (int64_t i = 0; i < off[a + 1] - off[a]; ++i) {
-      float* o = op + r[i].first * D;
-      const float wt = r[i].second;
-      const float* yr = &y[(off[a] + i) * D];
-      for (int64_t c = 0; c < D; ++c) o[c] = std::fma(wt, yr[c], o[c]);
-    }
-  }
+  combine();
   return out;
 }
 
@@ -1592,7 +1618,7 @@ std::string isa_name() {
 TORCH_LIBRARY(moeflash, m) {
   m.def("fp8_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
   m.def("fp4_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
-  m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit) -> Tensor");
+  m.def("moe_fp4(Tensor x, Tensor idx, Tensor weights, Tensor w13, Tensor s13, Tensor w2, Tensor s2, float limit, int numerics=0) -> Tensor");
   m.def("dequant_fp8(Tensor weight, Tensor scale) -> Tensor");
   m.def("bf16_linear(Tensor x, Tensor weight) -> Tensor");
   m.def("gguf_linear(Tensor x, Tensor weight, int qtype) -> Tensor");
