@@ -92,9 +92,28 @@ def machine_info() -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    from moeflash import kernels
+
+    native = kernels.status()
+    return {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "kernels": {"isa": native.get("isa", native.get("kernels")), "dot": kernels.dot_path()},
+            "simd_flags": sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                                                "amx_int8", "amx_bf16"}),
             "python": platform.python_version(), "loadavg_1m_5m": list(os.getloadavg()[:2])}
+
+
+def git_commit() -> str:
+    """The commit the numbers come from (short hash, '+dirty' when the work tree differs from it)."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
 
 
 def timed(fn, warmup: int = 1, iters: int = 5) -> dict:
@@ -247,6 +266,26 @@ def make_or_load(preset: str, dtype: str | torch.dtype = "float32"):
     log(f"[make_or_load] loaded {preset} ({dtype}) in {time.perf_counter() - t0:.1f}s")
     touch_weights(model)
     return _on_device(model)
+
+
+def official_files(preset: str = "mini", layers: str | None = None):
+    """(checkpoint dir, GGUF path) for a preset in DeepSeek's official format (FP8 dense, FP4 experts,
+    `moeflash convert --official`, seed 0) and the GGUF converted from it tensor by tensor (MXFP4 experts,
+    lossless from FP4; Q8_0 dense): made once under BENCH_DIR, the pair every llama.cpp comparison uses."""
+    from moeflash.weights.gguf_export import export_checkpoint_gguf
+
+    name = preset if layers is None else f"{preset}-layers{layers.replace(':', '-')}"
+    ckpt = BENCH_DIR / f"{name}-official"
+    if not (ckpt / "config.json").exists():
+        log(f"[official_files] converting preset {preset} -> {ckpt} (one time)")
+        cmd = [sys.executable, "-m", "moeflash.cli", "convert", "--preset", preset, "--official",
+               "--out", str(ckpt), "--seed", "0"] + (["--layers", layers] if layers else [])
+        subprocess.run(cmd, check=True, cwd=str(ROOT), stdout=sys.stderr)
+    gguf_path = BENCH_DIR / f"{name}-official-mxfp4-q8_0.gguf"
+    if not gguf_path.exists():
+        log(f"[official_files] exporting {gguf_path}")
+        export_checkpoint_gguf(ckpt, gguf_path, expert_type="mxfp4", dense_type="q8_0")
+    return ckpt, gguf_path
 
 
 def _on_device(model):

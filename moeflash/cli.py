@@ -509,7 +509,8 @@ def _expert_args(args) -> dict:
         raise ValueError("--device-expert-memory is the GPU tier of the expert store: it needs --device cuda")
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
             "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize,
-            "progress": _load_progress(), "device": device, "device_expert_memory": args.device_expert_memory}
+            "progress": _load_progress(), "device": device, "device_expert_memory": args.device_expert_memory,
+            "numerics": args.numerics}
 
 
 def _load_progress():
@@ -558,8 +559,14 @@ def _add_expert_flags(p) -> None:
     p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
                    help="bound on dense weights + expert cache + sequence state; refused at start if the "
                         "weights alone exceed it")
+    p.add_argument("--numerics", choices=["exact", "reference", "fast"], default=DEFAULT_NUMERICS,
+                   help="how activations meet quantized weights on the CPU: exact (fp32 activations), "
+                        "reference (DeepSeek's e4m3 activation quantization before FP8 / FP4 products) or fast "
+                        "(int8 activations and integer dot products, as llama.cpp; FP4 experts and GGUF "
+                        f"blocks). Default {DEFAULT_NUMERICS}: see README, 'Numerics'")
 
 
+DEFAULT_NUMERICS = "exact"  # the measured accuracy decides (README, "Numerics"; bench/numerics_accuracy.py)
 SMOLLM2_SAMPLING = {"temperature": 0.2, "top_p": 0.9}  # HuggingFaceTB/SmolLM2-135M-Instruct model card
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..devices import default_dtype, move_model, resolve_device
+from ..kernels.numerics import code, set_numerics
 from ..tokenizer import load_tokenizer
 from ..weights import build
 from .expert_tier import DeviceTier
@@ -20,7 +21,8 @@ from .experts import DiskExperts, ExpertStore
 def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memory: float | None = None,
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
                dequantize: bool = False, progress=None, experts: range | None = None,
-               device: str | torch.device | None = "cpu", device_expert_memory: float | None = None):
+               device: str | torch.device | None = "cpu", device_expert_memory: float | None = None,
+               numerics: str = "exact"):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
 
     With `expert_memory` (GiB; V4 checkpoint directories only) the routed experts are not loaded: an
@@ -29,7 +31,19 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
 
     `device` (cpu, cuda, cuda:N, auto): the model is loaded on the host and moved there whole (`--dtype
     auto` is bfloat16 on a GPU). With an expert store on a GPU, `device_expert_memory` (GiB) is the GPU
-    tier's budget (engine/expert_tier.py) above `expert_memory` of pinned host RAM."""
+    tier's budget (engine/expert_tier.py) above `expert_memory` of pinned host RAM.
+
+    `numerics` (exact, reference, fast): how the CPU kernels multiply activations with quantized weights
+    (kernels/numerics.py)."""
+    code(numerics)  # an unknown mode fails before the load, not after
+    model, tok = _load(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize, progress,
+                       experts, device, device_expert_memory)
+    set_numerics(model, numerics)
+    return model, tok
+
+
+def _load(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize, progress, experts, device,
+          device_expert_memory):
     dev = resolve_device(device)
     dtype = default_dtype(dev, dtype)
     if device_expert_memory is not None and expert_memory is None:

@@ -17,10 +17,11 @@ import torch
 from . import reference
 from .build import load as _load_native
 from .build import status
+from .numerics import EXACT, FAST, REFERENCE
 
 __all__ = ["apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
-           "status", "ROW_KERNEL_MAX_ROWS"]
+           "status", "ROW_KERNEL_MAX_ROWS", "act_quant_e4m3", "q8_rows", "dot_path"]
 
 # Above this many rows the tiled-dequant GEMM is faster than the row kernel (bench/kernels.py).
 ROW_KERNEL_MAX_ROWS = 16
@@ -103,8 +104,33 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y.view(*x.shape[:-1], n)
 
 
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W.T for W = e4m3 weight [N, K] x fp32 block scale [ceil(N/128), ceil(K/128)] -> fp32 [..., N]."""
+def act_quant_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """DeepSeek's activation quantization (e4m3 per 1 x 128, power-of-two scales), returned as fp32 values:
+    the `reference` numerics' step before FP8 / FP4 products (kernels/numerics.py)."""
+    if native(x) and x.dtype == torch.float32 and x.dim() >= 1 and not x.requires_grad:
+        return torch.ops.moeflash.act_quant_e4m3(x)
+    return reference.act_quant_e4m3(x)
+
+
+def dot_path() -> str:
+    """The instruction set of the `fast` numerics' integer dot products: vnni, avx2 or scalar (or torch when
+    the native library is missing)."""
+    return torch.ops.moeflash.dot_path() if _load_native() else "torch"
+
+
+def q8_rows(x: torch.Tensor, k_multiple: int = 32) -> bool:
+    """True when x can go straight to a native quantized-activation kernel: fp32 [M, K] on the CPU (any M:
+    the integer kernels also serve prefill) with K a multiple of `k_multiple`."""
+    return (x.dim() == 2 and x.dtype == torch.float32 and x.shape[1] % k_multiple == 0 and not x.requires_grad
+            and native(x))
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, numerics: int = EXACT) -> torch.Tensor:
+    """x [..., K] @ W.T for W = e4m3 weight [N, K] x fp32 block scale [ceil(N/128), ceil(K/128)] -> fp32 [..., N].
+    `numerics` REFERENCE quantizes x as DeepSeek does first; FAST is EXACT here (e4m3 codes are not
+    integers, so there is no integer product to take)."""
+    if numerics == REFERENCE and weight.device.type == "cpu":
+        x = act_quant_e4m3(x.float())
     n = weight.shape[0]
     g = gpu_kernels(weight)
     if g is not None:  # bf16 activations stay bf16 (tensor cores); fp32 ones multiply in fp32
@@ -142,10 +168,16 @@ def gguf_dequant(blocks: torch.Tensor, qtype: int) -> torch.Tensor:
     return reference.gguf_dequant(blocks, qtype)
 
 
-def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tensor:
-    """x [..., K] @ W.T for W held as raw GGUF blocks [N, row bytes] (reference.GGUF_TYPES) -> fp32 [..., N]."""
+def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, numerics: int = EXACT) -> torch.Tensor:
+    """x [..., K] @ W.T for W held as raw GGUF blocks [N, row bytes] (reference.GGUF_TYPES) -> fp32 [..., N].
+    `numerics` FAST: int8 activations and integer dot products (any number of rows)."""
     x2 = _rows(x)
     n = blocks.shape[0]
+    if numerics == FAST:
+        kq = qtype in (12, 14)
+        y = (torch.ops.moeflash.gguf_linear_q8(x2, blocks, qtype) if q8_rows(x2, 256 if kq else 32)
+             and native(blocks) else reference.gguf_linear_q8(x2, blocks, qtype))
+        return y.view(*x.shape[:-1], n)
     if not native(blocks):
         y = reference.gguf_linear(x2, blocks, qtype)
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
@@ -155,10 +187,17 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int) -> torch.Tens
     return y.view(*x.shape[:-1], n)
 
 
-def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [..., K] @ W.T for W = e2m1 codes [N, K/2] x UE8M0 scale [N, K/32] -> fp32 [..., N]."""
+def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, numerics: int = EXACT) -> torch.Tensor:
+    """x [..., K] @ W.T for W = e2m1 codes [N, K/2] x UE8M0 scale [N, K/32] -> fp32 [..., N] (`numerics`:
+    kernels/numerics.py)."""
     x2 = _rows(x)
     n = packed.shape[0]
+    if numerics == FAST:
+        y = (torch.ops.moeflash.fp4_linear_q8(x2, packed.view(torch.uint8), scale.view(torch.uint8))
+             if q8_rows(x2) and native(packed) else reference.fp4_linear_q8(x2, packed, scale))
+        return y.view(*x.shape[:-1], n)
+    if numerics == REFERENCE:
+        x2 = act_quant_e4m3(x2)
     if native(packed) and x2.shape[1] % 32 == 0:
         y = torch.ops.moeflash.fp4_linear(x2, packed.view(torch.uint8), scale.view(torch.uint8))
     else:
@@ -167,10 +206,11 @@ def fp4_linear(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor) -> to
 
 
 def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, s13: torch.Tensor,
-            w2: torch.Tensor, s2: torch.Tensor, limit: float) -> torch.Tensor:
+            w2: torch.Tensor, s2: torch.Tensor, limit: float, numerics: int = EXACT) -> torch.Tensor:
     """All (token, expert) pairs of one MoE layer in one call over packed FP4 experts: x [T, D], idx and
     weights [T, k], w13 [E, 2I, D/2] (w1 rows then w3 rows), s13 [E, 2I, D/32], w2 [E, D, I/2],
-    s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]."""
+    s2 [E, D, I/32]; `limit` is the SwiGLU clamp (0: none). Returns fp32 [T, D]. `numerics`
+    (kernels/numerics.py) applies on the CPU: FAST quantizes each token's row once for all its experts."""
     g = gpu_kernels(w13)
     # past FP4_MAX_PAIRS the reference decodes each used expert once (a host round trip for the ids):
     # never while a CUDA graph is being recorded
@@ -182,8 +222,8 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
         return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),
                                           s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
-                                          float(limit))
-    return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit)
+                                          float(limit), int(numerics))
+    return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit, numerics if x.device.type == "cpu" else EXACT)
 
 
 def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, ent: torch.Tensor,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear
+from . import act_quant_e4m3, bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear, q8_rows
+from .numerics import EXACT, FAST, REFERENCE
 from .reference import GGUF_BLOCK_BYTES, GGUF_BLOCK_VALUES
 
 FP8_BLOCK = 128
@@ -29,6 +30,8 @@ def _fuse_rows(mods: list, name: str, make) -> nn.Module:
 
 
 class Fp8Linear(nn.Module):
+    numerics = EXACT  # kernels/numerics.py; REFERENCE quantizes activations as DeepSeek does first
+
     def __init__(self, qweight: torch.Tensor, scale: torch.Tensor):
         super().__init__()
         out_features, in_features = qweight.shape
@@ -40,6 +43,8 @@ class Fp8Linear(nn.Module):
         self.register_buffer("scale", scale.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.numerics == REFERENCE and not x.is_cuda:
+            x = act_quant_e4m3(x.float()).to(x.dtype)
         if decode_rows(x):
             return torch.ops.moeflash.fp8_linear(x, self.qweight, self.scale)  # the decode fast path
         return fp8_linear(x, self.qweight, self.scale).to(x.dtype)
@@ -53,7 +58,9 @@ class Fp8Linear(nn.Module):
         """Output rows start..end (block-aligned) as a view sharing this layer's storage."""
         if start % FP8_BLOCK or (end % FP8_BLOCK and end != self.out_features):
             raise ValueError(f"rows {start}..{end} cut through {FP8_BLOCK}-row scale blocks")
-        return Fp8Linear(self.qweight[start:end], self.scale[start // FP8_BLOCK: -(-end // FP8_BLOCK)])
+        view = Fp8Linear(self.qweight[start:end], self.scale[start // FP8_BLOCK: -(-end // FP8_BLOCK)])
+        view.numerics = self.numerics
+        return view
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, e4m3 + 128x128 scales"
@@ -65,6 +72,7 @@ class Fp8Linear(nn.Module):
         if len({m.in_features for m in mods}) != 1 or any(m.out_features % FP8_BLOCK for m in mods[:-1]):
             return None
         fused = Fp8Linear(torch.cat([m.qweight for m in mods]), torch.cat([m.scale for m in mods]))
+        fused.numerics = mods[0].numerics
         start = 0
         for m in mods:
             view = fused.rows(start, start + m.out_features)
@@ -102,7 +110,10 @@ class Bf16Linear(nn.Module):
 class GgufLinear(nn.Module):
     """A linear layer whose weight stays in its GGUF block format (Q4_0, Q4_1, Q5_0, Q8_0, MXFP4: blocks
     of 32 weights; Q4_K, Q6_K: super-blocks of 256), as the file stores it; products in fp32 (kernels.gguf_linear) on the exact decoded
-    values. `qblocks` is the raw bytes [out, row bytes]; `qtype` the ggml type id."""
+    values, or with int8 activations and integer dot products under the `fast` numerics. `qblocks` is the
+    raw bytes [out, row bytes]; `qtype` the ggml type id."""
+
+    numerics = EXACT  # kernels/numerics.py
 
     def __init__(self, blocks: torch.Tensor, qtype: int):
         super().__init__()
@@ -115,6 +126,10 @@ class GgufLinear(nn.Module):
         self.register_buffer("qblocks", blocks.view(torch.uint8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.numerics == FAST:
+            if q8_rows(x, GGUF_BLOCK_VALUES[self.qtype]):  # int8 activations, any number of rows
+                return torch.ops.moeflash.gguf_linear_q8(x, self.qblocks, self.qtype)
+            return gguf_linear(x, self.qblocks, self.qtype, FAST).to(x.dtype)
         if decode_rows(x):
             return torch.ops.moeflash.gguf_linear(x, self.qblocks, self.qtype)  # the decode fast path
         return gguf_linear(x, self.qblocks, self.qtype).to(x.dtype)
@@ -131,4 +146,6 @@ class GgufLinear(nn.Module):
         """One layer for several of the same type and input; their buffers become views of the fused one."""
         if len({(m.qtype, m.in_features) for m in mods}) != 1:
             return None
-        return _fuse_rows(mods, "qblocks", lambda blocks: GgufLinear(blocks, mods[0].qtype))
+        fused = _fuse_rows(mods, "qblocks", lambda blocks: GgufLinear(blocks, mods[0].qtype))
+        fused.numerics = mods[0].numerics
+        return fused

@@ -47,7 +47,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not x.is_cuda:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fp32 on the CPU: ATen's op, no casts
+            if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) and kernels.native(x):
+                return torch.ops.moeflash.rms_norm(x, self.weight, self.eps)  # one native call
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # ATen's op, no casts
         return kernels.rms_norm(x, self.weight, self.eps)  # one Triton kernel on a GPU
 
 

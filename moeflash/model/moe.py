@@ -14,6 +14,7 @@ from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
 from ..kernels import moe_fp4
+from ..kernels.numerics import EXACT
 from .layers import Rederived, SwiGLU, clamped_swiglu
 
 # torch >= 2.10 has a grouped matmul with a CPU kernel: all of a layer's routed experts in one call
@@ -73,6 +74,7 @@ class AbsentExpert(nn.Module):
 
 class MoE(Rederived, nn.Module):
     _derived = ("w13", "w2")  # the packed experts, whose views the experts' parameters are
+    numerics = EXACT  # of the FP4-held experts' kernel (kernels/numerics.py)
 
     def __init__(self, config: ModelConfig, layer_idx: int | None):
         super().__init__()
@@ -179,12 +181,14 @@ class MoE(Rederived, nn.Module):
                 mine = (idx >= self.owned.start) & (idx < self.owned.stop)
                 idx = (idx - self.owned.start).clamp(0, len(self.owned) - 1)
                 weights = weights * mine
-            return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit).to(flat.dtype)
+            return moe_fp4(flat, idx, weights, self.q13, self.s13, self.q2, self.s2, self.limit,
+                           self.numerics).to(flat.dtype)
         if self.slots is not None:  # the same kernel over an expert store's slots
             self._last_idx = idx
             out = None
             for slot_idx, mask, bufs in self.slots(idx):
-                y = moe_fp4(flat, slot_idx, weights if mask is None else weights * mask, *bufs, self.limit)
+                y = moe_fp4(flat, slot_idx, weights if mask is None else weights * mask, *bufs, self.limit,
+                            self.numerics)
                 out = y if out is None else out + y
             return out.to(flat.dtype)
         out = torch.zeros_like(flat)
