@@ -306,7 +306,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        out = write_checkpoint(cfg, random_tensors(meta, seed=args.seed, device=draw_on), args.out, dtype,
+        if args.codes and not args.official:
+            print("error: --codes draws the official format's FP8 / FP4 codes: it needs --official", file=sys.stderr)
+            return 2
+        out = write_checkpoint(cfg, random_tensors(meta, seed=args.seed, device=draw_on, codes=args.codes),
+                               args.out, dtype,
                                int(args.shard_gb * (1 << 30)), official=args.official,
                                progress=(lambda done, _t: bar(done, n_tensors)) if bar else None)
         info.update(dtype=args.dtype, official=args.official,
@@ -872,6 +876,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--official", action="store_true",
                    help="safetensors in DeepSeek's official format: FP8 e4m3 attention / shared-expert "
                         "linears with 128x128 block scales, FP4 e2m1 routed experts with per-32 scales")
+    c.add_argument("--codes", action="store_true",
+                   help="with --preset --official: draw the FP8 / FP4 weights as codes directly instead of "
+                        "quantizing drawn values (two real-size V4-Flash layers in about a minute, not 13; a "
+                        "different random model)")
     c.add_argument("--expert-type", choices=["mxfp4", "q8_0", "bf16", "f16", "f32"], default="mxfp4",
                    help="GGUF type of the routed experts (MXFP4: lossless from official FP4 experts)")
     c.add_argument("--dense-type", choices=["f32", "f16", "bf16", "q8_0"], default="bf16",

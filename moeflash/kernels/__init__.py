@@ -112,6 +112,12 @@ def act_quant_e4m3(x: torch.Tensor) -> torch.Tensor:
     return reference.act_quant_e4m3(x)
 
 
+def q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] as the `fast` numerics see it: quantized to int8 per 32 inputs and decoded back to fp32."""
+    q, d, _ = torch.ops.moeflash.q8_quantize(x.contiguous(), 0)
+    return (q.view(q.shape[0], -1, 32).float() * d.unsqueeze(-1)).view(x.shape)
+
+
 def dot_path() -> str:
     """The instruction set of the `fast` numerics' integer dot products: vnni, avx2 or scalar (or torch when
     the native library is missing)."""
@@ -174,10 +180,13 @@ def gguf_linear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, numerics: int
     x2 = _rows(x)
     n = blocks.shape[0]
     if numerics == FAST:
-        kq = qtype in (12, 14)
-        y = (torch.ops.moeflash.gguf_linear_q8(x2, blocks, qtype) if q8_rows(x2, 256 if kq else 32)
-             and native(blocks) else reference.gguf_linear_q8(x2, blocks, qtype))
-        return y.view(*x.shape[:-1], n)
+        if not native(blocks) or not q8_rows(x2, 256 if qtype in (12, 14) else 32):
+            return reference.gguf_linear_q8(x2, blocks, qtype).view(*x.shape[:-1], n)
+        if x2.shape[0] <= ROW_KERNEL_MAX_ROWS:
+            return torch.ops.moeflash.gguf_linear_q8(x2, blocks, qtype).view(*x.shape[:-1], n)
+        # prefill: the same int8 activations, multiplied by the tiled GEMM below (faster than the integer
+        # row kernel at many rows for these small-block formats; the products differ by fp32 rounding)
+        x2 = q8_roundtrip(x2)
     if not native(blocks):
         y = reference.gguf_linear(x2, blocks, qtype)
     elif x2.shape[0] <= ROW_KERNEL_MAX_ROWS:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import act_quant_e4m3, bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear, q8_rows
+from . import act_quant_e4m3, bf16_linear, decode_rows, dequant_fp8, fp8_linear, gguf_dequant, gguf_linear
 from .numerics import EXACT, FAST, REFERENCE
 from .reference import GGUF_BLOCK_BYTES, GGUF_BLOCK_VALUES
 
@@ -127,7 +127,7 @@ class GgufLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.numerics == FAST:
-            if q8_rows(x, GGUF_BLOCK_VALUES[self.qtype]):  # int8 activations, any number of rows
+            if decode_rows(x) and x.shape[1] % GGUF_BLOCK_VALUES[self.qtype] == 0:  # int8 activations
                 return torch.ops.moeflash.gguf_linear_q8(x, self.qblocks, self.qtype)
             return gguf_linear(x, self.qblocks, self.qtype, FAST).to(x.dtype)
         if decode_rows(x):

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import OFFICIAL_FP4_EXPERT, OFFICIAL_FP8_LINEAR, ModelConfig
+from ..model.init import Codes
 from ..model.layout import keeps_fp32
 from ..model.v4 import Transformer
 from .quant import quant_fp4, quant_fp8
@@ -29,6 +30,12 @@ def _encoded(name: str, t: torch.Tensor, dtype: torch.dtype, official: bool):
     """(stored name, tensor) pairs for one state_dict entry: a quantized weight and its scale, or the
     tensor in `dtype` (fp32-kept tensors and integer buffers as they are)."""
     base = name[: -len(".weight")]
+    if isinstance(t, Codes):  # drawn as codes already (model.init.random_tensors(codes=True))
+        if not official:
+            raise ValueError(f"{name}: drawn as official-format codes, written without --official")
+        w, sc = t
+        return [(name, (w.view(torch.float8_e4m3fn) if OFFICIAL_FP8_LINEAR.search(name) else w.view(torch.int8)).cpu()),
+                (base + ".scale", sc.view(torch.float8_e8m0fnu).cpu())]
     if official and OFFICIAL_FP8_LINEAR.search(name):
         w, sc = quant_fp8(t.float())
         return [(name, w.cpu()), (base + ".scale", sc.cpu())]
