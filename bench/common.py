@@ -268,18 +268,20 @@ def make_or_load(preset: str, dtype: str | torch.dtype = "float32"):
     return _on_device(model)
 
 
-def official_files(preset: str = "mini", layers: str | None = None):
+def official_files(preset: str = "mini", layers: str | None = None, codes: bool = False):
     """(checkpoint dir, GGUF path) for a preset in DeepSeek's official format (FP8 dense, FP4 experts,
-    `moeflash convert --official`, seed 0) and the GGUF converted from it tensor by tensor (MXFP4 experts,
-    lossless from FP4; Q8_0 dense): made once under BENCH_DIR, the pair every llama.cpp comparison uses."""
+    `moeflash convert --official`, seed 0; `codes`: drawn as codes, `--codes`) and the GGUF converted from
+    it tensor by tensor (MXFP4 experts, lossless from FP4; Q8_0 dense): made once under BENCH_DIR, the
+    pair every llama.cpp comparison uses."""
     from moeflash.weights.gguf_export import export_checkpoint_gguf
 
-    name = preset if layers is None else f"{preset}-layers{layers.replace(':', '-')}"
+    name = (preset if layers is None else f"{preset}-layers{layers.replace(':', '-')}") + ("-codes" if codes else "")
     ckpt = BENCH_DIR / f"{name}-official"
     if not (ckpt / "config.json").exists():
         log(f"[official_files] converting preset {preset} -> {ckpt} (one time)")
         cmd = [sys.executable, "-m", "moeflash.cli", "convert", "--preset", preset, "--official",
-               "--out", str(ckpt), "--seed", "0"] + (["--layers", layers] if layers else [])
+               "--out", str(ckpt), "--seed", "0"] + (["--layers", layers] if layers else []) + \
+            (["--codes"] if codes else [])
         subprocess.run(cmd, check=True, cwd=str(ROOT), stdout=sys.stderr)
     gguf_path = BENCH_DIR / f"{name}-official-mxfp4-q8_0.gguf"
     if not gguf_path.exists():

@@ -7,8 +7,9 @@
 - `mini`: V4 `mini` in DeepSeek's official format (FP8 dense linears, FP4 experts; random weights),
   teacher-forced over the exact path's own greedy continuation of a random prompt. Reference:
   transformers' DeepseekV4ForCausalLM in fp32 on the decoded checkpoint (common.build_hf). Engines:
-  moeflash `exact`, `reference` (DeepSeek's e4m3 activations), `fast`, and llama.cpp on the GGUF converted
-  from the checkpoint (MXFP4 experts, Q8_0 dense: its usual V4 file).
+  moeflash `exact`, `reference` (DeepSeek's e4m3 activations), `fast`, each of exact and fast with the bf16
+  LM head requantized to Q8_0 (`--head q8_0`), and llama.cpp on the GGUF converted from the checkpoint
+  (MXFP4 experts, Q8_0 dense and head: its usual V4 file).
 
 Per engine and position: top-1 agreement with the reference, KL(reference || engine) in nats, and the
 relative logit error ||l - l_ref|| / ||l_ref||; reported as the mean (top-1, KL) and the median and 99th
@@ -179,6 +180,12 @@ def mini(args) -> dict:
         log(f"[mini] moeflash {mode}")
         set_numerics(model, mode)
         got[mode] = moeflash_logits(model, ids)
+    from moeflash.engine.load import requantize_head_
+
+    requantize_head_(model)
+    for mode in ("exact", "fast"):
+        set_numerics(model, mode)
+        got[f"{mode}, head q8_0"] = moeflash_logits(model, ids)
     del model
     gc.collect()
     log("[mini] transformers fp32 reference (decoded checkpoint)")
@@ -193,7 +200,7 @@ def mini(args) -> dict:
     log("[mini] llama.cpp (MXFP4 experts, Q8_0 dense)")
     ll = llama_cpp_logits(gguf_path, ids.tolist(), torch.get_num_threads())
     res["llama.cpp"] = distance(ll, ref)
-    for mode in ("reference", "fast"):
+    for mode in ("reference", "fast", "exact, head q8_0", "fast, head q8_0"):
         res[f"moeflash {mode} vs exact"] = distance(got[mode], got["exact"])
     res["llama.cpp vs moeflash exact"] = distance(ll, got["exact"])
     return {"tokens": "a random 16-token prompt and the exact path's greedy continuation", **res}

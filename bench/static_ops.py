@@ -25,7 +25,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from common import ROOT, print_json
 
 import moeflash.kernels as K
-import moeflash.kernels.linear as KL
+import moeflash.kernels.linear  # noqa: F401 (imports fp8_linear by name: patched below)
+import moeflash.model.moe  # noqa: F401 (imports moe_fp4 by name: patched below)
 import moeflash.model.hyper as hyper
 import moeflash.model.v4 as v4
 from moeflash.engine.forward import advance, run_tokens
@@ -60,8 +61,13 @@ def main() -> int:
     K.native(torch.zeros(1))
     K._NATIVE[:] = [False]  # the paths a CUDA tensor takes where Triton has no kernel
     for name in ("fp8_linear", "moe_fp4", "sinkhorn", "rms_norm", "apply_rope"):
-        setattr(K, name, one_kernel(getattr(K, name)))
-    KL.fp8_linear = K.fp8_linear
+        original = getattr(K, name)
+        wrapped = one_kernel(original)
+        # every module that imported the function by name (model/moe.py imports moe_fp4, kernels/linear.py
+        # fp8_linear): patching only `kernels` left those calling the plain-torch loop, counted op by op
+        for mod in [K] + [m for n, m in sys.modules.items() if n.startswith("moeflash.") and m is not None]:
+            if getattr(mod, name, None) is original:
+                setattr(mod, name, wrapped)
     # mHC on a GPU: the weights are three kernels (a cast, the mix GEMM, one Triton kernel); the collapse
     # and the expand one Triton kernel each
     hc_post = one_kernel(lambda *a: reference.hc_weights(*a))

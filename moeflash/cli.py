@@ -514,7 +514,7 @@ def _expert_args(args) -> dict:
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
             "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize,
             "progress": _load_progress(), "device": device, "device_expert_memory": args.device_expert_memory,
-            "numerics": args.numerics}
+            "numerics": args.numerics, "head": args.head}
 
 
 def _load_progress():
@@ -563,6 +563,10 @@ def _add_expert_flags(p) -> None:
     p.add_argument("--memory-limit", type=float, default=None, metavar="GiB",
                    help="bound on dense weights + expert cache + sequence state; refused at start if the "
                         "weights alone exceed it")
+    p.add_argument("--head", choices=["stored", "q8_0"], default="stored",
+                   help="the LM head as the checkpoint stores it (default), or requantized to Q8_0 blocks at "
+                        "load: about half the bytes of a bf16 head per token, at a measured logit error "
+                        "(README, 'Numerics')")
     p.add_argument("--numerics", choices=["exact", "reference", "fast"], default=DEFAULT_NUMERICS,
                    help="how activations meet quantized weights on the CPU: exact (fp32 activations), "
                         "reference (DeepSeek's e4m3 activation quantization before FP8 / FP4 products) or fast "

@@ -22,7 +22,7 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
                dequantize: bool = False, progress=None, experts: range | None = None,
                device: str | torch.device | None = "cpu", device_expert_memory: float | None = None,
-               numerics: str = "exact"):
+               numerics: str = "exact", head: str = "stored"):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
 
     With `expert_memory` (GiB; V4 checkpoint directories only) the routed experts are not loaded: an
@@ -34,12 +34,38 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
     tier's budget (engine/expert_tier.py) above `expert_memory` of pinned host RAM.
 
     `numerics` (exact, reference, fast): how the CPU kernels multiply activations with quantized weights
-    (kernels/numerics.py)."""
+    (kernels/numerics.py). `head`: `stored` keeps the LM head as the checkpoint stores it; `q8_0`
+    requantizes it to Q8_0 blocks (`requantize_head_`), a trade of accuracy for bytes stated in the README."""
     code(numerics)  # an unknown mode fails before the load, not after
+    if head not in HEADS:
+        raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
     model, tok = _load(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize, progress,
                        experts, device, device_expert_memory)
+    if head == "q8_0":
+        requantize_head_(model)
     set_numerics(model, numerics)
     return model, tok
+
+
+HEADS = ("stored", "q8_0")
+
+
+def requantize_head_(model) -> None:
+    """Hold the LM head as Q8_0 blocks (1.06 bytes a weight instead of bf16's 2): on a V4 model the head is
+    the largest dense read of a decode step (1.06 GB of V4-Flash's ~11 GB at bf16). A tied head gets its
+    own blocks; the embedding keeps its storage. CPU models only (the GPU path has no GGUF kernels)."""
+    from ..kernels.linear import GgufLinear
+    from ..weights.quant import quant_q8_0
+
+    head = model.head
+    if isinstance(head, GgufLinear) and head.qtype == 8:
+        return
+    if head.weight.device.type != "cpu":
+        raise ValueError("--head q8_0 requantizes the head for the CPU kernels; the model is on "
+                         f"{head.weight.device}")
+    w = head.weight
+    blocks = torch.cat([quant_q8_0(w[i:i + 4096]) for i in range(0, w.shape[0], 4096)])  # bounded scratch
+    model.head = GgufLinear(blocks, 8)
 
 
 def _load(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize, progress, experts, device,

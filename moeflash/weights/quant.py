@@ -194,3 +194,17 @@ __all__ = [
     "fp8_scale_shape", "fp4_scale_shape", "scale_multiplier",
     "dequant_fp8", "dequant_fp4", "quant_fp8", "quant_fp4", "pack_fp4", "unpack_fp4",
 ]
+
+
+def quant_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """Encode w [out, in] (in a multiple of 32) as ggml Q8_0 blocks [out, in / 32 * 34]: per 32 inputs an
+    fp16 d = amax / 127 and int8 q = round(w / d), ties to even (ggml's quantizer, computed in fp32)."""
+    if w.dim() != 2 or w.shape[1] % 32:
+        raise ValueError(f"Q8_0 needs a 2-D weight whose inputs are a multiple of 32, got {list(w.shape)}")
+    x = w.float().reshape(w.shape[0], -1, 32)
+    amax = x.abs().amax(-1, keepdim=True)
+    d = amax / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(x * inv).clamp(-127, 127).to(torch.int8)
+    blocks = torch.cat((d.half().view(torch.uint8).reshape(*d.shape[:-1], 2), q.view(torch.uint8)), dim=-1)
+    return blocks.reshape(w.shape[0], -1).contiguous()
