@@ -95,7 +95,7 @@ def machine_info() -> dict:
     from moeflash import kernels
 
     native = kernels.status()
-    return {"commit": git_commit(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    return {"commit": COMMIT_AT_START, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
             "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "kernels": {"isa": native.get("isa", native.get("kernels")), "dot": kernels.dot_path()},
@@ -105,7 +105,8 @@ def machine_info() -> dict:
 
 
 def git_commit() -> str:
-    """The commit the numbers come from (short hash, '+dirty' when the work tree differs from it)."""
+    """The commit the numbers come from (short hash, '+dirty' when the work tree differs from it); taken
+    when the script starts (COMMIT_AT_START), since edits made while a long run goes on do not change it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
@@ -334,13 +335,19 @@ def apply_common_args(args) -> None:
 # ---------------------------------------------------------------------------------------------------
 # FLOPs
 
-def activated_flops_per_token(config) -> float:
+def activated_flops_per_token(config, head: bool = True) -> float:
     """2 x activated parameters per token, excluding the embedding table (a row lookup, no FLOPs);
-    the LM head counts. `count_parameters` gives the activated count (MTP excluded)."""
+    the LM head counts unless `head` is False (a prefill computes logits for its last token only: count
+    the head once per prompt, `head_flops`). `count_parameters` gives the activated count (MTP excluded)."""
     from moeflash.model.v4 import count_parameters
 
     act = count_parameters(config)["activated"] - config.vocab_size * config.hidden_size
-    return 2.0 * act
+    return 2.0 * act - (0.0 if head else head_flops(config))
+
+
+def head_flops(config) -> float:
+    """The LM head's FLOPs for one row of logits."""
+    return 2.0 * config.vocab_size * config.hidden_size
 
 
 def attention_flops(config, start: int, end: int) -> dict:
@@ -463,3 +470,6 @@ def moeflash_decode_and_prefill(model, prompt: torch.Tensor, long_prompt: torch.
     pre = time.perf_counter() - t0
     return {"decode_tokens_per_s": len(times) / dec, "decode_ms_per_token": 1e3 * dec / len(times),
             "prefill_s": pre, "prefill_tokens_per_s": long_prompt.numel() / pre, "greedy_ids": ids}
+
+
+COMMIT_AT_START = git_commit()

@@ -335,7 +335,7 @@ def prefill() -> dict:
                 for a in range(0, n, 512):  # 512-token chunks, as the engine schedules them
                     run_tokens(model, ids[a:a + 512], [st], [min(512, n - a)])
         t = clock(run, warmup=1, iters=3)
-        flops = activated_flops_per_token(model.config) * n
+        flops = activated_flops_per_token(model.config, head=False) * n  # no logits in this loop
         att = attention_flops(model.config, 0, n)
         total = flops + att["attention"] + att["indexer"]
         out[name] = {"tokens": n, "seconds": t, "tok_s": n / t, "tflops": total / t / 1e12,

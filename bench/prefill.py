@@ -6,8 +6,8 @@ engine does before sampling the first token). Time = wall time of all chunks + l
 untimed warm-up chunk on a throwaway state (on this VM, memory a process touches for the first
 time is slow; the warm-up keeps that out of the timing).
 
-FLOPs counted: 2 x activated parameters per token (dense + shared expert + top-k routed experts +
-LM head; the embedding table excluded), plus the attention core 2*2*H*D per key attended per token
+FLOPs counted: 2 x activated parameters per token (dense + shared expert + top-k routed experts; the
+embedding table excluded), the LM head once (only the last token's logits are computed), plus the attention core 2*2*H*D per key attended per token
 (keys = visible window + visible compressed entries: all of them for HCA, at most index_topk for CSA).
 The lightning indexer's scoring (2*Hi*Di per indexer key, CSA layers) is reported separately and in
 `achieved_GFLOPs_with_indexer`. The fp32 square `matmul_probe` runs in the same process; `fraction_of_matmul`
@@ -25,7 +25,7 @@ import time
 import torch
 
 import common
-from common import (activated_flops_per_token, add_common_args, apply_common_args, attention_flops, log,
+from common import (activated_flops_per_token, add_common_args, apply_common_args, attention_flops, head_flops, log,
                     machine_info, make_or_load, matmul_probe, print_json, random_tokens, rounded)
 from moeflash.engine.forward import run_tokens
 
@@ -69,13 +69,13 @@ def main() -> None:
     with torch.inference_mode():  # warm-up: one chunk on a throwaway state (first-touch memory costs)
         n = min(args.chunk, max(args.lengths))
         run_tokens(model, random_tokens(cfg.vocab_size, n, 99), [model.new_seq_state()], [n])
-    per_tok = activated_flops_per_token(cfg)
+    per_tok = activated_flops_per_token(cfg, head=False)
     rows = []
     for L in args.lengths:
         log(f"[prefill] length {L} in chunks of {args.chunk} ...")
         r = prefill(model, L, args.chunk, args.seed)
         att = attention_flops(cfg, 0, L)
-        flops = per_tok * L + att["attention"]
+        flops = per_tok * L + head_flops(cfg) + att["attention"]
         r.update({
             "length": L, "chunk": args.chunk,
             "tokens_per_s": L / r["seconds"],

@@ -80,17 +80,29 @@ def build(verbose: bool = False) -> Path:
             return out
         tmp = out.with_suffix(f".{os.getpid()}.tmp")
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-        cmd = [cxx, *FLAGS, *map(str, SOURCES), "-o", str(tmp),
-               f"-D_GLIBCXX_USE_CXX11_ABI={abi}", f"-I{sysconfig.get_paths()['include']}"]
-        cmd += [f"-I{p}" for p in include_paths()]
+        compile_flags = [f for f in FLAGS if f != "-shared"] + [f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+                                                                 f"-I{sysconfig.get_paths()['include']}"]
+        compile_flags += [f"-I{p}" for p in include_paths()]
+        # one compiler per source, in parallel (the quantized-activation file is the slow one), then a link
+        objs = [out.with_name(f"{src.stem}.{os.getpid()}.o") for src in SOURCES]
+        procs = [subprocess.Popen([cxx, *compile_flags, "-c", str(src), "-o", str(obj)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for src, obj in zip(SOURCES, objs)]
+        results = [(p.args, *p.communicate()) for p in procs]
+        cmd = [cxx, "-shared", "-fopenmp", *map(str, objs), "-o", str(tmp)]
         cmd += [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
         cmd += ["-lc10", "-ltorch", "-ltorch_cpu"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode != 0:
+        failed = [(args, err) for (args, _, err), p in zip(results, procs) if p.returncode != 0]
+        r = subprocess.run(cmd, capture_output=True, text=True) if not failed else None
+        for obj in objs:
+            obj.unlink(missing_ok=True)
+        if failed or r.returncode != 0:
             tmp.unlink(missing_ok=True)
-            raise RuntimeError(f"building the native kernels failed ({' '.join(cmd[:3])} ...):\n{r.stderr[-3000:]}")
-        if verbose and r.stderr:
-            print(r.stderr, file=sys.stderr)
+            args, err = failed[0] if failed else (cmd, r.stderr)
+            raise RuntimeError(f"building the native kernels failed ({' '.join(args[:3])} ...):\n{err[-3000:]}")
+        if verbose:
+            for _, _, err in results:
+                if err:
+                    print(err, file=sys.stderr)
         os.replace(tmp, out)
     return out
 

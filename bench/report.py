@@ -1,0 +1,91 @@
+"""Markdown tables for BENCHMARKS.md from the JSON that bench/vs_llamacpp.py and bench/numerics_accuracy.py
+print, each table headed by the commit, machine and command it came from (so a table cannot outlive its
+provenance). Tokens/s are the median over rounds, with [min, max].
+
+    python bench/report.py bench/results/vs_llamacpp-*.json bench/results/numerics_accuracy-*.json
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def provenance(m: dict) -> str:
+    kernels = m.get("kernels", {})
+    return (f"Commit `{m.get('commit')}`, {m.get('cpu')} ({m.get('cpus')} CPUs, {m.get('threads')} threads, "
+            f"{', '.join(m.get('simd_flags', [])) or 'no AVX2'}; kernels {kernels.get('isa')}, dot products "
+            f"{kernels.get('dot')}), torch {m.get('torch')}; `python bench/{m.get('command')}`; load average at "
+            f"the end {m.get('loadavg_1m_5m')}.")
+
+
+def tps(d: dict) -> str:
+    return f"{d['median']:.1f} [{d['min']:.1f}, {d['max']:.1f}]"
+
+
+def pct(x) -> str:
+    return "" if x is None else f"{100 * x:.0f}%"
+
+
+def speed_table(name: str, res: dict) -> list[str]:
+    engines = [k for k, v in res.items() if isinstance(v, dict) and "decode_tokens_per_s" in v]
+    peer = res["llama.cpp"]
+    lines = [f"**{name}**" + (f" (read probe {res['read_probe_gbps']:.1f} GB/s; a step reads "
+                              f"{res['bytes_per_token']['step'] / 1e6:.1f} MB, the layers alone "
+                              f"{res['bytes_per_token']['layers'] / 1e6:.1f} MB, the head "
+                              f"{res['bytes_per_token']['head'] / 1e6:.1f} MB)" if "bytes_per_token" in res else ""),
+             "",
+             "| engine | decode tok/s | prefill tok/s | decode vs llama.cpp | prefill vs llama.cpp | roofline, step | roofline, layers |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for e in engines:
+        r = res[e]
+        d = r["decode_tokens_per_s"]["median"] / peer["decode_tokens_per_s"]["median"]
+        p = r["prefill_tokens_per_s"]["median"] / peer["prefill_tokens_per_s"]["median"]
+        lines.append(f"| {e} | {tps(r['decode_tokens_per_s'])} | {tps(r['prefill_tokens_per_s'])} | "
+                     f"{'' if e == 'llama.cpp' else f'{d:.2f}x'} | {'' if e == 'llama.cpp' else f'{p:.2f}x'} | "
+                     f"{pct(r.get('roofline_step'))} | {pct(r.get('roofline_layers'))} |")
+    for key, b in res.items():
+        if key.startswith("batch_"):
+            lines += ["", f"Batch {key[6:]} (moeflash fast, head q8_0): {tps(b['aggregate_tokens_per_s'])} tok/s in "
+                          f"aggregate against {tps(b['batch_1_tokens_per_s'])} at batch 1: **{b['ratio']:.2f}x**."]
+    return lines + [""]
+
+
+def accuracy_table(name: str, res: dict) -> list[str]:
+    lines = [f"**{name}**", "",
+             "| engine | against | top-1 agreement | mean KL (nats) | relative logit error, median | p99 |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for key, r in res.items():
+        if not isinstance(r, dict) or "top1_agreement" not in r:
+            continue
+        engine, _, against = key.partition(" vs ")
+        lines.append(f"| {engine} | {against or 'transformers fp32'} | {100 * r['top1_agreement']:.1f}% | "
+                     f"{r['kl_mean']:.2g} | {r['rel_error_median']:.2g} | {r['rel_error_p99']:.2g} |")
+    return lines + [""]
+
+
+def render(doc: dict) -> list[str]:
+    out = [provenance(doc["machine"]), ""]
+    for model, res in doc.items():
+        if model == "machine":
+            continue
+        if model == "smollm2":
+            for q, r in res.items():
+                if isinstance(r, dict):
+                    out += (accuracy_table(f"SmolLM2 {q}", r) if any("top1_agreement" in str(v) for v in r.values())
+                            else speed_table(f"SmolLM2 {q}", r))
+        else:
+            out += (accuracy_table(model, res) if any("top1_agreement" in str(v) for v in res.values())
+                    else speed_table(model, res))
+    return out
+
+
+def main() -> int:
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            print("\n".join(render(json.load(f))))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
