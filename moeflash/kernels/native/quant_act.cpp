@@ -347,6 +347,22 @@ void parallel_rows(int64_t N, int64_t M, int64_t K, Rows rows) {
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) { rows(t0 * g, std::min(N, t1 * g)); });
 }
 
+// y [M, N] for x [M, K]: its rows quantized once in `layout`, then rows(view, y, n0, n1) over output rows
+// [0, N) in parallel.
+template <class Rows>
+at::Tensor q8_product(const at::Tensor& x_in, int64_t N, Layout layout, Rows rows) {
+  const at::Tensor x = x_in.contiguous();
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor y = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return y;
+  Q8Rows xq;
+  quantize_rows(x.data_ptr<float>(), M, K, layout, xq);
+  const View xv = xq.view(0, M);
+  float* yp = y.data_ptr<float>();
+  parallel_rows(N, M, K, [&](int64_t n0, int64_t n1) { rows(xv, yp, n0, n1); });
+  return y;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> q8_quantize(const at::Tensor& x_in, int64_t layout) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) % 32 == 0,
               "q8_quantize: x must be float32 [M, K] with K a multiple of 32");
@@ -370,18 +386,12 @@ at::Tensor fp4_linear_q8(const at::Tensor& x_in, const at::Tensor& w_in, const a
   check_x(x_in, K, "fp4_linear_q8");
   TORCH_CHECK(s_in.dim() == 2 && s_in.size(0) == N && s_in.size(1) == K / 32 && s_in.element_size() == 1,
               "fp4_linear_q8: scale must be UE8M0 bytes [", N, ", ", K / 32, "], got ", s_in.sizes());
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous(), s = s_in.contiguous();
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  Q8Rows xq;
-  quantize_rows(x.data_ptr<float>(), M, K, FP4_PAIRS, xq);
+  const at::Tensor w = w_in.contiguous(), s = s_in.contiguous();
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
   const uint8_t* sp = static_cast<const uint8_t*>(s.data_ptr());
-  float* yp = y.data_ptr<float>();
-  const View xv = xq.view(0, M);
-  parallel_rows(N, M, K, [&](int64_t n0, int64_t n1) { fp4_q8_rows(xv, wp, sp, yp, N, n0, n1); });
-  return y;
+  return q8_product(x_in, N, FP4_PAIRS, [&](const View& xv, float* yp, int64_t n0, int64_t n1) {
+    fp4_q8_rows(xv, wp, sp, yp, N, n0, n1);
+  });
 }
 
 at::Tensor gguf_linear_q8(const at::Tensor& x_in, const at::Tensor& w_in, int64_t qtype) {
@@ -396,18 +406,12 @@ at::Tensor gguf_linear_q8(const at::Tensor& x_in, const at::Tensor& w_in, int64_
               "gguf_linear_q8: weight must be raw blocks [N, row bytes] of whole ", bb, "-byte blocks");
   const int64_t N = w_in.size(0), K = bv * (w_in.size(1) / bb);
   check_x(x_in, K, "gguf_linear_q8");
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0 || N == 0) return y;
-  Q8Rows xq;
-  quantize_rows(x.data_ptr<float>(), M, K, NATURAL, xq);
+  const at::Tensor w = w_in.contiguous();
   const uint8_t* wp = static_cast<const uint8_t*>(w.data_ptr());
-  float* yp = y.data_ptr<float>();
   const int64_t row_bytes = w.size(1);
-  const View xv = xq.view(0, M);
-  parallel_rows(N, M, K, [&](int64_t n0, int64_t n1) { gguf_q8_rows(xv, wp, row_bytes, q, yp, N, n0, n1); });
-  return y;
+  return q8_product(x_in, N, NATURAL, [&](const View& xv, float* yp, int64_t n0, int64_t n1) {
+    gguf_q8_rows(xv, wp, row_bytes, q, yp, N, n0, n1);
+  });
 }
 
 at::Tensor act_quant_e4m3(const at::Tensor& x_in) {
