@@ -26,7 +26,7 @@ NATIVE = Path(__file__).with_name("native")
 # quant_ops.cpp: the fp32-activation ("exact") kernels and the other fused ops; quant_act.cpp: the
 # quantized-activation ("fast", "reference") kernels. Headers and the shared kernel body are hashed too.
 SOURCES = [NATIVE / "quant_ops.cpp", NATIVE / "quant_act.cpp"]
-DEPENDS = [NATIVE / "cpu.h", NATIVE / "quant_act.h", NATIVE / "quant_act_kernels.inc"]
+DEPENDS = [NATIVE / "cpu.h", NATIVE / "ops_common.h", NATIVE / "quant_act.h", NATIVE / "quant_act_kernels.inc"]
 _state: dict = {}
 
 

@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "cpu.h"
+#include "ops_common.h"
 #include "quant_act.h"
 
 namespace moeflash_native {
@@ -328,18 +329,6 @@ void fake_quant_e4m3(float* x, int64_t M, int64_t K) {
 namespace {
 
 // ---- ops -----------------------------------------------------------------------------------------
-
-void check_x(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " columns but the weight has ", K, " inputs");
-}
-
-// Output rows per task: enough work to amortise scheduling; multiples of 4 for the four-row decode tile.
-int64_t grain(int64_t N, int64_t M, int64_t K) {
-  const int64_t g = std::max<int64_t>(1, std::min<int64_t>(N, (1 << 16) / std::max<int64_t>(1, M * K) + 1));
-  return (g + 3) / 4 * 4;
-}
 
 template <class Rows>
 void parallel_rows(int64_t N, int64_t M, int64_t K, Rows rows) {

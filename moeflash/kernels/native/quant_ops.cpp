@@ -18,6 +18,7 @@
 #include <immintrin.h>
 
 #include "cpu.h"
+#include "ops_common.h"
 #include "quant_act.h"
 
 #include <cmath>
@@ -948,17 +949,8 @@ void bf16_rows(const float* x, int64_t M, int64_t K, const uint16_t* w, float* y
   }
 }
 
-// Rows per task: enough work to amortise scheduling, small enough to spread over the threads.
-int64_t grain(int64_t N, int64_t M, int64_t K) {
-  int64_t per_row = std::max<int64_t>(1, M * K);
-  return std::max<int64_t>(1, std::min<int64_t>(N, (1 << 16) / per_row + 1));
-}
-
-void check_x(const at::Tensor& x, int64_t K, const char* op) {
-  TORCH_CHECK(x.dim() == 2, op, ": x must be [M, K], got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == at::kFloat, op, ": x must be float32, got ", x.scalar_type());
-  TORCH_CHECK(x.size(1) == K, op, ": x has ", x.size(1), " columns but the weight has ", K, " inputs");
-}
+using moeflash_native::check_x;
+using moeflash_native::grain;
 
 // ---- ops -----------------------------------------------------------------------------------------
 
@@ -1463,8 +1455,7 @@ at::Tensor moe_fp4(const at::Tensor& x_in, const at::Tensor& idx_in, const at::T
     auto region_q8 = [&](int64_t per_expert, int64_t in, const moeflash_native::Q8Rows& src, const uint8_t* wbase,
                          const uint8_t* sbase, float* dst) {
       const int64_t wrow = in / 2, srow = in / FP4_GROUP;
-      int64_t g = grain(per_expert, total / A, in);
-      g = std::min(per_expert, (g + 3) / 4 * 4);
+      const int64_t g = grain(per_expert, total / A, in);
       const int64_t per_task = (per_expert + g - 1) / g;  // tasks per expert
       at::parallel_for(0, A * per_task, 1, [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
