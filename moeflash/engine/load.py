@@ -60,10 +60,9 @@ def requantize_head_(model) -> None:
     head = model.head
     if isinstance(head, GgufLinear) and head.qtype == 8:
         return
-    if head.weight.device.type != "cpu":
-        raise ValueError("--head q8_0 requantizes the head for the CPU kernels; the model is on "
-                         f"{head.weight.device}")
-    w = head.weight
+    w = head.weight  # (a GGUF head decodes here, once)
+    if w.device.type != "cpu":
+        raise ValueError(f"--head q8_0 requantizes the head for the CPU kernels; the model is on {w.device}")
     blocks = torch.cat([quant_q8_0(w[i:i + 4096]) for i in range(0, w.shape[0], 4096)])  # bounded scratch
     model.head = GgufLinear(blocks, 8)
 

@@ -13,6 +13,7 @@ invariance). Larger inputs (prefill) decode the weight tile by tile into fp32 an
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import reference
 from .build import load as _load_native
@@ -115,7 +116,7 @@ def act_quant_e4m3(x: torch.Tensor) -> torch.Tensor:
 def q8_roundtrip(x: torch.Tensor) -> torch.Tensor:
     """x [M, K] as the `fast` numerics see it: quantized to int8 per 32 inputs and decoded back to fp32."""
     q, d, _ = torch.ops.moeflash.q8_quantize(x.contiguous(), 0)
-    return (q.view(q.shape[0], -1, 32).float() * d.unsqueeze(-1)).view(x.shape)
+    return reference.dequant_q8(q, d).view(x.shape)
 
 
 def dot_path() -> str:
@@ -254,10 +255,17 @@ def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last axis, statistics and the weight multiply in fp32, cast back to x's dtype: one
-    Triton kernel for a CUDA tensor without autograd, plain torch otherwise."""
+    Triton kernel for a CUDA tensor without autograd; for fp32 on the CPU one native call without autograd
+    (ATen's composite `rms_norm` is ~8 ops, ~40 us a call at batch 1), ATen's op with it; plain torch
+    otherwise."""
+    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     g = gpu_kernels(x)
-    if g is not None and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if g is not None and not needs_grad:
         return g.rms_norm(x, weight, eps)
+    if x.dtype == torch.float32 and weight.dtype == torch.float32 and not x.is_cuda:
+        if not needs_grad and native(x):
+            return torch.ops.moeflash.rms_norm(x, weight, eps)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
     xf = x.float()
     xf = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
     return (weight.float() * xf).to(x.dtype)

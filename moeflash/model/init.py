@@ -12,7 +12,8 @@ from torch import nn
 
 
 class Codes(tuple):
-    """An official-format weight drawn as its codes: (codes, UE8M0 scale bytes), stored as they are."""
+    """An official-format weight drawn as its codes: (codes, scale) in the checkpoint's own dtypes (e4m3 or
+    int8-packed e2m1; UE8M0), written as they are."""
 
 
 def _official_codes(name: str, shape, std: float, g, device):
@@ -28,13 +29,14 @@ def _official_codes(name: str, shape, std: float, g, device):
         out, inp = shape
         codes = torch.randint(0, 256, (out, inp // 2), generator=g, device=device, dtype=torch.uint8)
         e = 127 + round(math.log2(std / 2.93))
-        return Codes((codes, torch.full((out, -(-inp // 32)), e, dtype=torch.uint8, device=device)))
+        scale = torch.full((out, -(-inp // 32)), e, dtype=torch.uint8, device=device)
+        return Codes((codes.view(torch.int8), scale.view(torch.float8_e8m0fnu)))
     if OFFICIAL_FP8_LINEAR.search(name):
         out, inp = shape
         codes = (torch.randn((out, inp), generator=g, device=device) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
         e = 127 + round(math.log2(std / 64))
-        return Codes((codes.view(torch.uint8), torch.full((-(-out // 128), -(-inp // 128)), e, dtype=torch.uint8,
-                                                          device=device)))
+        scale = torch.full((-(-out // 128), -(-inp // 128)), e, dtype=torch.uint8, device=device)
+        return Codes((codes, scale.view(torch.float8_e8m0fnu)))
     return None
 
 

@@ -46,11 +46,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32 and not x.is_cuda:
-            if not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)) and kernels.native(x):
-                return torch.ops.moeflash.rms_norm(x, self.weight, self.eps)  # one native call
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # ATen's op, no casts
-        return kernels.rms_norm(x, self.weight, self.eps)  # one Triton kernel on a GPU
+        return kernels.rms_norm(x, self.weight, self.eps)  # one native call (CPU) or Triton kernel (GPU)
 
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:

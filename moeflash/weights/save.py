@@ -34,8 +34,7 @@ def _encoded(name: str, t: torch.Tensor, dtype: torch.dtype, official: bool):
         if not official:
             raise ValueError(f"{name}: drawn as official-format codes, written without --official")
         w, sc = t
-        return [(name, (w.view(torch.float8_e4m3fn) if OFFICIAL_FP8_LINEAR.search(name) else w.view(torch.int8)).cpu()),
-                (base + ".scale", sc.view(torch.float8_e8m0fnu).cpu())]
+        return [(name, w.cpu()), (base + ".scale", sc.cpu())]
     if official and OFFICIAL_FP8_LINEAR.search(name):
         w, sc = quant_fp8(t.float())
         return [(name, w.cpu()), (base + ".scale", sc.cpu())]
