@@ -438,10 +438,11 @@ def hf_greedy_steps(hf, out, warmup: int, tokens: int):
 
 
 @torch.inference_mode()
-def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int):
+def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int, head_times: list | None = None):
     """Prefill `prompt` in one sequence, then greedy-decode: (seconds of each timed step, every token
     id produced, the last next-token tensor, the sequence states). One step = forward_tokens of one
-    token + logits + argmax, what the engine's step does for one sequence."""
+    token + logits + argmax, what the engine's step does for one sequence. `head_times`, when given,
+    receives the logits + argmax part of each timed step."""
     st = [model.new_seq_state()]
     x = run_tokens(model, prompt, st, [prompt.numel()])
     nxt = model.logits(x[-1:]).argmax(-1)
@@ -449,9 +450,13 @@ def moeflash_greedy_steps(model, prompt: torch.Tensor, warmup: int, tokens: int)
     for i in range(warmup + tokens):
         t0 = time.perf_counter()
         x = run_tokens(model, nxt, st, [1])
+        t1 = time.perf_counter()
         nxt = model.logits(x).argmax(-1)
         if i >= warmup:
-            times.append(time.perf_counter() - t0)
+            t2 = time.perf_counter()
+            times.append(t2 - t0)
+            if head_times is not None:
+                head_times.append(t2 - t1)
         ids.append(int(nxt))
     return times, ids, nxt, st
 

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from common import (BENCH_DIR, add_common_args, apply_common_args, bytes_per_token, log, machine_info,
-                    official_files, param_bytes, print_json, random_tokens, read_bandwidth_probe, rounded)
+                    moeflash_greedy_steps, official_files, param_bytes, print_json, random_tokens,
+                    read_bandwidth_probe, rounded)
 from moeflash.engine.forward import run_tokens
 
 
@@ -56,21 +57,8 @@ class Moeflash:
     @torch.inference_mode()
     def decode(self, prompt: torch.Tensor, warmup: int, tokens: int) -> dict:
         self._set()
-        model = self.model
-        st = [model.new_seq_state()]
-        x = run_tokens(model, prompt, st, [prompt.numel()])
-        nxt = model.logits(x[-1:]).argmax(-1)
-        steps, heads = [], []
-        for i in range(warmup + tokens):
-            t0 = time.perf_counter()
-            x = run_tokens(model, nxt, st, [1])
-            t1 = time.perf_counter()
-            nxt = model.logits(x).argmax(-1)
-            t2 = time.perf_counter()
-            if i >= warmup:
-                steps.append(t2 - t0)
-                heads.append(t2 - t1)
-        self.last_states = st
+        heads: list[float] = []
+        steps, _, _, self.last_states = moeflash_greedy_steps(self.model, prompt, warmup, tokens, heads)
         return {"step_s": statistics.median(steps), "head_s": statistics.median(heads)}
 
     @torch.inference_mode()
