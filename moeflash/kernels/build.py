@@ -116,6 +116,9 @@ def load() -> bool:
     if os.environ.get("MOEFLASH_KERNELS", "").lower() != "torch":
         try:
             torch.ops.load_library(str(build()))
+            from .fake import register
+
+            register()  # shapes without data, so torch.compile traces through the ops (kernels/fake.py)
             ok = True
         except Exception as e:  # no compiler, headers or toolchain: the references run (a GPU box may lack them)
             _state["error"] = str(e)
