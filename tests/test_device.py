@@ -296,6 +296,22 @@ def test_indexer_ties_go_to_the_earlier_entry():
     assert top_entries(scores, 4).tolist() == [[3, 0, 1, 2]]
 
 
+@pytest.mark.parametrize("t,k", [(7, 7), (300, 64), (5000, 512), (3000, 1)])
+def test_indexer_top_k_is_the_stable_sorts_first_k(t, k):
+    """The O(T) keyed top-k picks exactly what a stable descending sort of every score picks, in its order:
+    heavy ties (a few distinct values), signed zeros, -inf (entries not yet visible), negatives. (Past
+    SORT_MAX_ENTRIES entries the keyed top-k runs; below, the sort itself.)"""
+    from moeflash.model.compressor import top_entries
+
+    g = torch.Generator().manual_seed(t)
+    values = torch.tensor([0.0, -0.0, 1.5, -2.25, 3e-39, -3e-39, float("-inf"), 7.0, -7.0, 1e30])
+    scores = values[torch.randint(len(values), (3, t), generator=g)]
+    scores[1] = torch.randn(t, generator=g)  # a row without ties
+    scores[2, : t // 2] = float("-inf")
+    want = torch.sort(scores + 0.0, dim=-1, descending=True, stable=True).indices[..., :k]
+    assert torch.equal(top_entries(scores, k), want)
+
+
 @pytest.mark.parametrize("max_seqs,graph_len", [(3, 128), (5, 128), (4, 60)])
 def test_engine_with_static_decode_equals_eager(checkpoints, max_seqs, graph_len):
     from moeflash.engine import LLMEngine
