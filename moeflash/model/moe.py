@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import HASH_MOE, ModelConfig
-from ..kernels import moe_fp4
+from ..kernels import bf16_linear, moe_fp4
 from ..kernels.numerics import EXACT
 from .layers import Rederived, SwiGLU, clamped_swiglu
 
@@ -51,9 +51,12 @@ class Gate(nn.Module):
         """x [N, dim], ids [N] -> (weights [N, k] in x's dtype, expert indices [N, k]). Scores, the fp32
         selection bias and the normalisation stay in fp32 whatever the compute dtype (as in DeepSeek's
         reference), so a bf16 model routes as its fp32 scores say."""
-        f32 = torch.float32
-        scores = score(F.linear(x if x.dtype == f32 else x.float(), self.weight if self.weight.dtype == f32
-                                else self.weight.float()), self.func)
+        f32, w = torch.float32, self.weight
+        xf = x if x.dtype == f32 else x.float()
+        # a router the checkpoint stores in bf16 may stay bf16 under fp32 compute (weights/storage.keep_bf16):
+        # the native kernel reads it at half the bytes and multiplies the same values in fp32
+        logits = bf16_linear(xf, w) if w.dtype == torch.bfloat16 else F.linear(xf, w if w.dtype == f32 else w.float())
+        scores = score(logits, self.func)
         if self.is_hash:
             idx = self.tid2eid[ids]
         else:
