@@ -514,7 +514,7 @@ def _expert_args(args) -> dict:
     return {"expert_memory": args.expert_memory, "expert_policy": args.expert_policy,
             "prefetch": args.prefetch, "memory_limit": args.memory_limit, "dequantize": args.dequantize,
             "progress": _load_progress(), "device": device, "device_expert_memory": args.device_expert_memory,
-            "numerics": args.numerics, "head": args.head}
+            "numerics": args.numerics, "head": args.head, "state_dtype": args.state_dtype}
 
 
 def _load_progress():
@@ -567,6 +567,10 @@ def _add_expert_flags(p) -> None:
                    help="the LM head as the checkpoint stores it (default), or requantized to Q8_0 blocks at "
                         "load: about half the bytes of a bf16 head per token, at a measured logit error "
                         "(README, 'Numerics')")
+    p.add_argument("--state-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="a V4 sequence's records (window ring, compressed entries, indexer keys): auto is the "
+                        "compute dtype; bf16 halves them under fp32 compute, as DeepSeek's reference holds its "
+                        "KV cache (README, 'Numerics')")
     p.add_argument("--numerics", choices=["exact", "reference", "fast"], default=DEFAULT_NUMERICS,
                    help="how activations meet quantized weights on the CPU: exact (fp32 activations), "
                         "reference (DeepSeek's e4m3 activation quantization before FP8 / FP4 products) or fast "

@@ -53,3 +53,18 @@ def test_head_q8_0_is_close_to_the_stored_head(checkpoints):
     assert 0 < float(((a - b).norm(dim=-1) / a.norm(dim=-1)).median()) < 0.05
     with pytest.raises(ValueError, match="unknown head"):
         load_model(checkpoints["official"], head="q4")
+
+
+def test_state_dtype_flag(checkpoints, capsys):
+    """`--state-dtype bf16` reaches the model's records; a dense model refuses it clearly."""
+    model, _ = load_model(checkpoints["official"], dtype="float32", state_dtype="bf16")
+    st = model.new_seq_state()
+    assert st.layers[0].window.dtype == torch.bfloat16 and model.state_bytes(64) < load_model(
+        checkpoints["official"], dtype="float32")[0].state_bytes(64)
+    assert main(["generate", "--model", str(checkpoints["official"]), "--prompt-ids", "1,2,3",
+                 "--max-new-tokens", "3", "--json", "--state-dtype", "bf16"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["token_ids"]) == 3
+    with pytest.raises(ValueError, match="applies to V4 models"):
+        load_model("smollm2", state_dtype="bf16")
+    with pytest.raises(ValueError, match="unknown state dtype"):
+        load_model(checkpoints["official"], state_dtype="fp8")

@@ -49,7 +49,7 @@ class GraphDecoder:
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         cfg = model.config
         dtype = model.embed.weight.dtype
-        self.layers = batched_layer_states(cfg, max_batch, max_len, dtype, self.device)
+        self.layers = batched_layer_states(cfg, max_batch, max_len, dtype, self.device, model.state_dtype)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.owner: list[weakref.ref | None] = [None] * max_batch

@@ -22,7 +22,7 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
                expert_policy: str = "lfu", prefetch: bool = False, memory_limit: float | None = None,
                dequantize: bool = False, progress=None, experts: range | None = None,
                device: str | torch.device | None = "cpu", device_expert_memory: float | None = None,
-               numerics: str = "exact", head: str = "stored"):
+               numerics: str = "exact", head: str = "stored", state_dtype: str = "auto"):
     """(model, tokenizer or None) for `tiny`, `smollm2`, a .gguf file or a checkpoint directory.
 
     With `expert_memory` (GiB; V4 checkpoint directories only) the routed experts are not loaded: an
@@ -35,19 +35,29 @@ def load_model(spec: str | Path, dtype: str | torch.dtype = "auto", expert_memor
 
     `numerics` (exact, reference, fast): how the CPU kernels multiply activations with quantized weights
     (kernels/numerics.py). `head`: `stored` keeps the LM head as the checkpoint stores it; `q8_0`
-    requantizes it to Q8_0 blocks (`requantize_head_`), a trade of accuracy for bytes stated in the README."""
+    requantizes it to Q8_0 blocks (`requantize_head_`), a trade of accuracy for bytes stated in the README.
+    `state_dtype` (auto, bf16, fp32): the dtype of a V4 sequence's records, its window ring and compressed
+    entries (model/state.new_seq_state); auto is the compute dtype."""
     code(numerics)  # an unknown mode fails before the load, not after
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"unknown state dtype {state_dtype!r}; choose one of {', '.join(STATE_DTYPES)}")
     model, tok = _load(spec, dtype, expert_memory, expert_policy, prefetch, memory_limit, dequantize, progress,
                        experts, device, device_expert_memory)
     if head == "q8_0":
         requantize_head_(model)
     set_numerics(model, numerics)
+    if STATE_DTYPES[state_dtype] is not None:
+        if not hasattr(model, "forward_static"):
+            raise ValueError(f"--state-dtype {state_dtype} applies to V4 models; this one is {type(model).__name__} "
+                             "(its KV cache is held in the compute dtype)")
+        model.state_dtype = STATE_DTYPES[state_dtype]
     return model, tok
 
 
 HEADS = ("stored", "q8_0")
+STATE_DTYPES = {"auto": None, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def requantize_head_(model) -> None:

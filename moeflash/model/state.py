@@ -52,12 +52,12 @@ class CompressorState:
                                opt(self.prev_gate), self.entries[: max(self.count, 1)].clone(), self.count)
 
     def used_bytes(self, pos: int) -> int:
-        """Bytes holding live data at position `pos`: entries, the open window, overlap halves."""
-        size = self.entries.element_size()
-        n = self.count * self.entries.shape[1] * size
-        n += (pos % self.ratio) * self.pending_kv.shape[1] * 2 * size
+        """Bytes holding live data at position `pos`: entries, the open window, overlap halves (the
+        entries may be held in a narrower dtype than the open window's rows: `new_seq_state`)."""
+        n = self.count * self.entries.shape[1] * self.entries.element_size()
+        n += (pos % self.ratio) * self.pending_kv.shape[1] * 2 * self.pending_kv.element_size()
         if self.prev_kv is not None and self.count:
-            n += self.prev_kv.numel() * 2 * size
+            n += self.prev_kv.numel() * 2 * self.prev_kv.element_size()
         return n
 
     def allocated_bytes(self) -> int:
@@ -176,7 +176,8 @@ class ModelState:
         return sum(s.allocated_bytes() for s in self.seqs)
 
 
-def _compressor_state(ratio: int, width: int, overlap: bool, dtype, device, capacity: int) -> CompressorState:
+def _compressor_state(ratio: int, width: int, overlap: bool, dtype, device, capacity: int,
+                      record_dtype=None) -> CompressorState:
     c = 2 * width if overlap else width
     z = dict(dtype=dtype, device=device)
     return CompressorState(
@@ -185,44 +186,53 @@ def _compressor_state(ratio: int, width: int, overlap: bool, dtype, device, capa
         pending_gate=torch.zeros(ratio, c, **z),
         prev_kv=torch.zeros(ratio, width, **z) if overlap else None,
         prev_gate=torch.zeros(ratio, width, **z) if overlap else None,
-        entries=torch.zeros(capacity, width, **z),
+        entries=torch.zeros(capacity, width, dtype=record_dtype or dtype, device=device),
     )
 
 
-def layer_state(config: ModelConfig, layer_type: str, dtype, device, max_len: int = 0) -> LayerState:
-    st = LayerState(window=torch.zeros(config.sliding_window, config.head_dim, dtype=dtype, device=device))
+def layer_state(config: ModelConfig, layer_type: str, dtype, device, max_len: int = 0,
+                record_dtype=None) -> LayerState:
+    st = LayerState(window=torch.zeros(config.sliding_window, config.head_dim, dtype=record_dtype or dtype,
+                                       device=device))
     if layer_type == SLIDING:
         return st
     m = config.compress_ratio(layer_type)
     cap = max(max_len // m, 0)
-    st.compressor = _compressor_state(m, config.head_dim, layer_type == CSA, dtype, device, cap)
+    st.compressor = _compressor_state(m, config.head_dim, layer_type == CSA, dtype, device, cap, record_dtype)
     if layer_type == CSA:
-        st.indexer = _compressor_state(m, config.index_head_dim, True, dtype, device, cap)
+        st.indexer = _compressor_state(m, config.index_head_dim, True, dtype, device, cap, record_dtype)
     return st
 
 
 def new_seq_state(config: ModelConfig, dtype=torch.float32, device="cpu", max_len: int = 0,
-                  mtp: bool = False) -> SeqState:
-    """Fresh state at position 0. `max_len` pre-sizes the entry buffers (they grow otherwise)."""
-    layers = [layer_state(config, t, dtype, device, max_len) for t in config.layer_types]
-    mtp_layers = ([layer_state(config, config.mtp_layer_type, dtype, device, max_len)]
+                  mtp: bool = False, record_dtype=None) -> SeqState:
+    """Fresh state at position 0. `max_len` pre-sizes the entry buffers (they grow otherwise).
+
+    `record_dtype` (default `dtype`): the dtype of the records that grow with the context, the window
+    ring and the compressed entries / indexer keys (bf16 under fp32 compute halves them, as DeepSeek's
+    reference keeps its KV cache in bf16). The open window's rows and gate logits, a few rows per layer,
+    stay in the compute dtype `dtype`: they feed the pooling softmax."""
+    layers = [layer_state(config, t, dtype, device, max_len, record_dtype) for t in config.layer_types]
+    mtp_layers = ([layer_state(config, config.mtp_layer_type, dtype, device, max_len, record_dtype)]
                   if mtp and config.num_nextn_predict_layers else [])
     return SeqState(pos=0, layers=layers, mtp=mtp_layers)
 
 
 def new_state(config: ModelConfig, batch: int = 1, dtype=torch.float32, device="cpu",
-              max_len: int = 0, mtp: bool = False) -> ModelState:
-    return ModelState([new_seq_state(config, dtype, device, max_len, mtp) for _ in range(batch)])
+              max_len: int = 0, mtp: bool = False, record_dtype=None) -> ModelState:
+    return ModelState([new_seq_state(config, dtype, device, max_len, mtp, record_dtype) for _ in range(batch)])
 
 
-def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, device) -> list[LayerState]:
+def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, device,
+                         record_dtype=None) -> list[LayerState]:
     """Static buffers for `batch` sequences of up to `max_len` tokens: the per-sequence layout with a
     leading batch dimension (window [B, W, D], pending [B, m, C], entries [B, max_len // m + 1, Dc]).
     A decode step over them has fixed shapes and addresses (what a CUDA graph replays, engine/graphs.py);
     row b viewed alone (`slot_view`) is an ordinary per-sequence LayerState."""
     out = []
     for t in config.layer_types:
-        st = LayerState(window=torch.zeros(batch, config.sliding_window, config.head_dim, dtype=dtype, device=device))
+        st = LayerState(window=torch.zeros(batch, config.sliding_window, config.head_dim, dtype=record_dtype or dtype,
+                                           device=device))
         if t != SLIDING:
             m = config.compress_ratio(t)
             cap = max_len // m + 1
@@ -233,7 +243,7 @@ def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, d
                 return CompressorState(m, torch.zeros(batch, m, c, **z), torch.zeros(batch, m, c, **z),
                                        torch.zeros(batch, m, width, **z) if overlap else None,
                                        torch.zeros(batch, m, width, **z) if overlap else None,
-                                       torch.zeros(batch, cap, width, **z))
+                                       torch.zeros(batch, cap, width, dtype=record_dtype or dtype, device=device))
             st.compressor = comp(config.head_dim, t == CSA)
             if t == CSA:
                 st.indexer = comp(config.index_head_dim, True)
@@ -281,8 +291,10 @@ def state_bytes_per_token(config: ModelConfig, dtype_bytes: int = 2) -> float:
     return total
 
 
-def state_bytes(config: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
-    """Exact live bytes for one sequence after `tokens` tokens (equals SeqState.used_bytes)."""
+def state_bytes(config: ModelConfig, tokens: int, dtype_bytes: int = 2, pending_bytes: int | None = None) -> int:
+    """Exact live bytes for one sequence after `tokens` tokens (equals SeqState.used_bytes): records
+    (window ring, entries) of `dtype_bytes`, the open windows' rows of `pending_bytes` (default the same)."""
+    pb = dtype_bytes if pending_bytes is None else pending_bytes
     total = 0
     for t in config.layer_types:
         total += min(tokens, config.sliding_window) * config.head_dim * dtype_bytes
@@ -292,9 +304,9 @@ def state_bytes(config: ModelConfig, tokens: int, dtype_bytes: int = 2) -> int:
         overlap = t == CSA
         for w in [config.head_dim] + ([config.index_head_dim] if overlap else []):
             total += (tokens // m) * w * dtype_bytes
-            total += (tokens % m) * (2 * w if overlap else w) * 2 * dtype_bytes
+            total += (tokens % m) * (2 * w if overlap else w) * 2 * pb
             if overlap and tokens >= m:
-                total += m * w * 2 * dtype_bytes
+                total += m * w * 2 * pb
     return total
 
 

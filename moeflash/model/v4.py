@@ -92,13 +92,17 @@ class Transformer(nn.Module):
                              persistent=False)
 
     # ------------------------------------------------------------------------------------------
+    # The dtype of the state's records (window ring, compressed entries, indexer keys); None: the compute
+    # dtype. engine/load.load_model(state_dtype=...) sets it (model/state.new_seq_state).
+    state_dtype: torch.dtype | None = None
+
     def new_state(self, batch: int = 1, max_len: int = 0, dtype=None, mtp: bool = False) -> ModelState:
         dtype = dtype or self.embed.weight.dtype
-        return new_state(self.config, batch, dtype, self.embed.weight.device, max_len, mtp)
+        return new_state(self.config, batch, dtype, self.embed.weight.device, max_len, mtp, self.state_dtype)
 
     def new_seq_state(self, max_len: int = 0, dtype=None, mtp: bool = False) -> SeqState:
         dtype = dtype or self.embed.weight.dtype
-        return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp)
+        return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp, self.state_dtype)
 
     def experts_read(self) -> int:
         """Distinct routed experts the last forward call read, summed over layers (each is read once
@@ -117,7 +121,8 @@ class Transformer(nn.Module):
 
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""
-        return state_bytes(self.config, tokens, (dtype or self.embed.weight.dtype).itemsize)
+        compute = dtype or self.embed.weight.dtype
+        return state_bytes(self.config, tokens, (self.state_dtype or compute).itemsize, compute.itemsize)
 
     def _ropes(self, positions: torch.Tensor) -> dict[str, tuple]:
         out = {}
