@@ -10,6 +10,11 @@ then the live state `seq_state.used_bytes()` is compared with the formula
 `moeflash.model.state.state_bytes(config, tokens, element_size)` (`state_matches_formula`).
 Prefill time and tokens/s for each segment are printed too. Progress goes to stderr.
 
+`--state-dtype bf16` holds the records (window ring, entries, indexer keys) in bf16 under fp32 compute
+(engine/load.load_model). At each context, `indexer_topk_ms` times the indexer's selection over that
+many CSA entries (ctx / 4) both ways: a stable sort of every score (before) and the keyed O(T) top-k
+(model/compressor.top_entries), on ReLU'd random scores with k = the model's index_topk.
+
     python bench/long_context.py --preset mini --contexts 4096 32768 131072 --chunk 2048
 """
 
@@ -26,6 +31,29 @@ from common import (add_common_args, apply_common_args, bytes_per_token, log, ma
 from moeflash.engine.forward import run_tokens
 
 
+def topk_timing(entries: int, k: int, iters: int = 9) -> dict:
+    """ms for the indexer's selection of k of `entries` scores: the full stable sort vs top_entries."""
+    import statistics
+
+    from moeflash.model.compressor import SORT_MAX_ENTRIES, top_entries
+
+    if entries <= k:
+        return {}
+    scores = torch.randn(1, entries, generator=torch.Generator().manual_seed(entries)).relu_()
+    out = {}
+    for name, fn in (("sort", lambda: torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]),
+                     ("keyed", lambda: top_entries(scores, k))):
+        fn()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = 1e3 * statistics.median(times)
+    out["used"] = "sort" if entries <= SORT_MAX_ENTRIES else "keyed"
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mini")
@@ -34,12 +62,16 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=2048)
     p.add_argument("--decode", type=int, default=16, help="timed decode tokens at each context")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--state-dtype", choices=["auto", "bf16", "fp32"], default="auto")
     add_common_args(p)
     args = p.parse_args()
     apply_common_args(args)
-    from moeflash.model.state import state_bytes, state_bytes_per_token
+    from moeflash.model.state import state_bytes_per_token
 
     model = make_or_load(args.preset, args.dtype)
+    from moeflash.engine.load import STATE_DTYPES
+
+    model.state_dtype = STATE_DTYPES[args.state_dtype]
     cfg = model.config
     if max(args.contexts) + args.decode * len(args.contexts) + 1 > cfg.max_position_embeddings:
         raise SystemExit(f"error: contexts exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
@@ -83,7 +115,7 @@ def main() -> None:
                     reads.append(bytes_per_token(model, [st]))
             dec_s = sum(times)
             used = st.used_bytes()
-            formula = state_bytes(cfg, st.pos, esize)
+            formula = model.state_bytes(st.pos)
             mean = {k: sum(r[k] for r in reads) / len(reads) for k in ("dense", "experts", "state", "total")}
             row = {
                 "context": ctx, "position": st.pos,
@@ -95,6 +127,7 @@ def main() -> None:
                 "state_used_bytes": used, "state_formula_bytes": formula,
                 "state_matches_formula": used == formula,
                 "state_allocated_bytes": st.allocated_bytes(),
+                "indexer_topk_ms": topk_timing(ctx // 4, cfg.index_topk),
             }
             row["fraction_of_read_bw"] = row["achieved_GBps"] / probe
             log(f"[long] ctx {ctx}: prefill {prefilled} tok in {prefill_s:.1f}s; decode "
@@ -104,7 +137,7 @@ def main() -> None:
             gc.collect()
     print_json(rounded({
         "bench": "long_context", "preset": args.preset, "dtype": args.dtype, "chunk": args.chunk,
-        "decode_tokens": args.decode, "state_element_size": esize,
+        "decode_tokens": args.decode, "state_element_size": esize, "state_dtype": args.state_dtype,
         "state_bytes_per_token_asymptotic": state_bytes_per_token(cfg, esize),
         "read_bw_probe_GBps": probe, "read_bw_probe_runs_GBps": probe_d["runs"], "rows": rows,
         "all_states_match_formula": all(r["state_matches_formula"] for r in rows),
