@@ -16,6 +16,7 @@ many CSA entries (ctx / 4) both ways: a stable sort of every score (before) and 
 (model/compressor.top_entries), on ReLU'd random scores with k = the model's index_topk.
 
     python bench/long_context.py --preset mini --contexts 4096 32768 131072 --chunk 2048
+    python bench/long_context.py --preset mini --official --numerics fast --state-dtype bf16 --contexts 4096 32768
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import time
 import torch
 
 from common import (add_common_args, apply_common_args, bytes_per_token, log, machine_info, make_or_load,
-                    print_json, random_tokens, read_bandwidth_probe, rounded, state_element_size)
+                    official_files, print_json, random_tokens, read_bandwidth_probe, rounded, state_element_size)
 from moeflash.engine.forward import run_tokens
 
 
@@ -63,13 +64,21 @@ def main() -> None:
     p.add_argument("--decode", type=int, default=16, help="timed decode tokens at each context")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--state-dtype", choices=["auto", "bf16", "fp32"], default="auto")
+    p.add_argument("--official", action="store_true",
+                   help="the preset in DeepSeek's official format (FP8 dense, FP4 experts; common.official_files), "
+                        "loaded at storage precision in --numerics")
+    p.add_argument("--numerics", choices=["exact", "reference", "fast"], default="exact")
     add_common_args(p)
     args = p.parse_args()
     apply_common_args(args)
     from moeflash.model.state import state_bytes_per_token
 
-    model = make_or_load(args.preset, args.dtype)
-    from moeflash.engine.load import STATE_DTYPES
+    from moeflash.engine.load import STATE_DTYPES, load_model
+
+    if args.official:
+        model, _ = load_model(official_files(args.preset)[0], dtype=args.dtype, numerics=args.numerics)
+    else:
+        model = make_or_load(args.preset, args.dtype)
 
     model.state_dtype = STATE_DTYPES[args.state_dtype]
     cfg = model.config
@@ -137,6 +146,7 @@ def main() -> None:
             gc.collect()
     print_json(rounded({
         "bench": "long_context", "preset": args.preset, "dtype": args.dtype, "chunk": args.chunk,
+        "official": args.official, "numerics": args.numerics,
         "decode_tokens": args.decode, "state_element_size": esize, "state_dtype": args.state_dtype,
         "state_bytes_per_token_asymptotic": state_bytes_per_token(cfg, esize),
         "read_bw_probe_GBps": probe, "read_bw_probe_runs_GBps": probe_d["runs"], "rows": rows,
