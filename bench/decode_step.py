@@ -99,7 +99,7 @@ def main() -> None:
                 v.step()
             times[v.name].append(1e3 * (time.perf_counter() - t0) / args.tokens)
     eager = statistics.median(times["eager"])
-    out = {"preset": args.preset, "numerics": args.numerics, "batch": args.batch, "max_len": args.max_len,
+    out = {"bench": "decode_step", "preset": args.preset, "numerics": args.numerics, "batch": args.batch, "max_len": args.max_len,
            "cpp_wrapper": args.cpp_wrapper, "variants": {}}
     for v in variants:
         ms = times[v.name]

@@ -1,5 +1,5 @@
-"""Markdown tables for BENCHMARKS.md from the JSON that bench/vs_llamacpp.py and bench/numerics_accuracy.py
-print, each table headed by the commit, machine and command it came from (so a table cannot outlive its
+"""Markdown tables for BENCHMARKS.md from the JSON that bench/vs_llamacpp.py, numerics_accuracy.py,
+long_context.py and decode_step.py print, each table headed by the commit, machine and command it came from (so a table cannot outlive its
 provenance). Tokens/s are the median over rounds, with [min, max].
 
     python bench/report.py bench/results/vs_llamacpp-*.json bench/results/numerics_accuracy-*.json
@@ -64,8 +64,40 @@ def accuracy_table(name: str, res: dict) -> list[str]:
     return lines + [""]
 
 
+def long_context_table(doc: dict) -> list[str]:
+    lines = [f"**{doc['preset']}{' (official format)' if doc.get('official') else ''}, {doc['dtype']}, numerics "
+             f"{doc.get('numerics', 'exact')}, state records {doc.get('state_dtype', 'auto')} "
+             f"({doc['state_element_size']} bytes a value)** (read probe {doc['read_bw_probe_GBps']:.1f} GB/s)", "",
+             "| context | prefill tok/s (segment) | decode tok/s | state bytes | = formula | state read per decode token "
+             "| indexer top-k ms: sort / keyed (used) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in doc["rows"]:
+        t = r.get("indexer_topk_ms") or {}
+        topk = f"{t['sort']:.2f} / {t['keyed']:.2f} ({t['used']})" if t else ""
+        lines.append(f"| {r['context']:,} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
+                     f"{r['state_used_bytes']:,} | {r['state_matches_formula']} | "
+                     f"{r['bytes_per_decode_token']['state'] / 1e6:.1f} MB | {topk} |")
+    return lines + [""]
+
+
+def decode_step_table(doc: dict) -> list[str]:
+    lines = [f"**{doc['preset']} (official format), numerics {doc['numerics']}, batch {doc['batch']}, static slots of "
+             f"{doc['max_len']} tokens{', Inductor C++ wrapper' if doc.get('cpp_wrapper') else ''}**", "",
+             "| step | ms a step [min, max] | vs eager | first warm-up s | greedy tokens = eager's | ATen ops a step |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, v in doc["variants"].items():
+        ms = v["ms_per_step"]
+        lines.append(f"| {name} | {ms['median']:.2f} [{ms['min']:.2f}, {ms['max']:.2f}] | {v['vs_eager']:.2f}x | "
+                     f"{v['first_warmup_s']:.1f} | {v['same_tokens_as_eager']} | {v['aten_ops_per_step']} |")
+    return lines + [""]
+
+
 def render(doc: dict) -> list[str]:
     out = [provenance(doc["machine"]), ""]
+    if doc.get("bench") == "long_context":
+        return out + long_context_table(doc)
+    if doc.get("bench") == "decode_step":
+        return out + decode_step_table(doc)
     for model, res in doc.items():
         if model == "machine":
             continue
