@@ -14,6 +14,8 @@ Prefill time and tokens/s for each segment are printed too. Progress goes to std
 (engine/load.load_model). At each context, `indexer_topk_ms` times the indexer's selection over that
 many CSA entries (ctx / 4) both ways: a stable sort of every score (before) and the keyed O(T) top-k
 (model/compressor.top_entries), on ReLU'd random scores with k = the model's index_topk.
+`--compare-records` decodes from copies of the state with fp32 and with bf16 records in interleaved rounds
+(the speed ratio of `--state-dtype bf16`, measured in one run).
 
     python bench/long_context.py --preset mini --contexts 4096 32768 131072 --chunk 2048
     python bench/long_context.py --preset mini --official --numerics fast --state-dtype bf16 --contexts 4096 32768
@@ -55,6 +57,36 @@ def topk_timing(entries: int, k: int, iters: int = 9) -> dict:
     return out
 
 
+def records_as(st, dtype):
+    """A copy of a V4 sequence state with its records (window ring, entries) cast to `dtype`: the layout a
+    `--state-dtype` run holds at the same position (the values differ by that rounding only)."""
+    out = st.clone()
+    for layer in out.layers:
+        layer.window = layer.window.to(dtype)
+        for part in layer.parts():
+            part.entries = part.entries.to(dtype)
+    return out
+
+
+def interleaved_records(model, st, nxt, rounds: int = 5, tokens: int = 4) -> dict:
+    """Decode ms/token with the records in fp32 and in bf16, from the same position, in interleaved rounds
+    (this VM's speed drifts between runs: only a ratio measured in one run means anything)."""
+    import statistics
+
+    states = {"fp32": records_as(st, torch.float32), "bf16": records_as(st, torch.bfloat16)}
+    times = {k: [] for k in states}
+    for _ in range(rounds):
+        for name, s in states.items():
+            tok = nxt
+            t0 = time.perf_counter()
+            for _ in range(tokens):
+                tok = model.logits(run_tokens(model, tok, [s], [1])).argmax(-1)
+            times[name].append(1e3 * (time.perf_counter() - t0) / tokens)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"fp32_ms": med["fp32"], "bf16_ms": med["bf16"], "fp32_over_bf16": med["fp32"] / med["bf16"],
+            "spread_ms": {k: [min(v), max(v)] for k, v in times.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mini")
@@ -68,6 +100,9 @@ def main() -> None:
                    help="the preset in DeepSeek's official format (FP8 dense, FP4 experts; common.official_files), "
                         "loaded at storage precision in --numerics")
     p.add_argument("--numerics", choices=["exact", "reference", "fast"], default="exact")
+    p.add_argument("--compare-records", action="store_true",
+                   help="at each context also decode from copies of the state with fp32 and bf16 records, in "
+                        "interleaved rounds (records_ms)")
     add_common_args(p)
     args = p.parse_args()
     apply_common_args(args)
@@ -138,6 +173,8 @@ def main() -> None:
                 "state_allocated_bytes": st.allocated_bytes(),
                 "indexer_topk_ms": topk_timing(ctx // 4, cfg.index_topk),
             }
+            if args.compare_records:
+                row["records_ms"] = interleaved_records(model, st, nxt)
             row["fraction_of_read_bw"] = row["achieved_GBps"] / probe
             log(f"[long] ctx {ctx}: prefill {prefilled} tok in {prefill_s:.1f}s; decode "
                 f"{row['decode_tokens_per_s']:.2f} tok/s; state {used} B (formula {formula}, "
