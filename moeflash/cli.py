@@ -458,7 +458,7 @@ def _serve(args: argparse.Namespace, model, tokenizer, ep=None, leader=None) -> 
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(f"moeflash: serving {name!r} ({type(model).__name__}, {model.embed.weight.dtype}) on "
+    print(f"moeflash: serving {name!r} ({type(model).__name__}, {getattr(model, 'compute_dtype', model.embed.weight.dtype)}) on "
           f"http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None):

@@ -92,6 +92,7 @@ def test_official_fp8_fp4_checkpoint_matches_transformers(official):
     assert "Fp8Linear" in kinds and all(layer.ffn.fp4 for layer in model.layers)
     assert type(model.head).__name__ == "Bf16Linear" and model.head.weight.dtype == torch.bfloat16  # as stored
     assert all(layer.ffn.gate.weight.dtype == torch.bfloat16 for layer in model.layers)  # routers as stored
+    assert model.embed.weight.dtype == torch.bfloat16 and model.compute_dtype == torch.float32  # the table too
     q = model.layers[1].attn.wq_a
     assert q.qweight.dtype == torch.uint8 and q.qweight.shape == (96, 160)  # 1 byte a weight
     assert model.layers[1].ffn.q13.shape == (CFG.n_routed_experts, 128, 80)  # 2 codes a byte

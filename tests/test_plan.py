@@ -318,7 +318,7 @@ def test_memory_prediction_for_the_official_format_at_storage_precision(tmp_path
     auto, _ = load_model(ckpt, dtype="auto")
     ram = hw.replace(memory_gib=available_ram() / 2**30)
     want = plan(PlanInputs(model=str(ckpt), context=16, mtp=True), ram)["inputs"]["compute_dtype"]
-    assert {"fp32": torch.float32, "bf16": torch.bfloat16}[want] == auto.embed.weight.dtype
+    assert {"fp32": torch.float32, "bf16": torch.bfloat16}[want] == auto.compute_dtype
 
 
 # ---- the prefix cache -----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ class GraphDecoder:
         self.capture = self.device.type == "cuda" if capture is None else capture
         self.buckets = [b for b in BUCKETS if b < max_batch] + [max_batch]
         cfg = model.config
-        dtype = model.embed.weight.dtype
+        dtype = model.compute_dtype
         self.layers = batched_layer_states(cfg, max_batch, max_len, dtype, self.device, model.state_dtype)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(max_batch, dtype=torch.long, device=self.device)

@@ -92,16 +92,28 @@ class Transformer(nn.Module):
                              persistent=False)
 
     # ------------------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype activations and the state compute in: the final norm's (norms are always held in it;
+        the embedding may stay bf16 under fp32 compute, as stored: weights/storage.keep_bf16)."""
+        return self.norm.weight.dtype
+
+    def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The embedding rows of `tokens` in the compute dtype (one row a token: the only bytes of the
+        table a step reads)."""
+        e = self.embed(tokens)
+        return e if e.dtype == self.norm.weight.dtype else e.to(self.norm.weight.dtype)
+
     # The dtype of the state's records (window ring, compressed entries, indexer keys); None: the compute
     # dtype. engine/load.load_model(state_dtype=...) sets it (model/state.new_seq_state).
     state_dtype: torch.dtype | None = None
 
     def new_state(self, batch: int = 1, max_len: int = 0, dtype=None, mtp: bool = False) -> ModelState:
-        dtype = dtype or self.embed.weight.dtype
+        dtype = dtype or self.compute_dtype
         return new_state(self.config, batch, dtype, self.embed.weight.device, max_len, mtp, self.state_dtype)
 
     def new_seq_state(self, max_len: int = 0, dtype=None, mtp: bool = False) -> SeqState:
-        dtype = dtype or self.embed.weight.dtype
+        dtype = dtype or self.compute_dtype
         return new_seq_state(self.config, dtype, self.embed.weight.device, max_len, mtp, self.state_dtype)
 
     def experts_read(self) -> int:
@@ -121,7 +133,7 @@ class Transformer(nn.Module):
 
     def state_bytes(self, tokens: int, dtype=None) -> int:
         """Bytes of state a sequence of `tokens` tokens holds (model/state.py)."""
-        compute = dtype or self.embed.weight.dtype
+        compute = dtype or self.compute_dtype
         return state_bytes(self.config, tokens, (self.state_dtype or compute).itemsize, compute.itemsize)
 
     def _ropes(self, positions: torch.Tensor) -> dict[str, tuple]:
@@ -160,7 +172,7 @@ class Transformer(nn.Module):
             raise ValueError(f"token ids must lie in [0, {vocab}); got {int(tokens.min())}..{int(tokens.max())}")
         segs, positions = self._layout(seqs, lengths, tokens.device)
         ropes = self._ropes(positions)
-        x = self.embed(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        x = self.embed_rows(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
             x = layer(x, tokens, segs, [s.layers[i] for s in seqs], positions, rope)
@@ -173,7 +185,7 @@ class Transformer(nn.Module):
         synchronisation, which is what a CUDA graph captures (engine/graphs.py). The states are written
         at `positions`; the caller advances them."""
         ropes = self._ropes(positions)
-        x = self.embed(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+        x = self.embed_rows(tokens).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             rope = ropes["main" if layer.layer_type == SLIDING else "compress"]
             x = layer(x, tokens, None, layers[i], positions, rope)
@@ -189,7 +201,7 @@ class Transformer(nn.Module):
         n_layers = len(self.layers)
         if i == 0:
             io["ropes"] = self._ropes(io["positions"])
-            x = self.embed(io["tokens"]).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
+            x = self.embed_rows(io["tokens"]).unsqueeze(1).expand(-1, self.config.hc_mult, -1).contiguous()
         else:
             y = io["routed"][i - 1] + io["shared"]
             x = hc_expand(io["x"], y, io["post"], io["comb"])
@@ -248,7 +260,7 @@ class Transformer(nn.Module):
         segs, positions = self._layout(mtp_seqs, [s] * b, next_ids.device)
         rope = self._ropes(positions)["main" if blk.layer_type == SLIDING else "compress"]
         flat = next_ids.reshape(-1)
-        e = blk.enorm(self.embed(flat))
+        e = blk.enorm(self.embed_rows(flat))
         x = blk.e_proj(e).unsqueeze(1) + blk.h_proj(blk.hnorm(streams.reshape(b * s, *streams.shape[2:])))
         x = blk(x, flat, segs, [q.layers[0] for q in mtp_seqs], positions, rope)
         x = x.view(b, s, *x.shape[1:])

@@ -96,9 +96,9 @@ def _component(name: str) -> str:
     return "mHC + norms"
 
 
-# Under fp8 dense weights, the embedding and the norms are held in the compute dtype (the other Linear
-# weights and the routers stay bf16 as stored: kernels.linear.Bf16Linear, weights/storage.keep_bf16).
-HELD_IN_COMPUTE_DTYPE = re.compile(r"(^embed\.weight|norm\.weight)$")
+# Under fp8 dense weights, the norms are held in the compute dtype (the other Linear weights, the routers
+# and the embedding stay bf16 as stored: kernels.linear.Bf16Linear, weights/storage.keep_bf16).
+HELD_IN_COMPUTE_DTYPE = re.compile(r"norm\.weight$")
 
 
 def tensor_bytes(name: str, shape: tuple, is_float: bool, itemsize: int, dense_fmt: str, expert_fmt: str,

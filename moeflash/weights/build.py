@@ -106,10 +106,10 @@ def _fast_layout(model: Transformer, pack_experts: bool = True) -> Transformer:
     """Per dtype, the weight layout measured fastest here: fp32 weights input-major (model/layout.py);
     bf16 routed experts packed for grouped matmuls (model/moe.py; not when an expert store serves
     them); projections of the same input fused (model/attention.py)."""
-    w = model.embed.weight
-    if w.device.type == "cpu" and w.dtype == torch.float32:
+    dtype = model.compute_dtype  # (the embedding may be held bf16 under fp32 compute)
+    if model.embed.weight.device.type == "cpu" and dtype == torch.float32:
         input_major_(model)
-    elif w.dtype == torch.bfloat16 and pack_experts:
+    elif dtype == torch.bfloat16 and pack_experts:
         for layer in list(model.layers) + list(model.mtp):
             layer.ffn.pack_experts_()
     for layer in list(model.layers) + list(model.mtp):  # after input_major_: keeps its layout

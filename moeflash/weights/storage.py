@@ -63,17 +63,21 @@ def plan(ckpt: Checkpoint, model: nn.Module, names: list[str]) -> Plan:
     return p
 
 
-def _router_weights(model: nn.Module, names: list[str]) -> set[str]:
-    """The names that are a MoE router's weight (model.moe.Gate): a matrix, but not an nn.Linear's."""
+def _tables(model: nn.Module, names: list[str]) -> set[str]:
+    """The names that are a MoE router's weight (model.moe.Gate) or a V4 model's embedding table: matrices,
+    but not an nn.Linear's. (A llama model's embedding may be its tied head: not one of these.)"""
     mods = dict(model.named_modules())
-    return {n for n in names if n.endswith(".weight") and type(mods.get(n[: -len(".weight")])).__name__ == "Gate"}
+    top = type(model).__name__ == "Transformer"
+    return {n for n in names if n.endswith(".weight") and (
+        type(mods.get(n[: -len(".weight")])).__name__ == "Gate" or (top and n == "embed.weight"))}
 
 
 def keep_bf16(p: Plan, ckpt: Checkpoint, model: nn.Module, names: list[str]) -> None:
-    """Under fp32 compute, Linear and router weights the checkpoint stores in bf16 stay bf16
-    (kernels.linear.Bf16Linear; a router multiplies its bf16 weight with kernels.bf16_linear): the same
-    products on the same values at half the bytes of an fp32 copy."""
-    for name in _linear_weights(model, names) | _router_weights(model, names):
+    """Under fp32 compute, Linear weights, routers and the embedding table the checkpoint stores in bf16 stay
+    bf16 (kernels.linear.Bf16Linear; a router multiplies its bf16 weight with kernels.bf16_linear; the
+    embedding's rows are cast when looked up, Transformer.embed_rows): the same values at half the bytes of
+    an fp32 copy."""
+    for name in _linear_weights(model, names) | _tables(model, names):
         info = ckpt.info(name)
         if info.fmt is None and info.source.dtype == "BF16" and info.expert is None:
             p.bf16.add(name)
@@ -108,7 +112,7 @@ def load_quantized(ckpt: Checkpoint, model: nn.Module, p: Plan, progress=None, e
         mod = model.get_submodule(name[:-7])
         if isinstance(mod, nn.Linear):
             setattr(model.get_submodule(parent), attr, Bf16Linear(w))
-        else:  # a router (model.moe.Gate): its weight parameter, held in bf16
+        else:  # a router (model.moe.Gate) or the embedding: its weight parameter, held in bf16
             mod.weight = nn.Parameter(w, requires_grad=False)
         if progress:
             progress(name)
