@@ -35,29 +35,11 @@ def register() -> None:
     def fake(name):
         return torch.library.register_fake(lib + name)
 
-    @fake("fp8_linear")
-    def _(x, weight, scale):
+    def linear(x, weight, *_):  # x [M, K] times a weight of N rows, whatever its format -> fp32 [M, N]
         return _rows_out(x, weight.shape[0])
 
-    @fake("fp4_linear")
-    def _(x, weight, scale):
-        return _rows_out(x, weight.shape[0])
-
-    @fake("bf16_linear")
-    def _(x, weight):
-        return _rows_out(x, weight.shape[0])
-
-    @fake("gguf_linear")
-    def _(x, weight, qtype):
-        return _rows_out(x, weight.shape[0])
-
-    @fake("fp4_linear_q8")
-    def _(x, weight, scale):
-        return _rows_out(x, weight.shape[0])
-
-    @fake("gguf_linear_q8")
-    def _(x, weight, qtype):
-        return _rows_out(x, weight.shape[0])
+    for name in ("fp8_linear", "fp4_linear", "bf16_linear", "gguf_linear", "fp4_linear_q8", "gguf_linear_q8"):
+        fake(name)(linear)
 
     @fake("fp8_grouped_linear")
     def _(x, weight, scale):
