@@ -47,6 +47,7 @@ def _cases():
         "gqa_decode": (r(4, 16), r(7, 2, 16), r(7, 2, 16), 0.25),
         "rope": (r(3, 4, 64), r(3, 16), r(3, 16), False),
         "rms_norm": (r(3, 128), r(128), 1e-6),
+        "indexer_scores": (r(2, 16, 64), r(2, 16), r(40, 64).bfloat16()),
         "q8_quantize": (x, 1),
         "act_quant_e4m3": (r(3, 200),),
     }

@@ -152,6 +152,10 @@ for h, d, w, t, p in [(4, 32, 8, 0, 0), (4, 32, 8, 5, 3), (8, 64, 16, 7, 40), (2
 for h, kvh, d, t in [(9, 3, 64, 1), (9, 3, 64, 37), (4, 4, 32, 200), (8, 2, 128, 600)]:
     args = (torch.randn(h, d), torch.randn(t, kvh, d), torch.randn(t, kvh, d), d ** -0.5)
     worst["gqa_decode"] = max(worst.get("gqa_decode", 0), rel(K.gqa_decode(*args), R.gqa_decode(*args)))
+for s_, h, d, t, kdt in [(1, 16, 64, 300, torch.float32), (1, 64, 128, 77, torch.bfloat16), (5, 16, 64, 1000, torch.bfloat16),
+                         (3, 12, 32, 50, torch.float32)]:  # 12 heads: no vector path, the scalar loop
+    args = (torch.randn(s_, h, d), torch.randn(s_, h), torch.randn(t, d).to(kdt))
+    worst["indexer_scores"] = max(worst.get("indexer_scores", 0), rel(K.indexer_scores(*args), R.indexer_scores(*args)))
 for shape, half, cs in [((5, 64), 16, (5, 16)), ((7, 4, 32), 4, (7, 1, 4)), ((3, 2, 8), 4, (3, 4)), ((600, 8, 96), 32, (600, 1, 32))]:
     x, ang = torch.randn(*shape), torch.randn(*cs)
     if len(shape) == 3 and len(cs) == 2:

@@ -20,7 +20,7 @@ from .build import load as _load_native
 from .build import status
 from .numerics import EXACT, FAST, REFERENCE
 
-__all__ = ["apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["indexer_scores", "apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS", "act_quant_e4m3", "q8_rows", "dot_path"]
 
@@ -310,3 +310,12 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     if g is not None and not needs_grad and iters >= 1 and x.dim() >= 2:
         return g.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)  # three kernels on a GPU
     return reference.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
+
+
+def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's scores (reference.indexer_scores) in one native call on the CPU: the keys read
+    as stored (fp32 or bf16 records), no [S, H, T] intermediate; the reference elsewhere."""
+    if (native(q) and q.dim() == 3 and q.dtype == torch.float32 and w.dtype == torch.float32
+            and keys.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and q.requires_grad)):
+        return torch.ops.moeflash.indexer_scores(q, w, keys)
+    return reference.indexer_scores(q, w, keys)

@@ -83,6 +83,10 @@ def register() -> None:
     def _(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @fake("indexer_scores")
+    def _(q, w, keys):
+        return q.new_empty((q.shape[0], keys.shape[0]), dtype=torch.float32)
+
     @fake("q8_quantize")
     def _(x, layout):
         m, k = x.shape

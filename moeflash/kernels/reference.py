@@ -285,3 +285,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
         rotated = rotated.to(x.dtype)
     return torch.cat((x[..., : x.shape[-1] - 2 * half], rotated), dim=-1)
 
+
+
+def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer's scores: q [S, H, D], head weights w [S, H], keys [T, D] ->
+    [S, T] = sum_h w[s, h] * relu(q[s, h] . keys[t]), in fp32 (model/compressor.Indexer.select)."""
+    scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu_()
+    return torch.bmm(w.float().unsqueeze(1), scores).squeeze(1)

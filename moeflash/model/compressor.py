@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..kernels import indexer_scores
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 from .state import CompressorState
 
@@ -165,10 +166,8 @@ class Indexer(nn.Module):
         t = keys.shape[0]
         limit = (positions + 1) // self.ratio  # entries visible to each query
         k = min(self.topk, t)
-        # [S, Hi, T] is the big intermediate at long context: ReLU in place, then the weighted sum over
-        # heads as one batched product (no further [S, Hi, T] temporaries)
-        scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu_()
-        scores = torch.bmm((weights * self.head_dim ** -0.5).unsqueeze(1), scores).squeeze(1)
+        # one native call on the CPU: keys read as stored (bf16 records too), no [S, Hi, T] intermediate
+        scores = indexer_scores(q.float(), weights * self.head_dim ** -0.5, keys)
         ent = torch.arange(t, device=q.device)
         scores = scores.masked_fill(ent[None, :] >= limit[:, None], float("-inf"))
         idx = top_entries(scores, k)

@@ -1626,6 +1626,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_weights(const at::Tensor& x_in
   return {pre, post, sinkhorn(logits, iters, hc_eps)};
 }
 
+
+// ---- the lightning indexer's scores ---------------------------------------------------------------
+// out[s, t] = sum_h w[s, h] * relu(q[s, h] . k[t]) (model/compressor.Indexer.select) for q [S, H, D] and w
+// [S, H] fp32, keys [T, D] fp32 or bf16, read as stored (a bf16 key is widened exactly, once per key). The
+// vectors run across the heads (q is transposed to [S, D, H] once), so a key costs D broadcasts and D * H / 8
+// FMAs, with one horizontal sum per (s, t) and no [S, H, T] intermediate.
+
+inline float widen_key(float v) { return v; }
+inline float widen_key(uint16_t b) { return bf16_to_float(b); }
+
+template <typename K>
+void indexer_scalar(const float* qt, const float* w, const K* k, int64_t S, int64_t H, int64_t D, int64_t T,
+                    int64_t t0, int64_t t1, float* out) {
+  std::vector<float> acc(H), kf(D);
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t d = 0; d < D; ++d) kf[d] = widen_key(k[t * D + d]);
+    for (int64_t s = 0; s < S; ++s) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t d = 0; d < D; ++d) {
+        const float* qr = qt + (s * D + d) * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += kf[d] * qr[h];
+      }
+      float sum = 0.0f;
+      for (int64_t h = 0; h < H; ++h) sum += w[s * H + h] * std::max(acc[h], 0.0f);
+      out[s * T + t] = sum;
+    }
+  }
+}
+
+template <int NV, typename K>
+__attribute__((target("avx2,fma,f16c"))) void indexer_avx2(const float* qt, const float* w, const K* k, int64_t S,
+                                                           int64_t D, int64_t T, int64_t t0, int64_t t1, float* out) {
+  constexpr int64_t H = 8 * NV;
+  std::vector<float> kf(D);
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t d = 0; d < D; ++d) kf[d] = widen_key(k[t * D + d]);
+    for (int64_t s = 0; s < S; ++s) {
+      __m256 acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = zero;
+      const float* q = qt + s * D * H;
+      for (int64_t d = 0; d < D; ++d) {
+        const __m256 kv = _mm256_set1_ps(kf[d]);
+        for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(kv, _mm256_loadu_ps(q + d * H + 8 * v), acc[v]);
+      }
+      __m256 tot = zero;
+      for (int v = 0; v < NV; ++v) tot = _mm256_fmadd_ps(_mm256_loadu_ps(w + s * H + 8 * v), _mm256_max_ps(acc[v], zero), tot);
+      out[s * T + t] = hsum_avx2(tot);
+    }
+  }
+}
+
+template <typename K>
+void indexer_rows(const float* qt, const float* w, const K* k, int64_t S, int64_t H, int64_t D, int64_t T,
+                  int64_t t0, int64_t t1, float* out) {
+  if (isa() != SCALAR) {
+    switch (H) {
+      case 8: return indexer_avx2<1>(qt, w, k, S, D, T, t0, t1, out);
+      case 16: return indexer_avx2<2>(qt, w, k, S, D, T, t0, t1, out);
+      case 32: return indexer_avx2<4>(qt, w, k, S, D, T, t0, t1, out);
+      case 64: return indexer_avx2<8>(qt, w, k, S, D, T, t0, t1, out);
+      default: break;
+    }
+  }
+  indexer_scalar(qt, w, k, S, H, D, T, t0, t1, out);
+}
+
+at::Tensor indexer_scores(const at::Tensor& q_in, const at::Tensor& w_in, const at::Tensor& k_in) {
+  TORCH_CHECK(q_in.dim() == 3 && w_in.dim() == 2 && k_in.dim() == 2, "indexer_scores: q [S, H, D], w [S, H], keys [T, D]");
+  const int64_t S = q_in.size(0), H = q_in.size(1), D = q_in.size(2), T = k_in.size(0);
+  TORCH_CHECK(w_in.size(0) == S && w_in.size(1) == H && k_in.size(1) == D, "indexer_scores: shapes disagree: q ",
+              q_in.sizes(), ", w ", w_in.sizes(), ", keys ", k_in.sizes());
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat && w_in.scalar_type() == at::kFloat &&
+                  (k_in.scalar_type() == at::kFloat || k_in.scalar_type() == at::kBFloat16),
+              "indexer_scores: q and w float32, keys float32 or bfloat16");
+  const at::Tensor qt = q_in.transpose(1, 2).contiguous(), w = w_in.contiguous(), k = k_in.contiguous();
+  at::Tensor out = at::empty({S, T}, qt.options());
+  const float* qp = qt.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(16, 65536 / std::max<int64_t>(1, S * H * D));
+  at::parallel_for(0, T, grain, [&](int64_t t0, int64_t t1) {
+    if (k.scalar_type() == at::kFloat)
+      indexer_rows(qp, wp, k.data_ptr<float>(), S, H, D, T, t0, t1, op);
+    else
+      indexer_rows(qp, wp, reinterpret_cast<const uint16_t*>(k.data_ptr()), S, H, D, T, t0, t1, op);
+  });
+  return out;
+}
+
 std::string isa_name() {
   switch (isa()) {
     case AVX512: return "avx512";
@@ -1651,6 +1741,7 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("gqa_decode(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
   m.def("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("indexer_scores(Tensor q, Tensor w, Tensor keys) -> Tensor");
   m.def("isa", &isa_name);
 }
 
@@ -1667,6 +1758,7 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("hc_weights", &hc_weights);
   m.impl("attn_decode", &attn_decode);
   m.impl("gqa_decode", &gqa_decode);
+  m.impl("indexer_scores", &indexer_scores);
   m.impl("rope", &rope);
   m.impl("rms_norm", &rms_norm);
 }
