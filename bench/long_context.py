@@ -15,7 +15,8 @@ Prefill time and tokens/s for each segment are printed too. Progress goes to std
 many CSA entries (ctx / 4) both ways: a stable sort of every score (before) and the keyed O(T) top-k
 (model/compressor.top_entries), on ReLU'd random scores with k = the model's index_topk.
 `--compare-records` decodes from copies of the state with fp32 and with bf16 records in interleaved rounds
-(the speed ratio of `--state-dtype bf16`, measured in one run).
+(the speed ratio of `--state-dtype bf16`, measured in one run); `--compare-indexer` the same for the
+indexer's native scores against the plain-torch einsum path.
 
     python bench/long_context.py --preset mini --contexts 4096 32768 131072 --chunk 2048
     python bench/long_context.py --preset mini --official --numerics fast --state-dtype bf16 --contexts 4096 32768
@@ -87,6 +88,34 @@ def interleaved_records(model, st, nxt, rounds: int = 5, tokens: int = 4) -> dic
             "spread_ms": {k: [min(v), max(v)] for k, v in times.items()}}
 
 
+def interleaved_indexer(model, st, nxt, rounds: int = 5, tokens: int = 4) -> dict:
+    """Decode ms/token with the indexer's scores from the native kernel and from the plain-torch einsum path
+    (kernels.reference.indexer_scores), from copies of the same state, in interleaved rounds."""
+    import statistics
+
+    from moeflash.kernels import reference
+    from moeflash.model import compressor
+
+    native = compressor.indexer_scores
+    paths = {"native": native, "einsum": reference.indexer_scores}
+    states = {k: st.clone() for k in paths}
+    times = {k: [] for k in paths}
+    try:
+        for _ in range(rounds):
+            for name, fn in paths.items():
+                compressor.indexer_scores = fn
+                tok = nxt
+                t0 = time.perf_counter()
+                for _ in range(tokens):
+                    tok = model.logits(run_tokens(model, tok, [states[name]], [1])).argmax(-1)
+                times[name].append(1e3 * (time.perf_counter() - t0) / tokens)
+    finally:
+        compressor.indexer_scores = native
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"native_ms": med["native"], "einsum_ms": med["einsum"], "einsum_over_native": med["einsum"] / med["native"],
+            "spread_ms": {k: [min(v), max(v)] for k, v in times.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="mini")
@@ -103,6 +132,9 @@ def main() -> None:
     p.add_argument("--compare-records", action="store_true",
                    help="at each context also decode from copies of the state with fp32 and bf16 records, in "
                         "interleaved rounds (records_ms)")
+    p.add_argument("--compare-indexer", action="store_true",
+                   help="at each context also decode with the indexer's native scores and with the einsum path, "
+                        "in interleaved rounds (indexer_ms)")
     add_common_args(p)
     args = p.parse_args()
     apply_common_args(args)
@@ -175,6 +207,8 @@ def main() -> None:
             }
             if args.compare_records:
                 row["records_ms"] = interleaved_records(model, st, nxt)
+            if args.compare_indexer:
+                row["indexer_ms"] = interleaved_indexer(model, st, nxt)
             row["fraction_of_read_bw"] = row["achieved_GBps"] / probe
             log(f"[long] ctx {ctx}: prefill {prefilled} tok in {prefill_s:.1f}s; decode "
                 f"{row['decode_tokens_per_s']:.2f} tok/s; state {used} B (formula {formula}, "

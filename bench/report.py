@@ -64,6 +64,11 @@ def accuracy_table(name: str, res: dict) -> list[str]:
     return lines + [""]
 
 
+def indexer(row: dict) -> str:
+    r = row.get("indexer_ms")
+    return f"{r['native_ms']:.1f} / {r['einsum_ms']:.1f} ({r['einsum_over_native']:.2f}x)" if r else ""
+
+
 def records(row: dict) -> str:
     r = row.get("records_ms")
     return f"{r['fp32_ms']:.1f} / {r['bf16_ms']:.1f} ({r['fp32_over_bf16']:.2f}x)" if r else ""
@@ -74,14 +79,15 @@ def long_context_table(doc: dict) -> list[str]:
              f"{doc.get('numerics', 'exact')}, state records {doc.get('state_dtype', 'auto')} "
              f"({doc['state_element_size']} bytes a value)** (read probe {doc['read_bw_probe_GBps']:.1f} GB/s)", "",
              "| context | prefill tok/s (segment) | decode tok/s | state bytes | = formula | state read per decode token "
-             "| indexer top-k ms: sort / keyed (used) | decode ms/token, fp32 / bf16 records (interleaved) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| indexer top-k ms: sort / keyed (used) | decode ms/token, fp32 / bf16 records (interleaved) "
+             "| decode ms/token, native / einsum indexer scores (interleaved) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in doc["rows"]:
         t = r.get("indexer_topk_ms") or {}
         topk = f"{t['sort']:.2f} / {t['keyed']:.2f} ({t['used']})" if t else ""
         lines.append(f"| {r['context']:,} | {r['prefill_tokens_per_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "
                      f"{r['state_used_bytes']:,} | {r['state_matches_formula']} | "
-                     f"{r['bytes_per_decode_token']['state'] / 1e6:.1f} MB | {topk} | {records(r)} |")
+                     f"{r['bytes_per_decode_token']['state'] / 1e6:.1f} MB | {topk} | {records(r)} | {indexer(r)} |")
     return lines + [""]
 
 
