@@ -69,51 +69,46 @@ def records_as(st, dtype):
     return out
 
 
-def interleaved_records(model, st, nxt, rounds: int = 5, tokens: int = 4) -> dict:
-    """Decode ms/token with the records in fp32 and in bf16, from the same position, in interleaved rounds
-    (this VM's speed drifts between runs: only a ratio measured in one run means anything)."""
+def interleaved(model, states: dict, nxt, setup=None, rounds: int = 5, tokens: int = 4) -> dict:
+    """Decode ms/token from each named state (copies of one position), in interleaved rounds; `setup(name)`
+    runs before each variant's turn. This VM's speed drifts between runs: only a ratio measured in one run
+    means anything. Returns each variant's median ms and its [min, max]."""
     import statistics
 
-    states = {"fp32": records_as(st, torch.float32), "bf16": records_as(st, torch.bfloat16)}
     times = {k: [] for k in states}
     for _ in range(rounds):
         for name, s in states.items():
+            if setup is not None:
+                setup(name)
             tok = nxt
             t0 = time.perf_counter()
             for _ in range(tokens):
                 tok = model.logits(run_tokens(model, tok, [s], [1])).argmax(-1)
             times[name].append(1e3 * (time.perf_counter() - t0) / tokens)
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"fp32_ms": med["fp32"], "bf16_ms": med["bf16"], "fp32_over_bf16": med["fp32"] / med["bf16"],
-            "spread_ms": {k: [min(v), max(v)] for k, v in times.items()}}
+    out = {f"{k}_ms": statistics.median(v) for k, v in times.items()}
+    out["spread_ms"] = {k: [min(v), max(v)] for k, v in times.items()}
+    return out
 
 
-def interleaved_indexer(model, st, nxt, rounds: int = 5, tokens: int = 4) -> dict:
-    """Decode ms/token with the indexer's scores from the native kernel and from the plain-torch einsum path
-    (kernels.reference.indexer_scores), from copies of the same state, in interleaved rounds."""
-    import statistics
+def interleaved_records(model, st, nxt) -> dict:
+    """fp32 against bf16 records (the speed ratio of `--state-dtype bf16`)."""
+    r = interleaved(model, {"fp32": records_as(st, torch.float32), "bf16": records_as(st, torch.bfloat16)}, nxt)
+    return {**r, "fp32_over_bf16": r["fp32_ms"] / r["bf16_ms"]}
 
+
+def interleaved_indexer(model, st, nxt) -> dict:
+    """The indexer's scores from the native kernel against the plain-torch einsum path."""
     from moeflash.kernels import reference
     from moeflash.model import compressor
 
     native = compressor.indexer_scores
     paths = {"native": native, "einsum": reference.indexer_scores}
-    states = {k: st.clone() for k in paths}
-    times = {k: [] for k in paths}
     try:
-        for _ in range(rounds):
-            for name, fn in paths.items():
-                compressor.indexer_scores = fn
-                tok = nxt
-                t0 = time.perf_counter()
-                for _ in range(tokens):
-                    tok = model.logits(run_tokens(model, tok, [states[name]], [1])).argmax(-1)
-                times[name].append(1e3 * (time.perf_counter() - t0) / tokens)
+        r = interleaved(model, {k: st.clone() for k in paths}, nxt,
+                        setup=lambda name: setattr(compressor, "indexer_scores", paths[name]))
     finally:
         compressor.indexer_scores = native
-    med = {k: statistics.median(v) for k, v in times.items()}
-    return {"native_ms": med["native"], "einsum_ms": med["einsum"], "einsum_over_native": med["einsum"] / med["native"],
-            "spread_ms": {k: [min(v), max(v)] for k, v in times.items()}}
+    return {**r, "einsum_over_native": r["einsum_ms"] / r["native_ms"]}
 
 
 def main() -> None:
