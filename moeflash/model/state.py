@@ -177,16 +177,17 @@ class ModelState:
 
 
 def _compressor_state(ratio: int, width: int, overlap: bool, dtype, device, capacity: int,
-                      record_dtype=None) -> CompressorState:
+                      record_dtype=None, batch: tuple = ()) -> CompressorState:
+    """One compressor's buffers; `batch` (e.g. (B,)) prefixes every shape (batched_layer_states)."""
     c = 2 * width if overlap else width
     z = dict(dtype=dtype, device=device)
     return CompressorState(
         ratio=ratio,
-        pending_kv=torch.zeros(ratio, c, **z),
-        pending_gate=torch.zeros(ratio, c, **z),
-        prev_kv=torch.zeros(ratio, width, **z) if overlap else None,
-        prev_gate=torch.zeros(ratio, width, **z) if overlap else None,
-        entries=torch.zeros(capacity, width, dtype=record_dtype or dtype, device=device),
+        pending_kv=torch.zeros(*batch, ratio, c, **z),
+        pending_gate=torch.zeros(*batch, ratio, c, **z),
+        prev_kv=torch.zeros(*batch, ratio, width, **z) if overlap else None,
+        prev_gate=torch.zeros(*batch, ratio, width, **z) if overlap else None,
+        entries=torch.zeros(*batch, capacity, width, dtype=record_dtype or dtype, device=device),
     )
 
 
@@ -236,17 +237,9 @@ def batched_layer_states(config: ModelConfig, batch: int, max_len: int, dtype, d
         if t != SLIDING:
             m = config.compress_ratio(t)
             cap = max_len // m + 1
-
-            def comp(width: int, overlap: bool) -> CompressorState:
-                c = 2 * width if overlap else width
-                z = dict(dtype=dtype, device=device)
-                return CompressorState(m, torch.zeros(batch, m, c, **z), torch.zeros(batch, m, c, **z),
-                                       torch.zeros(batch, m, width, **z) if overlap else None,
-                                       torch.zeros(batch, m, width, **z) if overlap else None,
-                                       torch.zeros(batch, cap, width, dtype=record_dtype or dtype, device=device))
-            st.compressor = comp(config.head_dim, t == CSA)
+            st.compressor = _compressor_state(m, config.head_dim, t == CSA, dtype, device, cap, record_dtype, (batch,))
             if t == CSA:
-                st.indexer = comp(config.index_head_dim, True)
+                st.indexer = _compressor_state(m, config.index_head_dim, True, dtype, device, cap, record_dtype, (batch,))
         out.append(st)
     return out
 

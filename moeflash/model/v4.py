@@ -101,8 +101,8 @@ class Transformer(nn.Module):
     def embed_rows(self, tokens: torch.Tensor) -> torch.Tensor:
         """The embedding rows of `tokens` in the compute dtype (one row a token: the only bytes of the
         table a step reads)."""
-        e = self.embed(tokens)
-        return e if e.dtype == self.norm.weight.dtype else e.to(self.norm.weight.dtype)
+        e, dtype = self.embed(tokens), self.compute_dtype
+        return e if e.dtype == dtype else e.to(dtype)
 
     # The dtype of the state's records (window ring, compressed entries, indexer keys); None: the compute
     # dtype. engine/load.load_model(state_dtype=...) sets it (model/state.new_seq_state).

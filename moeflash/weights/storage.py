@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from ..kernels.linear import Bf16Linear, Fp8Linear
+from ..model.moe import Gate
+from ..model.v4 import Transformer
 from .loader import Checkpoint, CheckpointError
 from .quant import FP8_BLOCK, scale_multiplier
 
@@ -67,9 +69,8 @@ def _tables(model: nn.Module, names: list[str]) -> set[str]:
     """The names that are a MoE router's weight (model.moe.Gate) or a V4 model's embedding table: matrices,
     but not an nn.Linear's. (A llama model's embedding may be its tied head: not one of these.)"""
     mods = dict(model.named_modules())
-    top = type(model).__name__ == "Transformer"
-    return {n for n in names if n.endswith(".weight") and (
-        type(mods.get(n[: -len(".weight")])).__name__ == "Gate" or (top and n == "embed.weight"))}
+    return {n for n in names if n.endswith(".weight") and (isinstance(mods.get(n[: -len(".weight")]), Gate)
+                                                           or (isinstance(model, Transformer) and n == "embed.weight"))}
 
 
 def keep_bf16(p: Plan, ckpt: Checkpoint, model: nn.Module, names: list[str]) -> None:
