@@ -48,6 +48,11 @@ def _cases():
         "rope": (r(3, 4, 64), r(3, 16), r(3, 16), False),
         "rms_norm": (r(3, 128), r(128), 1e-6),
         "indexer_scores": (r(2, 16, 64), r(2, 16), r(40, 64).bfloat16()),
+        "norm_rope": (r(3, 4, 64), None, r(3, 16), r(3, 16), 1e-6),
+        "hc_pre": (r(3, 4, 32), r(24, 128), r(24), r(3), r(32), 3, 1e-6, 1e-6),
+        "hc_post": (r(3, 4, 32), r(3, 32), r(3, 4), r(3, 4, 4)),
+        "moe_gate": (r(3, 16), r(16), None, 4, 0, True, 1.5),
+        "swiglu": (r(3, 64), 7.0),
         "q8_quantize": (x, 1),
         "act_quant_e4m3": (r(3, 200),),
     }

@@ -20,7 +20,7 @@ from .build import load as _load_native
 from .build import status
 from .numerics import EXACT, FAST, REFERENCE
 
-__all__ = ["indexer_scores", "apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["hc_collapse", "hc_expand", "hc_pre", "norm_rope", "moe_gate", "swiglu", "indexer_scores", "apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS", "act_quant_e4m3", "q8_rows", "dot_path"]
 
@@ -62,6 +62,11 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float32 else t.float()
 
 
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    """t's bytes as uint8 without a dispatch when they already are (held buffers are)."""
+    return t if t.dtype == torch.uint8 else t.view(torch.uint8)
+
+
 def _rows(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).float().contiguous()
 
@@ -94,6 +99,8 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] (any float dtype, computed in fp32) @ W.T for a bf16 weight [N, K] -> fp32 [..., N]."""
+    if decode_rows(x):  # the decode fast path: no reshapes
+        return torch.ops.moeflash.bf16_linear(x, weight)
     x2 = _rows(x)
     n = weight.shape[0]
     if not native(weight):
@@ -162,7 +169,7 @@ def fp8_grouped_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     fp32 [M, G * R] with out[:, g*R + r] = x[:, g] . w[g*R + r]: V4's grouped output projection."""
     m, g, k = x.shape
     if native(weight) and x.shape[0] <= ROW_KERNEL_MAX_ROWS:
-        return torch.ops.moeflash.fp8_grouped_linear(_f32(x), weight.view(torch.uint8), _f32(scale))
+        return torch.ops.moeflash.fp8_grouped_linear(_f32(x), _u8(weight), _f32(scale))
     r = weight.shape[0] // g
     rows = scale.shape[0] // g
     return torch.cat([fp8_linear(x[:, i], weight[i * r:(i + 1) * r], scale[i * rows:(i + 1) * rows])
@@ -230,8 +237,7 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     if g is not None:  # prefill: each used expert decoded once, bf16 GEMMs for bf16 activations
         return g.moe_fp4_by_expert(x, idx, weights, w13, s13, w2, s2, limit)
     if native(w13) and x.shape[-1] % 32 == 0 and w2.shape[-1] * 2 % 32 == 0:
-        return torch.ops.moeflash.moe_fp4(_f32(x).contiguous(), idx, _f32(weights), w13.view(torch.uint8),
-                                          s13.view(torch.uint8), w2.view(torch.uint8), s2.view(torch.uint8),
+        return torch.ops.moeflash.moe_fp4(_f32(x), idx, _f32(weights), _u8(w13), _u8(s13), _u8(w2), _u8(s2),
                                           float(limit), int(numerics))
     return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit, numerics if x.device.type == "cpu" else EXACT)
 
@@ -319,3 +325,76 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torc
             and keys.dtype in (torch.float32, torch.bfloat16) and not (torch.is_grad_enabled() and q.requires_grad)):
         return torch.ops.moeflash.indexer_scores(q, w, keys)
     return reference.indexer_scores(q, w, keys)
+
+
+# ---- the small ops of a block, fused (native/block_ops.cpp) ------------------------------------------------
+def _fused(*ts: torch.Tensor) -> bool:
+    """True when the fused block ops take these tensors: fp32 on the CPU, outside autograd, with the native
+    library loaded. Anything else (bf16 models, a GPU, training) runs the composition of the unfused ops."""
+    if ts[0].device.type != "cpu" or not native(ts[0]):
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t.dtype == torch.float32 and not (grad and t.requires_grad) for t in ts)
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """mHC's collapse sum_j pre_j X_j (reference.hc_collapse): one Triton kernel on a GPU outside autograd."""
+    g = gpu_kernels(x)
+    if g is not None and not torch.is_grad_enabled():
+        return g.hc_collapse(x, pre)
+    return reference.hc_collapse(x, pre)
+
+
+def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC's expansion X'_k = post_k y + sum_j comb[j, k] X_j (reference.hc_expand): one native call for fp32
+    CPU streams [T, n, d] (~8 ATen ops otherwise), one Triton kernel on a GPU outside autograd."""
+    g = gpu_kernels(x)
+    if g is not None and not torch.is_grad_enabled():
+        return g.hc_expand(x, y, post, comb)
+    if x.dim() == 3 and y.dim() == 2 and _fused(x, y, post, comb):
+        return torch.ops.moeflash.hc_post(x, y, post, comb)
+    return reference.hc_expand(x, y, post, comb)
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
+           iters: int, hc_eps: float, norm_eps: float):
+    """mHC before a sub-layer (reference.hc_pre): the site's weights, the collapse of the streams and the
+    sub-layer's RMSNorm -> (h [T, d], post [T, n], comb [T, n, n]). One native call for fp32 CPU streams
+    [T, n, d]; elsewhere the unfused ops, each on its own best path."""
+    if x.dim() == 3 and iters >= 1 and _fused(x, norm_weight, fn, base, scale):
+        return torch.ops.moeflash.hc_pre(x, fn, base, scale, norm_weight, iters, hc_eps, norm_eps)
+    pre, post, comb = hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
+    return rms_norm(hc_collapse(x, pre), norm_weight, norm_eps), post, comb
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """x [N, M, D]: each row RMS-normalised (times `weight` when given), its trailing dims rotated by row n's
+    cos / sin [N, R/2] (reference.norm_rope). One native call for fp32 CPU tensors; elsewhere a norm and a
+    rotation, each on its own best path."""
+    ok = x.dim() == 3 and cos.dim() == 2 and cos.shape[0] == x.shape[0] and sin.shape == cos.shape
+    if ok and _fused(x, cos, sin, *(() if weight is None else (weight,))):
+        return torch.ops.moeflash.norm_rope(x, weight, cos, sin, eps)
+    y = reference.rms_norm(x, None, eps) if weight is None else rms_norm(x, weight, eps)
+    return apply_rope(y, cos[:, None, :], sin[:, None, :])
+
+
+def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None, hash_ids: torch.Tensor | None, k: int, func: str,
+             normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's epilogue (reference.moe_gate): scores, the biased top k (or the hash ids), normalisation and
+    scale -> (weights [N, k] fp32, ids [N, k] int64). One native call for fp32 CPU logits (~10 ATen ops
+    otherwise); the native top k lists the ids highest first, ties to the lower id."""
+    extra = tuple(t for t in (bias, hash_ids) if t is not None)
+    if (logits.dim() == 2 and func in reference.GATE_FUNCS and _fused(logits)
+            and all(t.device.type == "cpu" for t in extra)):
+        return torch.ops.moeflash.moe_gate(logits, bias, hash_ids, k, reference.GATE_FUNCS.index(func),
+                                           normalize, float(scale))
+    return reference.moe_gate(logits, bias, hash_ids, k, func, normalize, scale)
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU of a fused w1|w3 product h [N, 2I] (reference.swiglu): one native call for fp32 CPU
+    rows (four ATen ops otherwise)."""
+    if h.dim() == 2 and _fused(h):
+        return torch.ops.moeflash.swiglu(h, float(limit))
+    return reference.swiglu(h, limit)

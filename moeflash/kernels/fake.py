@@ -83,6 +83,29 @@ def register() -> None:
     def _(x, weight, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @fake("norm_rope")
+    def _(x, weight, cos, sin, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @fake("hc_pre")
+    def _(x, fn, base, scale, norm_weight, iters, hc_eps, norm_eps):
+        t, n, d = x.shape
+        return (x.new_empty((t, d), dtype=torch.float32), x.new_empty((t, n), dtype=torch.float32),
+                x.new_empty((t, n, n), dtype=torch.float32))
+
+    @fake("hc_post")
+    def _(x, y, post, comb):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @fake("moe_gate")
+    def _(logits, bias, hash_ids, k, func, normalize, scale):
+        n = logits.shape[0]
+        return logits.new_empty((n, k), dtype=torch.float32), logits.new_empty((n, k), dtype=torch.int64)
+
+    @fake("swiglu")
+    def _(h, limit):
+        return h.new_empty((h.shape[0], h.shape[1] // 2), dtype=torch.float32)
+
     @fake("indexer_scores")
     def _(q, w, keys):
         return q.new_empty((q.shape[0], keys.shape[0]), dtype=torch.float32)

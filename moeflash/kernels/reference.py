@@ -292,3 +292,77 @@ def indexer_scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor) -> torc
     [S, T] = sum_h w[s, h] * relu(q[s, h] . keys[t]), in fp32 (model/compressor.Indexer.select)."""
     scores = torch.einsum("shd,td->sht", q.float(), keys.float()).relu_()
     return torch.bmm(w.float().unsqueeze(1), scores).squeeze(1)
+
+
+# ---- the small ops of a block (native/block_ops.cpp) ---------------------------------------------------
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm over the last axis in fp32 (times `weight` when given), cast back to x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    return (y if weight is None else weight.float() * y).to(x.dtype)
+
+
+def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """mHC's collapse: sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d]."""
+    out = (pre.unsqueeze(-1) * x).sum(dim=-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """mHC's expansion: X'_k = post_k * y + sum_j comb[j, k] X_j, in x's dtype; x [..., n, d], y [..., d]."""
+    dt = x.dtype
+    if post.dtype != dt:  # (a cast to the same dtype still costs a dispatch per call)
+        post, comb = post.to(dt), comb.to(dt)
+    return post.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x)
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm_weight: torch.Tensor,
+           iters: int, hc_eps: float, norm_eps: float):
+    """mHC before a sub-layer: the site's weights, the collapse, and the sub-layer's RMSNorm ->
+    (normed input [..., d], post, comb)."""
+    pre, post, comb = hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
+    return rms_norm(hc_collapse(x, pre), norm_weight, norm_eps), post, comb
+
+
+def norm_rope(x: torch.Tensor, weight: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+              eps: float) -> torch.Tensor:
+    """x [N, M, D]: each row RMS-normalised (times `weight` when given), then its trailing dims rotated by
+    row n's cos / sin [N, R/2]."""
+    return apply_rope(rms_norm(x, weight, eps), cos[:, None, :], sin[:, None, :])
+
+
+GATE_FUNCS = ("sqrtsoftplus", "sigmoid", "softmax")  # moe_gate's `func` numbering
+
+
+def gate_scores(logits: torch.Tensor, func: str) -> torch.Tensor:
+    if func == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if func == "sigmoid":
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None, hash_ids: torch.Tensor | None, k: int, func: str,
+             normalize: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A router's epilogue: logits [N, E] fp32 -> (weights [N, k] fp32, expert ids [N, k]). The ids are
+    `hash_ids` when given, else the top k of score + bias (the bias picks, it does not weigh); the weights
+    are the chosen scores, normalised to sum 1 when `normalize`, times `scale`."""
+    scores = gate_scores(logits, func)
+    if hash_ids is not None:
+        idx = hash_ids
+    else:
+        idx = torch.topk(scores if bias is None else scores + bias, k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if normalize:
+        w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+    return w * scale, idx
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU of a fused w1|w3 product h [..., 2I]: silu(min(g, limit)) * clamp(u, -limit, limit)
+    (limit <= 0: no clamp) -> [..., I]."""
+    gate, up = h.chunk(2, dim=-1)
+    if limit and limit > 0:
+        gate = gate.clamp(max=limit)
+        up = up.clamp(min=-limit, max=limit)
+    return F.silu(gate) * up

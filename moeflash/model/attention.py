@@ -16,9 +16,9 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
-from ..kernels import attn_decode, fp8_grouped_linear
+from ..kernels import attn_decode, fp8_grouped_linear, norm_rope
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
-from .layers import FusedLinears, Rederived, RMSNorm, apply_rope, rms_unweighted
+from .layers import FusedLinears, Rederived, RMSNorm, apply_rope
 from .state import LayerState
 
 # Upper bound on the elements of one attention-score block (fp32): long prefill chunks are split
@@ -98,9 +98,9 @@ class Attention(Rederived, nn.Module):
             q_raw, iq_raw = self._q_proj(qr)
         else:
             q_raw, iq_raw = self.wq_b(qr), None
-        q = apply_rope(rms_unweighted(q_raw.view(n, self.n_heads, self.head_dim), self.eps),
-                       cos[:, None, :], sin[:, None, :])
-        kv = apply_rope(self.kv_norm(kv_raw), cos, sin)  # [N, D]
+        # per-head query norm (unweighted) and rotation; the key's norm (kv_norm) and rotation: one call each
+        q = norm_rope(q_raw.view(n, self.n_heads, self.head_dim), None, cos, sin, self.eps)
+        kv = norm_rope(kv_raw.view(n, 1, self.head_dim), self.kv_norm.weight, cos, sin, self.kv_norm.eps).view(n, -1)
         rows = {"q": q, "kv": kv, "pos": positions}
         if self.compressor is not None:
             rows["ckv"], rows["cgate"] = (rest[0], rest[1]) if rest else self.compressor.project(h)
@@ -109,6 +109,8 @@ class Attention(Rederived, nn.Module):
             rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin, pre)
         if isinstance(states, LayerState):  # one decode row per sequence of a batched state
             out = self._attend_static(rows, states, inv_freq)
+        elif len(segs) == 1 and segs[0].length == n and self._block_size(segs[0]) >= n:
+            out = self._attend(rows, states[0], segs[0].start, inv_freq)  # one sequence, one block: no slicing
         else:
             out = torch.empty_like(q)
             for seg, st in zip(segs, states):
@@ -121,7 +123,8 @@ class Attention(Rederived, nn.Module):
         grouped = out.reshape(n, self.o_groups, -1)
         if isinstance(self.wo_a, Fp8Linear) and self.o_lora_rank % FP8_BLOCK == 0:
             # each group's rows are whole scale blocks: all groups in one grouped FP8 product
-            low = fp8_grouped_linear(grouped, self.wo_a.qweight, self.wo_a.scale).to(out.dtype)
+            low = fp8_grouped_linear(grouped, self.wo_a.qweight, self.wo_a.scale)
+            low = low if low.dtype == out.dtype else low.to(out.dtype)
         else:
             wo_a = self.wo_a.weight.view(self.o_groups, self.o_lora_rank, -1)
             low = torch.einsum("sgi,gri->sgr", grouped, wo_a.to(out.dtype)).flatten(1)

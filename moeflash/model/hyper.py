@@ -28,29 +28,24 @@ def hc_weights(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: tor
     return kernels.hc_weights(x, fn, base, scale, iters, hc_eps, norm_eps)
 
 
-def _gpu(x: torch.Tensor):
-    """The Triton kernels for a CUDA tensor outside autograd (one kernel where the plain path is several)."""
-    return kernels.gpu_kernels(x) if not torch.is_grad_enabled() else None
-
-
 def hc_collapse(x: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
-    """sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d]."""
-    g = _gpu(x)
-    if g is not None:
-        return g.hc_collapse(x, pre)
-    out = (pre.unsqueeze(-1) * x).sum(dim=-2)
-    return out if out.dtype == x.dtype else out.to(x.dtype)
+    """sum_j pre_j X_j in fp32, cast back: [..., n, d] -> [..., d] (kernels.hc_collapse)."""
+    return kernels.hc_collapse(x, pre)
 
 
 def hc_expand(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """X'_k = post_k * y + sum_j comb[j, k] X_j; x [..., n, d], y [..., d]."""
-    g = _gpu(x)
-    if g is not None:
-        return g.hc_expand(x, y, post, comb)
-    dt = x.dtype
-    if post.dtype != dt:  # (a cast to the same dtype still costs a dispatch per call)
-        post, comb = post.to(dt), comb.to(dt)
-    return post.unsqueeze(-1) * y.unsqueeze(-2) + torch.matmul(comb.transpose(-1, -2), x)
+    """X'_k = post_k * y + sum_j comb[j, k] X_j; x [..., n, d], y [..., d] (kernels.hc_expand: one native
+    call on the CPU, its plain-torch reference is kernels.reference.hc_expand)."""
+    return kernels.hc_expand(x, y, post, comb)
+
+
+def hc_pre(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, norm,
+           iters: int, hc_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Everything mHC does before a sub-layer: the site's weights, the collapse and the sub-layer's input
+    norm (an RMSNorm module) -> (the sub-layer's input, post, comb); that is
+    `norm(hc_collapse(x, pre))` with `pre, post, comb = hc_weights(x, ...)`, in one native call on the CPU
+    (kernels.hc_pre)."""
+    return kernels.hc_pre(x, fn, base, scale, norm.weight, iters, hc_eps, norm.eps)
 
 
 def hc_head(x: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,

@@ -49,11 +49,6 @@ class RMSNorm(nn.Module):
         return kernels.rms_norm(x, self.weight, self.eps)  # one native call (CPU) or Triton kernel (GPU)
 
 
-def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMS normalisation without a weight (V4's per-head query norm)."""
-    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
-
-
 def rope_inv_freq(rope_dim: int, base: float, yarn: dict | None = None) -> torch.Tensor:
     """Inverse frequencies [rope_dim/2] for interleaved RoPE; YaRN blends in 1/factor slowly.
 
@@ -104,8 +99,10 @@ def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.
     return F.silu(gate) * up
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(Rederived, nn.Module):
     """One expert (routed or shared): w2(SwiGLU(w1 x, w3 x)); names follow the official checkpoint."""
+
+    _derived = ("_w13",)  # w1 and w3 as one product, redone after a move (Rederived)
 
     def __init__(self, dim: int, inter: int, limit: float):
         super().__init__()
@@ -113,9 +110,21 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(inter, dim, bias=False)
         self.w3 = nn.Linear(dim, inter, bias=False)
         self.limit = limit
+        self._w13 = None  # see fuse_projections_
+
+    @torch.no_grad()
+    def fuse_projections_(self) -> None:
+        """Run w1 and w3 (same input) as one product (FusedLinears); where they become one layer, its [.., 2I]
+        output feeds the SwiGLU in one call (kernels.swiglu)."""
+        if self._w13 is None:
+            self._w13 = FusedLinears([self.w1, self.w3])  # (not a module: the state dict keeps w1 and w3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+        if self._w13 is None:
+            return self.w2(clamped_swiglu(self.w1(x), self.w3(x), self.limit))
+        if self._w13.joined is not None:
+            return self.w2(kernels.swiglu(self._w13.joined(x), self.limit))
+        return self.w2(clamped_swiglu(*self._w13(x), self.limit))
 
 
 class FusedLinears:
@@ -144,6 +153,9 @@ class FusedLinears:
                 self.calls.extend((mods[i], [i]) for i in idx)
         # the one fused matrix, when plain Linears became a single call (tests check the views share it)
         self.weight = self.calls[0][0].weight if len(self.calls) == 1 and kinds.keys() == {nn.Linear} else None
+        # the one fused layer, when every module became a single call: its output is the modules' outputs
+        # side by side
+        self.joined = self.calls[0][0] if len(self.calls) == 1 and len(mods) > 1 else None
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out: list[torch.Tensor | None] = [None] * len(self.sizes)

@@ -140,25 +140,12 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: in
     return o.transpose(0, 1)
 
 
-class LlamaMLP(Rederived, SwiGLU):
-    """SwiGLU without a clamp; w1 = gate, w3 = up, w2 = down (the official DeepSeek names)."""
-
-    _derived = ("_gate_up",)  # the fused gate/up, redone after a move (layers.Rederived)
+class LlamaMLP(SwiGLU):
+    """SwiGLU without a clamp; w1 = gate, w3 = up, w2 = down (the official DeepSeek names). Gate and up
+    run as one product once fused (SwiGLU.fuse_projections_)."""
 
     def __init__(self, dim: int, inter: int):
         super().__init__(dim, inter, limit=0.0)
-        self._gate_up: FusedLinears | None = None
-
-    @torch.no_grad()
-    def fuse_projections_(self) -> None:
-        if self._gate_up is None:
-            self._gate_up = FusedLinears([self.w1, self.w3])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up is None:
-            return super().forward(x)
-        gate, up = self._gate_up(x)
-        return self.w2(F.silu(gate) * up)
 
 
 class MoefiedMLP(nn.Module):

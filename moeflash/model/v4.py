@@ -17,7 +17,7 @@ from torch import nn
 
 from ..config import SLIDING, ModelConfig, prefix_block_tokens
 from .attention import Attention, Segment
-from .hyper import hc_collapse, hc_expand, hc_head, hc_weights
+from .hyper import hc_expand, hc_head, hc_pre
 from .layers import RMSNorm, rope_cos_sin, rope_inv_freq
 from .moe import MoE
 from .state import LayerState, ModelState, SeqState, new_seq_state, new_state, state_bytes
@@ -48,11 +48,11 @@ class Block(nn.Module):
     def pre_ffn(self, x: torch.Tensor, segs, states, positions: torch.Tensor, rope: tuple):
         """Everything before the MoE: (streams after attention, the MoE's input h, the FFN site's post and
         comb). A piecewise CUDA graph ends here (the routed experts run between graphs)."""
-        pre, post, comb = hc_weights(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, *self.hc)
-        y = self.attn(self.attn_norm(hc_collapse(x, pre)), segs, states, positions, *rope)
-        x = hc_expand(x, y, post, comb)
-        pre, post, comb = hc_weights(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, *self.hc)
-        return x, self.ffn_norm(hc_collapse(x, pre)), post, comb
+        iters, hc_eps, _ = self.hc
+        h, post, comb = hc_pre(x, self.hc_attn_fn, self.hc_attn_base, self.hc_attn_scale, self.attn_norm, iters, hc_eps)
+        x = hc_expand(x, self.attn(h, segs, states, positions, *rope), post, comb)
+        h, post, comb = hc_pre(x, self.hc_ffn_fn, self.hc_ffn_base, self.hc_ffn_scale, self.ffn_norm, iters, hc_eps)
+        return x, h, post, comb
 
 
 class MTPBlock(Block):

@@ -105,7 +105,7 @@ def build_tiny(dtype: str | torch.dtype = "auto", seed: int = TINY_SEED) -> Tran
 def _fast_layout(model: Transformer, pack_experts: bool = True) -> Transformer:
     """Per dtype, the weight layout measured fastest here: fp32 weights input-major (model/layout.py);
     bf16 routed experts packed for grouped matmuls (model/moe.py; not when an expert store serves
-    them); projections of the same input fused (model/attention.py)."""
+    them); projections of the same input fused (model/attention.py, the shared expert's w1 and w3)."""
     dtype = model.compute_dtype  # (the embedding may be held bf16 under fp32 compute)
     if model.embed.weight.device.type == "cpu" and dtype == torch.float32:
         input_major_(model)
@@ -114,6 +114,8 @@ def _fast_layout(model: Transformer, pack_experts: bool = True) -> Transformer:
             layer.ffn.pack_experts_()
     for layer in list(model.layers) + list(model.mtp):  # after input_major_: keeps its layout
         layer.attn.fuse_projections_()
+        if layer.ffn.shared_experts is not None:
+            layer.ffn.shared_experts.fuse_projections_()
     return model
 
 

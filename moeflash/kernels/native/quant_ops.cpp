@@ -1303,74 +1303,6 @@ at::Tensor gqa_decode(const at::Tensor& q_in, const at::Tensor& k_in, const at::
   return out;
 }
 
-// Interleaved RoPE on the trailing 2 * half dims of x [N, M, D] (pairs 2i, 2i+1 of that tail), with
-// cos / sin [N, half] shared by the M rows of each n; `inverse` rotates by -angle. The leading dims are
-// copied. The same products as kernels.reference.apply_rope: a cos - b sin, a sin + b cos.
-// RMSNorm over the last axis of fp32 rows with an fp32 weight: x * rsqrt(mean(x^2) + eps) * w. One call
-// instead of ATen's composite (pow, mean, add, rsqrt, mul, mul: ~40 us per call at batch 1 here).
-at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) {
-  TORCH_CHECK(x_in.dim() >= 1 && x_in.scalar_type() == at::kFloat, "rms_norm: x must be float32");
-  const int64_t D = x_in.size(-1);
-  TORCH_CHECK(w_in.dim() == 1 && w_in.size(0) == D && w_in.scalar_type() == at::kFloat,
-              "rms_norm: weight must be float32 [", D, "]");
-  const at::Tensor x = x_in.contiguous(), w = w_in.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const int64_t rows = D ? x.numel() / D : 0;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // eight partial sums (vectorisable, fixed order)
-      int64_t k = 0;
-      for (; k + 8 <= D; k += 8)
-        for (int l = 0; l < 8; ++l) lanes[l] += xr[k + l] * xr[k + l];
-      float ss = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-      for (; k < D; ++k) ss += xr[k] * xr[k];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + e);
-      for (int64_t c = 0; c < D; ++c) yp[r * D + c] = wp[c] * (xr[c] * inv);
-    }
-  });
-  return y;
-}
-
-at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool inverse) {
-  TORCH_CHECK(x_in.dim() == 3 && cos_in.dim() == 2 && cos_in.sizes() == sin_in.sizes() && cos_in.size(0) == x_in.size(0),
-              "rope: x [N, M, D], cos / sin [N, half]");
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat && cos_in.scalar_type() == at::kFloat && sin_in.scalar_type() == at::kFloat,
-              "rope: float32 tensors");
-  const int64_t N = x_in.size(0), M = x_in.size(1), D = x_in.size(2), half = cos_in.size(1), lead = D - 2 * half;
-  TORCH_CHECK(lead >= 0, "rope: ", 2 * half, " rotated dims exceed D = ", D);
-  at::Tensor x = x_in.contiguous(), c = cos_in.contiguous(), sn = sin_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  const float* xp = x.data_ptr<float>();
-  const float* cp = c.data_ptr<float>();
-  const float* sp = sn.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  const float sg = inverse ? -1.0f : 1.0f;
-  auto rows = [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t n = r / M;
-      const float* xr = xp + r * D;
-      float* orow = op + r * D;
-      std::memcpy(orow, xr, lead * sizeof(float));
-      const float* cr = cp + n * half;
-      const float* sr = sp + n * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = xr[lead + 2 * i], b = xr[lead + 2 * i + 1], cs = cr[i], sn_ = sg * sr[i];
-        const float ac = a * cs, bs = b * sn_, as = a * sn_, bc = b * cs;
-        orow[lead + 2 * i] = ac - bs;
-        orow[lead + 2 * i + 1] = as + bc;
-      }
-    }
-  };
-  if (N * M * D >= (1 << 18)) at::parallel_for(0, N * M, 64, rows);
-  else rows(0, N * M);
-  return out;
-}
-
 // Routed experts of one MoE layer over packed FP4 weights, every (token, expert) pair in one call.
 // x [T, D]; idx [T, k] expert ids; wts [T, k] route weights; w13 [E, 2I, D/2] (w1 rows then w3 rows),
 // s13 [E, 2I, D/32]; w2 [E, D, I/2], s2 [E, D, I/32]; limit: the SwiGLU clamp (<= 0: none).
@@ -1544,89 +1476,6 @@ at::Tensor dequant_fp8(const at::Tensor& w_in, const at::Tensor& s_in) {
   return out;
 }
 
-// mHC's Sinkhorn on [..., n, n] fp32 logits: row softmax + eps, column normalisation, then (iters - 1)
-// rounds of row and column normalisation (each divides by sum + eps). One call instead of ~60 tiny ops.
-at::Tensor sinkhorn(const at::Tensor& logits_in, int64_t iters, double eps_d) {
-  TORCH_CHECK(logits_in.dim() >= 2 && logits_in.size(-1) == logits_in.size(-2) && logits_in.scalar_type() == at::kFloat,
-              "sinkhorn: logits must be float32 [..., n, n]");
-  TORCH_CHECK(iters >= 1, "sinkhorn: iters must be >= 1");
-  at::Tensor c = logits_in.contiguous().clone();
-  const int64_t n = c.size(-1), B = c.numel() / (n * n);
-  const float eps = static_cast<float>(eps_d);
-  float* p = c.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float* m = p + b * n * n;
-    for (int64_t i = 0; i < n; ++i) {
-      float mx = m[i * n];
-      for (int64_t j = 1; j < n; ++j) mx = std::max(mx, m[i * n + j]);
-      float sum = 0.0f;
-      for (int64_t j = 0; j < n; ++j) { m[i * n + j] = std::exp(m[i * n + j] - mx); sum += m[i * n + j]; }
-      for (int64_t j = 0; j < n; ++j) m[i * n + j] = m[i * n + j] / sum + eps;
-    }
-    auto cols = [&]() {
-      for (int64_t j = 0; j < n; ++j) {
-        float sum = 0.0f;
-        for (int64_t i = 0; i < n; ++i) sum += m[i * n + j];
-        sum += eps;
-        for (int64_t i = 0; i < n; ++i) m[i * n + j] /= sum;
-      }
-    };
-    cols();
-    for (int64_t it = 1; it < iters; ++it) {
-      for (int64_t i = 0; i < n; ++i) {
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) sum += m[i * n + j];
-        sum += eps;
-        for (int64_t j = 0; j < n; ++j) m[i * n + j] /= sum;
-      }
-      cols();
-    }
-  }
-  return c;
-}
-
-// mHC's per-site weights in one call (model/hyper.py hc_weights): x [T, n, d] fp32 streams, fn
-// [n(n+2), n d], base [n(n+2)], scale [3] -> pre [T, n], post [T, n], comb [T, n, n]. The RMS
-// normalisation and the small epilogue run here; the projection is torch's matmul.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_weights(const at::Tensor& x_in, const at::Tensor& fn_in,
-                                                          const at::Tensor& base_in, const at::Tensor& scale_in,
-                                                          int64_t iters, double hc_eps, double norm_eps) {
-  TORCH_CHECK(x_in.dim() == 3 && x_in.scalar_type() == at::kFloat, "hc_weights: x must be float32 [T, n, d]");
-  const int64_t T = x_in.size(0), n = x_in.size(1), d = x_in.size(2), F = n * (n + 2);
-  TORCH_CHECK(fn_in.dim() == 2 && fn_in.size(0) == F && fn_in.size(1) == n * d && base_in.numel() == F &&
-              scale_in.numel() == 3, "hc_weights: fn must be [", F, ", ", n * d, "], base [", F, "], scale [3]");
-  at::Tensor flat = x_in.reshape({T, n * d}).contiguous().clone();
-  float* fp = flat.data_ptr<float>();
-  for (int64_t t = 0; t < T; ++t) {
-    float* r = fp + t * n * d;
-    float ss = 0.0f;
-    for (int64_t j = 0; j < n * d; ++j) ss += r[j] * r[j];
-    const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n * d) + static_cast<float>(norm_eps));
-    for (int64_t j = 0; j < n * d; ++j) r[j] *= inv;
-  }
-  at::Tensor mix = at::mm(flat, fn_in.to(at::kFloat).t()).contiguous();  // [T, F]
-  at::Tensor base = base_in.to(at::kFloat).contiguous(), scale = scale_in.to(at::kFloat).contiguous();
-  const float* mp = mix.data_ptr<float>();
-  const float* bp = base.data_ptr<float>();
-  const float* sp = scale.data_ptr<float>();
-  at::Tensor pre = at::empty({T, n}, flat.options()), post = at::empty({T, n}, flat.options());
-  at::Tensor logits = at::empty({T, n, n}, flat.options());
-  float* pr = pre.data_ptr<float>();
-  float* po = post.data_ptr<float>();
-  float* lg = logits.data_ptr<float>();
-  const float he = static_cast<float>(hc_eps);
-  for (int64_t t = 0; t < T; ++t) {
-    const float* m = mp + t * F;
-    for (int64_t j = 0; j < n; ++j) {
-      pr[t * n + j] = 1.0f / (1.0f + std::exp(-(m[j] * sp[0] + bp[j]))) + he;
-      po[t * n + j] = 2.0f / (1.0f + std::exp(-(m[n + j] * sp[1] + bp[n + j])));
-    }
-    for (int64_t j = 0; j < n * n; ++j) lg[t * n * n + j] = m[2 * n + j] * sp[2] + bp[2 * n + j];
-  }
-  return {pre, post, sinkhorn(logits, iters, hc_eps)};
-}
-
-
 // ---- the lightning indexer's scores ---------------------------------------------------------------
 // out[s, t] = sum_h w[s, h] * relu(q[s, h] . k[t]) (model/compressor.Indexer.select) for q [S, H, D] and w
 // [S, H] fp32, keys [T, D] fp32 or bf16, read as stored (a bf16 key is widened exactly, once per key). The
@@ -1735,12 +1584,8 @@ TORCH_LIBRARY(moeflash, m) {
   m.def("gguf_linear(Tensor x, Tensor weight, int qtype) -> Tensor");
   m.def("gguf_dequant(Tensor weight, int qtype) -> Tensor");
   m.def("fp8_grouped_linear(Tensor x, Tensor weight, Tensor scale) -> Tensor");
-  m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");
-  m.def("hc_weights(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float hc_eps, float norm_eps) -> (Tensor, Tensor, Tensor)");
   m.def("attn_decode(Tensor q, Tensor win, int p, Tensor kv, Tensor ent, Tensor ent_valid, Tensor sink, float scale) -> Tensor");
   m.def("gqa_decode(Tensor q, Tensor keys, Tensor values, float scale) -> Tensor");
-  m.def("rope(Tensor x, Tensor cos, Tensor sin, bool inverse) -> Tensor");
-  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   m.def("indexer_scores(Tensor q, Tensor w, Tensor keys) -> Tensor");
   m.def("isa", &isa_name);
 }
@@ -1754,11 +1599,7 @@ TORCH_LIBRARY_IMPL(moeflash, CPU, m) {
   m.impl("gguf_linear", &gguf_linear);
   m.impl("gguf_dequant", &gguf_dequant);
   m.impl("fp8_grouped_linear", &fp8_grouped_linear);
-  m.impl("sinkhorn", &sinkhorn);
-  m.impl("hc_weights", &hc_weights);
   m.impl("attn_decode", &attn_decode);
   m.impl("gqa_decode", &gqa_decode);
   m.impl("indexer_scores", &indexer_scores);
-  m.impl("rope", &rope);
-  m.impl("rms_norm", &rms_norm);
 }
