@@ -142,3 +142,79 @@ def test_fused_decode_step_equals_the_reference_model(checkpoints, kind):
             K._NATIVE[:] = saved
     assert fused_tokens == ref_tokens
     torch.testing.assert_close(fused_logits, ref_logits, rtol=1e-4, atol=1e-4)
+
+
+# -- every instruction-set path gives the same bits ----------------------------------------------------------
+PATHS_CHECK = r"""
+import hashlib, json, torch
+from moeflash.kernels import build
+build.load()
+g = torch.Generator().manual_seed(0)
+r = lambda *s: torch.randn(*s, generator=g)
+O, h = torch.ops.moeflash, hashlib.sha256()
+for t, n, d in [(1, 4, 768), (3, 4, 100), (16, 2, 37)]:
+    x, fn, base, scale, w = r(t, n, d), r(n * (n + 2), n * d) * 0.05, r(n * (n + 2)), r(3), r(d)
+    for out in (*O.hc_weights(x, fn, base, scale, 20, 1e-6, 1e-6), *O.hc_pre(x, fn, base, scale, w, 20, 1e-6, 1e-6),
+                O.hc_post(x, r(t, d), r(t, n), r(t, n, n)), O.rms_norm(x, w, 1e-6)):
+        h.update(out.numpy().tobytes())
+for m, dim, half in [(8, 64, 32), (1, 128, 32), (3, 37, 4)]:
+    x, cs, sn = r(4, m, dim), r(4, half), r(4, half)
+    for w in (None, r(dim)):
+        h.update(O.norm_rope(x, w, cs, sn, 1e-6).numpy().tobytes())
+print(json.dumps({"isa": O.isa(), "sha256": h.hexdigest()}))
+"""
+
+
+def test_every_instruction_set_path_gives_the_same_bits():
+    """Fixed lanes and no FMA contraction: the scalar, AVX2 and AVX-512 builds of the block ops agree bit for bit
+    (each runs in its own process: the path is chosen once per process)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from .cpu import cpu_flags
+
+    flags = cpu_flags()
+    paths = ["scalar"] + (["avx2"] if {"avx2", "fma", "f16c"} <= flags else []) + \
+        (["avx512"] if {"avx512f", "avx512bw", "avx512vl"} <= flags else [])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digests = {}
+    for isa in paths:
+        r = subprocess.run([sys.executable, "-c", PATHS_CHECK], env={**os.environ, "MOEFLASH_ISA": isa}, cwd=root,
+                           capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out = json.loads(r.stdout.strip().splitlines()[-1])
+        assert out["isa"] == isa
+        digests[isa] = out["sha256"]
+    assert len(set(digests.values())) == 1, digests
+
+
+# -- decode attention over several sequences in one call ------------------------------------------------------
+@pytest.mark.parametrize("records", [torch.float32, torch.bfloat16])
+def test_attn_decode_batch_equals_one_call_per_sequence_and_writes_the_rings(records):
+    h, d, w = 8, 64, 16
+    pos, counts = [0, 3, 40, 700], [0, 5, 9, 0]  # an empty ring, a partial one, wrapped ones; with and without entries
+    q, kv, sink = _rand(4, h, d), _rand(4, d, seed=1), _rand(h, seed=2)
+    wins = [_rand(w, d, seed=10 + b).to(records) for b in range(4)]
+    ents = [_rand(t, d, seed=20 + b).to(records) for b, t in enumerate(counts)]
+    valids = [torch.rand(t, generator=torch.Generator().manual_seed(30 + b)) < 0.7 for b, t in enumerate(counts)]
+    before = [x.clone() for x in wins]
+    got = OPS.attn_decode_batch(q, wins, pos, kv, ents, valids, sink, d ** -0.5)
+    for b in range(4):
+        want = reference.attn_decode(q[b], before[b], pos[b], kv[b], ents[b], valids[b], sink, d ** -0.5)
+        torch.testing.assert_close(got[b], want, rtol=1e-5, atol=1e-5)
+        one = OPS.attn_decode(q[b], before[b], pos[b], kv[b], ents[b], valids[b], sink, d ** -0.5)
+        assert torch.equal(one, got[b])  # the same arithmetic whatever the batch
+        ring = before[b].clone()
+        ring[pos[b] % w] = kv[b].to(records)  # torch's cast: the op rounds the new key as torch does
+        assert torch.equal(wins[b], ring)
+
+
+def test_attn_decode_batch_rejects_mismatched_lists():
+    with pytest.raises(RuntimeError, match="one window, position"):
+        OPS.attn_decode_batch(_rand(2, 4, 16), [_rand(8, 16)], [1, 2], _rand(2, 16), [_rand(0, 16)] * 2,
+                              [torch.zeros(0, dtype=torch.bool)] * 2, _rand(4), 0.25)
+    with pytest.raises(RuntimeError, match="windows must be float32 or bfloat16"):
+        OPS.attn_decode_batch(_rand(1, 4, 16), [_rand(8, 16).half()], [1], _rand(1, 16), [_rand(0, 16)],
+                              [torch.zeros(0, dtype=torch.bool)], _rand(4), 0.25)

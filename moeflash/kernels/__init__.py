@@ -20,7 +20,7 @@ from .build import load as _load_native
 from .build import status
 from .numerics import EXACT, FAST, REFERENCE
 
-__all__ = ["hc_collapse", "hc_expand", "hc_pre", "norm_rope", "moe_gate", "swiglu", "indexer_scores", "apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
+__all__ = ["rope_rows", "attn_decode_batch", "hc_collapse", "hc_expand", "hc_pre", "norm_rope", "moe_gate", "swiglu", "indexer_scores", "apply_rope", "rms_norm", "attn_decode", "gqa_decode", "hc_weights", "gguf_linear", "gguf_dequant", "fp8_grouped_linear", "sinkhorn", "bf16_linear",
            "fp8_linear", "fp4_linear", "moe_fp4", "dequant_fp8", "dequant_fp4", "native", "decode_rows",
            "status", "ROW_KERNEL_MAX_ROWS", "act_quant_e4m3", "q8_rows", "dot_path"]
 
@@ -242,14 +242,39 @@ def moe_fp4(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, w13: torc
     return reference.moe_fp4(x, idx, weights, w13, s13, w2, s2, limit, numerics if x.device.type == "cpu" else EXACT)
 
 
+def _records(t: torch.Tensor) -> torch.Tensor:
+    """A sequence state's records as the native attention reads them: fp32 or bf16 as held, else fp32."""
+    return t if t.dtype in (torch.float32, torch.bfloat16) else t.float()
+
+
 def attn_decode(q: torch.Tensor, win: torch.Tensor, p: int, kv: torch.Tensor, ent: torch.Tensor,
                 ent_valid: torch.Tensor, sink: torch.Tensor, scale: float) -> torch.Tensor:
     """One decode query's attention over its window ring, new key and (compressed or gathered) entries
-    with the sink (reference.attn_decode) in one native call; fp32 [H, D]."""
+    with the sink (reference.attn_decode) in one native call, the ring and entries read as held (fp32 or bf16
+    records); fp32 [H, D]."""
     if native(q):
-        return torch.ops.moeflash.attn_decode(_f32(q), _f32(win), int(p), _f32(kv), _f32(ent), ent_valid,
-                                              _f32(sink), float(scale))
+        win = _records(win)
+        ent = ent.to(win.dtype) if ent.dtype != win.dtype else ent
+        return torch.ops.moeflash.attn_decode(_f32(q), win, int(p), _f32(kv), ent, ent_valid, _f32(sink), float(scale))
     return reference.attn_decode(q, win, p, kv, ent, ent_valid, sink, scale)
+
+
+def attn_decode_batch(q: torch.Tensor, wins: list[torch.Tensor], pos: list[int], kv: torch.Tensor,
+                      ents: list[torch.Tensor], valids: list[torch.Tensor], sink: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """attn_decode for one query row of each of B sequences, q [B, H, D], kv [B, D], each with its own ring
+    wins[b], position pos[b] and entries ents[b] / valids[b]; then each new key is written into its ring
+    (slot pos mod W). One native call on the CPU when the rings share a dtype (fp32 or bf16); elsewhere a loop
+    over the sequences. Returns fp32 [B, H, D]."""
+    dt = wins[0].dtype if wins else torch.float32
+    if (native(q) and dt in (torch.float32, torch.bfloat16) and all(w.dtype == dt and w.is_contiguous() for w in wins)
+            and all(e.dtype == dt or e.shape[0] == 0 for e in ents)):
+        return torch.ops.moeflash.attn_decode_batch(_f32(q), wins, pos, _f32(kv), ents, valids, _f32(sink), float(scale))
+    out = torch.stack([attn_decode(q[b], wins[b], pos[b], kv[b], ents[b], valids[b], sink, scale)
+                       for b in range(len(wins))]) if wins else q.new_zeros(q.shape, dtype=torch.float32)
+    for b, w in enumerate(wins):
+        w[pos[b] % w.shape[0]] = kv[b]  # (index_put casts to the ring's dtype)
+    return out
 
 
 def gqa_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
@@ -293,6 +318,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
                                       inverse)
         return out.view(x.shape)
     return reference.apply_rope(x, cos, sin, inverse)
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """apply_rope for x [N, M, D] with one angle per row n, shared by its M heads: cos / sin [N, R/2]. Straight to
+    the native op for fp32 CPU tensors outside autograd (no reshapes); apply_rope with the angles broadcast
+    otherwise."""
+    if (x.dim() == 3 and cos.dim() == 2 and cos.shape[0] == x.shape[0] and sin.shape == cos.shape
+            and _fused(x, cos, sin)):
+        return torch.ops.moeflash.rope(x, cos, sin, inverse)
+    return apply_rope(x, cos[:, None, :], sin[:, None, :], inverse)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 
 NATIVE = Path(__file__).with_name("native")
-# quant_ops.cpp: the fp32-activation ("exact") kernels and attention; quant_act.cpp: the quantized-activation
-# ("fast", "reference") kernels; block_ops.cpp: the small ops of a block (mHC, norms, rotations, the router's
-# epilogue, SwiGLU). Headers and the shared kernel body are hashed too.
-SOURCES = [NATIVE / "quant_ops.cpp", NATIVE / "quant_act.cpp", NATIVE / "block_ops.cpp"]
+# quant_ops.cpp: the fp32-activation ("exact") kernels; quant_act.cpp: the quantized-activation ("fast",
+# "reference") kernels; block_ops.cpp: the small ops of a block (mHC, norms, rotations, the router's epilogue,
+# SwiGLU); attention_ops.cpp: decode attention and the indexer's scores. Headers and the shared kernel body
+# are hashed too.
+SOURCES = [NATIVE / "quant_ops.cpp", NATIVE / "quant_act.cpp", NATIVE / "block_ops.cpp", NATIVE / "attention_ops.cpp"]
 DEPENDS = [NATIVE / "cpu.h", NATIVE / "ops_common.h", NATIVE / "quant_act.h", NATIVE / "quant_act_kernels.inc"]
 _state: dict = {}
 

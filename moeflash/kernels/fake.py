@@ -71,6 +71,10 @@ def register() -> None:
     def _(q, win, p, kv, ent, ent_valid, sink, scale):
         return q.new_empty(q.shape, dtype=torch.float32)
 
+    @fake("attn_decode_batch")
+    def _(q, wins, pos, kv, ents, valids, sink, scale):
+        return q.new_empty(q.shape, dtype=torch.float32)
+
     @fake("gqa_decode")
     def _(q, keys, values, scale):
         return q.new_empty((q.shape[0], values.shape[-1]), dtype=torch.float32)

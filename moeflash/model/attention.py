@@ -16,14 +16,25 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
-from ..kernels import attn_decode, fp8_grouped_linear, norm_rope
+from ..kernels import attn_decode, attn_decode_batch, fp8_grouped_linear, norm_rope, rope_rows
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
-from .layers import FusedLinears, Rederived, RMSNorm, apply_rope
+from .layers import FusedLinears, Rederived, RMSNorm
 from .state import LayerState
 
 # Upper bound on the elements of one attention-score block (fp32): long prefill chunks are split
 # into query blocks so memory stays bounded whatever the chunk and context length.
 SCORE_BUDGET = 1 << 24
+
+
+_EMPTY: dict = {}  # (device, dtype, width) -> (no entries [0, width], no mask [0]): shared, never written
+
+
+def _no_entries(kv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The empty entry set of a decode row that attends to its window alone (made once per device and dtype)."""
+    key = (kv.device, kv.dtype, kv.shape[-1])
+    if key not in _EMPTY:
+        _EMPTY[key] = (kv.new_zeros(0, kv.shape[-1]), torch.zeros(0, dtype=torch.bool, device=kv.device))
+    return _EMPTY[key]
 
 
 @dataclass
@@ -109,6 +120,8 @@ class Attention(Rederived, nn.Module):
             rows["iq"], rows["iw"], rows["ikv"], rows["igate"] = self.indexer.project(h, qr, cos, sin, pre)
         if isinstance(states, LayerState):  # one decode row per sequence of a batched state
             out = self._attend_static(rows, states, inv_freq)
+        elif len(segs) == n:  # a decode step: one row for each sequence
+            out = self._attend_rows(rows, segs, states, inv_freq)
         elif len(segs) == 1 and segs[0].length == n and self._block_size(segs[0]) >= n:
             out = self._attend(rows, states[0], segs[0].start, inv_freq)  # one sequence, one block: no slicing
         else:
@@ -119,7 +132,7 @@ class Attention(Rederived, nn.Module):
                     b = min(a + step, seg.length)
                     sl = slice(seg.offset + a, seg.offset + b)
                     out[sl] = self._attend({k: v[sl] for k, v in rows.items()}, st, seg.start + a, inv_freq)
-        out = apply_rope(out, cos[:, None, :], sin[:, None, :], inverse=True)
+        out = rope_rows(out, cos, sin, inverse=True)
         grouped = out.reshape(n, self.o_groups, -1)
         if isinstance(self.wo_a, Fp8Linear) and self.o_lora_rank % FP8_BLOCK == 0:
             # each group's rows are whole scale blocks: all groups in one grouped FP8 product
@@ -224,12 +237,12 @@ class Attention(Rederived, nn.Module):
         st.window[torch.arange(bsz, device=q.device), pos % w] = kv.to(st.window.dtype)
         return out if out.dtype == q.dtype else out.to(q.dtype)
 
-    def _attend_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """A single query row (a decode step): the same attention as `_attend`, its core in one call
-        (kernels.attn_decode: window ring, new key, entries and sink); returns [1, H, D]."""
+    def _entries_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor):
+        """A single query row's compressed side (a decode step): feed the compressors (and the indexer's) this
+        row, then (entries [T, D] the row attends to, valid [T]): all of them (HCA), the indexer's top-k
+        (CSA past `topk` entries), or none (sliding layers)."""
         q, kv = r["q"], r["kv"]
-        ent = kv.new_zeros(0, kv.shape[-1])
-        valid = torch.zeros(0, dtype=torch.bool, device=q.device)
+        ent, valid = _no_entries(kv)
         if self.compressor is not None:
             st.compressor.append(self.compressor.consume(r["ckv"], r["cgate"], st.compressor, start, inv_freq))
             entries = st.compressor.view()
@@ -242,7 +255,35 @@ class Attention(Rederived, nn.Module):
                 ent, valid = entries[idx[0]], ok[0]
             elif t:
                 ent, valid = entries, torch.arange(t, device=q.device) < (start + 1) // self.ratio
+        return ent, valid
+
+    def _attend_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
+        """A single query row (a decode step): the same attention as `_attend`, its core in one call
+        (kernels.attn_decode: window ring, new key, entries and sink); returns [1, H, D]."""
+        q, kv = r["q"], r["kv"]
+        ent, valid = self._entries_one(r, st, start, inv_freq)
         out = attn_decode(q[0], st.window, start, kv[0], ent, valid, self.attn_sink, self.scale)
         st.window[start % self.window] = kv[0]  # (index_put casts to the ring's dtype)
         return (out if out.dtype == q.dtype else out.to(q.dtype))[None]
 
+    def _attend_rows(self, rows: dict, segs: list[Segment], states: list[LayerState],
+                     inv_freq: torch.Tensor) -> torch.Tensor:
+        """One decode row per sequence (every segment of length 1, rows in segment order): each sequence's
+        compressed side as `_attend_one` does it, then every sequence's attention and ring write in one call
+        (kernels.attn_decode_batch) instead of a call, a ring write and row slicing per sequence. [B, H, D]."""
+        q = rows["q"]
+        if self.compressor is None:  # sliding layers: the rings alone, nothing to slice
+            empty, none = _no_entries(rows["kv"])
+            ents, valids = [empty] * len(segs), [none] * len(segs)
+        elif len(segs) == 1:
+            ent, valid = self._entries_one(rows, states[0], segs[0].start, inv_freq)
+            ents, valids = [ent], [valid]
+        else:
+            ents, valids = [], []
+            for b, (seg, st) in enumerate(zip(segs, states)):
+                ent, valid = self._entries_one({k: v[b:b + 1] for k, v in rows.items()}, st, seg.start, inv_freq)
+                ents.append(ent)
+                valids.append(valid)
+        out = attn_decode_batch(q, [st.window for st in states], [seg.start for seg in segs], rows["kv"], ents,
+                                valids, self.attn_sink, self.scale)
+        return out if out.dtype == q.dtype else out.to(q.dtype)

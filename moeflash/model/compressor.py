@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..kernels import indexer_scores
+from ..kernels import indexer_scores, rope_rows
 from .layers import RMSNorm, apply_rope, rope_cos_sin
 from .state import CompressorState
 
@@ -63,13 +63,14 @@ class Compressor(nn.Module):
     def consume(self, kv: torch.Tensor, gate: torch.Tensor, st: CompressorState, start_pos: int,
                 inv_freq: torch.Tensor) -> torch.Tensor:
         """Feed one sequence's projected rows kv/gate [S, C] at positions start_pos..; update `st`
-        and return the entries closed now [k, width] (already normalised and rotated)."""
+        and return the entries closed now [k, width] (already normalised and rotated), or None when no window
+        closes (CompressorState.append takes both)."""
         m, w = self.ratio, self.width
         r = start_pos % m
         if r + kv.shape[0] < m:  # no window closes (most decode steps): only the pending rows grow
             st.pending_kv[r: r + kv.shape[0]] = kv
             st.pending_gate[r: r + kv.shape[0]] = gate
-            return kv.new_zeros((0, w))
+            return None
         if r:
             kv = torch.cat((st.pending_kv[:r].to(kv.dtype), kv))
             gate = torch.cat((st.pending_gate[:r].to(gate.dtype), gate))
@@ -156,7 +157,7 @@ class Indexer(nn.Module):
         `pre` = (wq_b(qr), weights_proj(h), wkv(h), wgate(h)) when the caller fused those matmuls."""
         q_raw, w_raw, kv, gate = pre if pre is not None else (
             self.wq_b(qr), self.weights_proj(h), *self.compressor.project(h))
-        q = apply_rope(q_raw.view(qr.shape[0], self.n_heads, self.head_dim), cos[:, None, :], sin[:, None, :])
+        q = rope_rows(q_raw.view(qr.shape[0], self.n_heads, self.head_dim), cos, sin)
         return q, w_raw.float() * self.n_heads ** -0.5, kv, gate
 
     def select(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor,

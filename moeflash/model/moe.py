@@ -143,12 +143,12 @@ class MoE(Rederived, nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """x [N, dim] (or [B, S, dim]), ids matching (token ids, for hash routing) -> same shape."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
-        weights, idx = self.gate(flat, ids.reshape(-1))
+        flat = x if x.dim() == 2 else x.reshape(-1, shape[-1])
+        weights, idx = self.gate(flat, ids if ids.dim() == 1 else ids.reshape(-1))
         out = self.routed(flat, ids, weights, idx)
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
-        return out.view(shape)
+        return out if x.dim() == 2 else out.view(shape)
 
     def routed(self, flat: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """The routed part for rows flat [N, dim] already routed: the `on_route` hook, the experts' weighted

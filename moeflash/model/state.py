@@ -28,8 +28,10 @@ class CompressorState:
     entries: torch.Tensor         # [capacity, Dc]
     count: int = 0                # entries emitted
 
-    def append(self, new: torch.Tensor) -> None:
-        """Append [k, Dc] entries; the buffer doubles when full, so appends are amortised O(1)."""
+    def append(self, new: torch.Tensor | None) -> None:
+        """Append [k, Dc] entries (None: none); the buffer doubles when full, so appends are amortised O(1)."""
+        if new is None:
+            return
         k = new.shape[0]
         if k == 0:
             return

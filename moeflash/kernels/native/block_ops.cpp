@@ -12,8 +12,15 @@
 //   norm_rope an RMS norm (weighted or not) and the rotation of the trailing dims, per head;
 //   moe_gate  the router's epilogue: scores, biased top-k (or hash ids), normalisation and scale;
 //   swiglu    the clamped SwiGLU of a fused w1|w3 product.
-// All fp32, plain loops (the work is tiny; the compiler vectorises for the x86-64 baseline), so there is one
-// code path on every CPU. Rows are spread over threads only when a call is large (prefill).
+// All fp32. The loops are written once (the `*_body` functions) and compiled three times, for AVX-512, AVX2
+// and the x86-64 baseline, picked at run time by isa() (cpu.h; MOEFLASH_ISA lowers it). Sums run in sixteen
+// lanes combined in a fixed order and nothing is contracted into an FMA, so the three paths give the same
+// bits, and a row's result does not depend on the other rows of the call (batch invariance; up to
+// HC_ROW_MAX rows for hc_weights, past which its projection is torch's GEMM). Rows are spread over threads
+// only when a call is large (prefill).
+
+// no contraction of a * b + c into an FMA: the same bits on every instruction-set path
+#pragma GCC optimize("fp-contract=off")
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -28,8 +35,40 @@
 #include <tuple>
 #include <vector>
 
+#include "cpu.h"
+
 namespace moeflash_native {
 namespace {
+
+#define BODY static inline __attribute__((always_inline))
+
+// `name(args)` runs name##_body compiled for the best instruction set isa() allows.
+#define ISA_DISPATCH(name, params, args)                                                               \
+  __attribute__((target("avx512f,avx512bw,avx512vl"))) void name##_avx512 params { name##_body args; } \
+  __attribute__((target("avx2"))) void name##_avx2 params { name##_body args; }                       \
+  void name##_base params { name##_body args; }                                                        \
+  void name params {                                                                                   \
+    switch (isa()) {                                                                                   \
+      case AVX512: name##_avx512 args; return;                                                         \
+      case AVX2: name##_avx2 args; return;                                                             \
+      default: name##_base args; return;                                                               \
+    }                                                                                                  \
+  }
+
+constexpr int LANES = 16;
+
+// sum_k a[k] * b[k] in sixteen lanes, combined pairwise in a fixed order, then the tail.
+BODY float dot_lanes(const float* a, const float* b, int64_t n) {
+  float acc[LANES] = {};
+  int64_t k = 0;
+  for (; k + LANES <= n; k += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += a[k + l] * b[k + l];
+  for (int w = LANES / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  float s = acc[0];
+  for (; k < n; ++k) s += a[k] * b[k];
+  return s;
+}
 
 // Below this many elements a call runs on the calling thread (waking the team costs more than the work).
 constexpr int64_t PARALLEL_MIN = 1 << 18;
@@ -43,20 +82,13 @@ void rows_maybe_parallel(int64_t rows, int64_t per_row, F&& body) {
   }
 }
 
-// 1 / sqrt(mean(x^2) + eps) of one row, with eight partial sums in a fixed order (the same for every
-// caller, so a row's result does not depend on which op computed it).
-inline float inv_rms(const float* x, int64_t D, float eps) {
-  float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t k = 0;
-  for (; k + 8 <= D; k += 8)
-    for (int l = 0; l < 8; ++l) lanes[l] += x[k + l] * x[k + l];
-  float ss = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5])) + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]));
-  for (; k < D; ++k) ss += x[k] * x[k];
-  return 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+// 1 / sqrt(mean(x^2) + eps) of one row.
+BODY float inv_rms(const float* x, int64_t D, float eps) {
+  return 1.0f / std::sqrt(dot_lanes(x, x, D) / static_cast<float>(D) + eps);
 }
 
 // y = w * (x * inv) over one row (w may be null: unweighted).
-inline void scale_row(const float* x, const float* w, float inv, int64_t D, float* y) {
+BODY void scale_row(const float* x, const float* w, float inv, int64_t D, float* y) {
   if (w) {
     for (int64_t c = 0; c < D; ++c) y[c] = w[c] * (x[c] * inv);
   } else {
@@ -66,7 +98,7 @@ inline void scale_row(const float* x, const float* w, float inv, int64_t D, floa
 
 // Interleaved rotation of the trailing 2 * half dims of one row in place: a cos - b sin, a sin + b cos
 // (sg = -1 rotates by -angle).
-inline void rotate_row(float* r, const float* cs, const float* sn, int64_t lead, int64_t half, float sg) {
+BODY void rotate_row(float* r, const float* cs, const float* sn, int64_t lead, int64_t half, float sg) {
   for (int64_t i = 0; i < half; ++i) {
     const float a = r[lead + 2 * i], b = r[lead + 2 * i + 1], c = cs[i], s = sg * sn[i];
     const float ac = a * c, bs = b * s, as = a * s, bc = b * c;
@@ -74,6 +106,25 @@ inline void rotate_row(float* r, const float* cs, const float* sn, int64_t lead,
     r[lead + 2 * i + 1] = as + bc;
   }
 }
+
+// Rows r0..r1 of x [*, D] RMS-normalised (times w when not null) into y.
+BODY void norm_rows_body(const float* x, const float* w, int64_t D, float eps, int64_t r0, int64_t r1, float* y) {
+  for (int64_t r = r0; r < r1; ++r) scale_row(x + r * D, w, inv_rms(x + r * D, D, eps), D, y + r * D);
+}
+ISA_DISPATCH(norm_rows, (const float* x, const float* w, int64_t D, float eps, int64_t r0, int64_t r1, float* y),
+             (x, w, D, eps, r0, r1, y))
+
+// Rows r0..r1 of x [N * M, D]: normalised (times w when not null), then rotated by row n = r / M's angle.
+BODY void norm_rope_rows_body(const float* x, const float* w, const float* cs, const float* sn, int64_t M, int64_t D,
+                              int64_t half, float eps, int64_t r0, int64_t r1, float* y) {
+  for (int64_t r = r0; r < r1; ++r) {
+    scale_row(x + r * D, w, inv_rms(x + r * D, D, eps), D, y + r * D);
+    rotate_row(y + r * D, cs + (r / M) * half, sn + (r / M) * half, D - 2 * half, half, 1.0f);
+  }
+}
+ISA_DISPATCH(norm_rope_rows, (const float* x, const float* w, const float* cs, const float* sn, int64_t M, int64_t D,
+                              int64_t half, float eps, int64_t r0, int64_t r1, float* y),
+             (x, w, cs, sn, M, D, half, eps, r0, r1, y))
 
 // RMSNorm over the last axis of fp32 rows with an fp32 weight: x * rsqrt(mean(x^2) + eps) * w. One call
 // instead of ATen's composite (pow, mean, add, rsqrt, mul, mul: ~40 us per call at batch 1 here).
@@ -89,9 +140,7 @@ at::Tensor rms_norm(const at::Tensor& x_in, const at::Tensor& w_in, double eps) 
   const float* wp = w.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const float e = static_cast<float>(eps);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) scale_row(xp + r * D, wp, inv_rms(xp + r * D, D, e), D, yp + r * D);
-  });
+  rows_maybe_parallel(rows, D, [&](int64_t r0, int64_t r1) { norm_rows(xp, wp, D, e, r0, r1, yp); });
   return y;
 }
 
@@ -126,7 +175,7 @@ at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tens
 at::Tensor norm_rope(const at::Tensor& x_in, const std::optional<at::Tensor>& w_in, const at::Tensor& cos_in,
                      const at::Tensor& sin_in, double eps) {
   check_rope(x_in, cos_in, sin_in, "norm_rope");
-  const int64_t M = x_in.size(1), D = x_in.size(2), half = cos_in.size(1), lead = D - 2 * half;
+  const int64_t M = x_in.size(1), D = x_in.size(2), half = cos_in.size(1);
   at::Tensor w;
   if (w_in.has_value()) {
     w = w_in->contiguous();
@@ -142,10 +191,7 @@ at::Tensor norm_rope(const at::Tensor& x_in, const std::optional<at::Tensor>& w_
   float* op = out.data_ptr<float>();
   const float e = static_cast<float>(eps);
   rows_maybe_parallel(x.size(0) * M, D, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      scale_row(xp + r * D, wp, inv_rms(xp + r * D, D, e), D, op + r * D);
-      rotate_row(op + r * D, cp + (r / M) * half, sp + (r / M) * half, lead, half, 1.0f);
-    }
+    norm_rope_rows(xp, wp, cp, sp, M, D, half, e, r0, r1, op);
   });
   return out;
 }
@@ -195,8 +241,11 @@ at::Tensor sinkhorn(const at::Tensor& logits_in, int64_t iters, double eps) {
 }
 
 // mHC's per-site weights (model/hyper.py hc_weights): x [T, n, d] fp32 streams, fn [n(n+2), n d], base
-// [n(n+2)], scale [3] -> pre [T, n], post [T, n], comb [T, n, n]. The RMS normalisation of the flattened
-// streams and the small epilogue run here; the projection is torch's matmul.
+// [n(n+2)], scale [3] -> pre [T, n], post [T, n], comb [T, n, n]. The mix logits are fn @ x_t / rms(x_t):
+// up to HC_ROW_MAX rows as one dot product per logit here (fn read once per row, no copy of x), past it
+// the rows normalised and multiplied by torch's GEMM (prefill).
+constexpr int64_t HC_ROW_MAX = 16;
+
 void check_hc(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& base, const at::Tensor& scale, const char* op) {
   TORCH_CHECK(x.dim() == 3 && x.scalar_type() == at::kFloat, op, ": x must be float32 [T, n, d]");
   const int64_t n = x.size(1), d = x.size(2), F = n * (n + 2);
@@ -204,31 +253,43 @@ void check_hc(const at::Tensor& x, const at::Tensor& fn, const at::Tensor& base,
               ": fn must be [", F, ", ", n * d, "], base [", F, "], scale [3]");
 }
 
+// mix[t, f] = (fn[f] . x[t]) / rms(x[t]) for rows t0..t1 of x [T, K].
+BODY void hc_mix_rows_body(const float* x, const float* fn, int64_t F, int64_t K, float eps, int64_t t0, int64_t t1,
+                           float* mix) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xt = x + t * K;
+    const float inv = inv_rms(xt, K, eps);
+    for (int64_t f = 0; f < F; ++f) mix[t * F + f] = dot_lanes(fn + f * K, xt, K) * inv;
+  }
+}
+ISA_DISPATCH(hc_mix_rows, (const float* x, const float* fn, int64_t F, int64_t K, float eps, int64_t t0, int64_t t1,
+                           float* mix),
+             (x, fn, F, K, eps, t0, t1, mix))
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_weights(const at::Tensor& x_in, const at::Tensor& fn_in,
                                                           const at::Tensor& base_in, const at::Tensor& scale_in,
                                                           int64_t iters, double hc_eps, double norm_eps) {
   check_hc(x_in, fn_in, base_in, scale_in, "hc_weights");
   TORCH_CHECK(iters >= 1, "hc_weights: iters must be >= 1");
-  const int64_t T = x_in.size(0), n = x_in.size(1), d = x_in.size(2), F = n * (n + 2);
-  at::Tensor flat = x_in.reshape({T, n * d}).contiguous().clone();
-  float* fp = flat.data_ptr<float>();
+  const int64_t T = x_in.size(0), n = x_in.size(1), d = x_in.size(2), F = n * (n + 2), K = n * d;
   const float ne = static_cast<float>(norm_eps);
-  rows_maybe_parallel(T, n * d, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      float* r = fp + t * n * d;
-      float ss = 0.0f;
-      for (int64_t j = 0; j < n * d; ++j) ss += r[j] * r[j];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(n * d) + ne);
-      for (int64_t j = 0; j < n * d; ++j) r[j] *= inv;
-    }
-  });
-  at::Tensor mix = at::mm(flat, fn_in.to(at::kFloat).t()).contiguous();  // [T, F]
+  const at::Tensor x = x_in.contiguous(), fn = fn_in.to(at::kFloat).contiguous();
+  at::Tensor mix;
+  if (T <= HC_ROW_MAX) {
+    mix = at::empty({T, F}, x.options());
+    hc_mix_rows(x.data_ptr<float>(), fn.data_ptr<float>(), F, K, ne, 0, T, mix.data_ptr<float>());
+  } else {
+    at::Tensor flat = x.reshape({T, K}).clone();
+    float* fp = flat.data_ptr<float>();
+    rows_maybe_parallel(T, K, [&](int64_t t0, int64_t t1) { norm_rows(fp, nullptr, K, ne, t0, t1, fp); });
+    mix = at::mm(flat, fn.t()).contiguous();  // [T, F]
+  }
   at::Tensor base = base_in.to(at::kFloat).contiguous(), scale = scale_in.to(at::kFloat).contiguous();
   const float* mp = mix.data_ptr<float>();
   const float* bp = base.data_ptr<float>();
   const float* sp = scale.data_ptr<float>();
-  at::Tensor pre = at::empty({T, n}, flat.options()), post = at::empty({T, n}, flat.options());
-  at::Tensor comb = at::empty({T, n, n}, flat.options());
+  at::Tensor pre = at::empty({T, n}, x.options()), post = at::empty({T, n}, x.options());
+  at::Tensor comb = at::empty({T, n, n}, x.options());
   float* pr = pre.data_ptr<float>();
   float* po = post.data_ptr<float>();
   float* cb = comb.data_ptr<float>();
@@ -245,9 +306,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_weights(const at::Tensor& x_in
   return {pre, post, comb};
 }
 
+// h[t] = norm(sum_j pre[t, j] x[t, j]) (j in order, products then sums) for rows t0..t1 of x [T, n, d]; c is
+// scratch [d].
+BODY void collapse_norm_rows_body(const float* x, const float* pre, const float* w, int64_t n, int64_t d, float eps,
+                                  int64_t t0, int64_t t1, float* c, float* h) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* xt = x + t * n * d;
+    const float* pt = pre + t * n;
+    for (int64_t k = 0; k < d; ++k) c[k] = pt[0] * xt[k];
+    for (int64_t j = 1; j < n; ++j)
+      for (int64_t k = 0; k < d; ++k) c[k] += pt[j] * xt[j * d + k];
+    scale_row(c, w, inv_rms(c, d, eps), d, h + t * d);
+  }
+}
+ISA_DISPATCH(collapse_norm_rows, (const float* x, const float* pre, const float* w, int64_t n, int64_t d, float eps,
+                                  int64_t t0, int64_t t1, float* c, float* h),
+             (x, pre, w, n, d, eps, t0, t1, c, h))
+
 // mHC before a sub-layer, in one call: the site's weights (hc_weights), the collapse of the streams
-// sum_j pre_j x_j (j in order, products then sums), and the sub-layer's RMSNorm (weight norm_w [d]).
-// Returns (h [T, d], post [T, n], comb [T, n, n]).
+// sum_j pre_j x_j and the sub-layer's RMSNorm (weight norm_w [d]). Returns (h [T, d], post [T, n], comb [T, n, n]).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_pre(const at::Tensor& x_in, const at::Tensor& fn,
                                                       const at::Tensor& base, const at::Tensor& scale,
                                                       const at::Tensor& norm_w_in, int64_t iters, double hc_eps,
@@ -266,20 +343,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_pre(const at::Tensor& x_in, co
   const float e = static_cast<float>(norm_eps);
   rows_maybe_parallel(T, n * d, [&](int64_t t0, int64_t t1) {
     std::vector<float> c(d);
-    for (int64_t t = t0; t < t1; ++t) {
-      const float* xt = xp + t * n * d;
-      const float* pt = pp + t * n;
-      for (int64_t k = 0; k < d; ++k) c[k] = pt[0] * xt[k];
-      for (int64_t j = 1; j < n; ++j)
-        for (int64_t k = 0; k < d; ++k) c[k] += pt[j] * xt[j * d + k];
-      scale_row(c.data(), wp, inv_rms(c.data(), d, e), d, hp + t * d);
-    }
+    collapse_norm_rows(xp, pp, wp, n, d, e, t0, t1, c.data(), hp);
   });
   return {h, post, comb};
 }
 
-// mHC after a sub-layer: out[t, k] = post[t, k] * y[t] + sum_j comb[t, j, k] * x[t, j] (j in order), for
-// streams x [T, n, d], the sub-layer output y [T, d], post [T, n], comb [T, n, n].
+// out[t, k] = post[t, k] * y[t] + sum_j comb[t, j, k] * x[t, j] (j in order) for rows r = t * n + k in r0..r1.
+BODY void hc_post_rows_body(const float* x, const float* y, const float* post, const float* comb, int64_t n, int64_t d,
+                            int64_t r0, int64_t r1, float* out) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = r / n, k = r % n;
+    const float* xt = x + t * n * d;
+    const float* yt = y + t * d;
+    const float* ct = comb + t * n * n;
+    const float pk = post[t * n + k];
+    float* o = out + r * d;
+    for (int64_t c = 0; c < d; ++c) o[c] = ct[k] * xt[c];
+    for (int64_t j = 1; j < n; ++j)
+      for (int64_t c = 0; c < d; ++c) o[c] += ct[j * n + k] * xt[j * d + c];
+    for (int64_t c = 0; c < d; ++c) o[c] += pk * yt[c];
+  }
+}
+ISA_DISPATCH(hc_post_rows, (const float* x, const float* y, const float* post, const float* comb, int64_t n, int64_t d,
+                            int64_t r0, int64_t r1, float* out),
+             (x, y, post, comb, n, d, r0, r1, out))
+
+// mHC after a sub-layer: out[t, k] = post[t, k] * y[t] + sum_j comb[t, j, k] * x[t, j], for streams x [T, n, d],
+// the sub-layer output y [T, d], post [T, n], comb [T, n, n].
 at::Tensor hc_post(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& post_in, const at::Tensor& comb_in) {
   TORCH_CHECK(x_in.dim() == 3 && x_in.scalar_type() == at::kFloat, "hc_post: x must be float32 [T, n, d]");
   const int64_t T = x_in.size(0), n = x_in.size(1), d = x_in.size(2);
@@ -296,20 +386,7 @@ at::Tensor hc_post(const at::Tensor& x_in, const at::Tensor& y_in, const at::Ten
   const float* pp = post.data_ptr<float>();
   const float* cp = comb.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  rows_maybe_parallel(T * n, d * n, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t t = r / n, k = r % n;
-      const float* xt = xp + t * n * d;
-      const float* yt = yp + t * d;
-      const float* ct = cp + t * n * n;
-      const float pk = pp[t * n + k];
-      float* o = op + r * d;
-      for (int64_t c = 0; c < d; ++c) o[c] = ct[k] * xt[c];
-      for (int64_t j = 1; j < n; ++j)
-        for (int64_t c = 0; c < d; ++c) o[c] += ct[j * n + k] * xt[j * d + c];
-      for (int64_t c = 0; c < d; ++c) o[c] += pk * yt[c];
-    }
-  });
+  rows_maybe_parallel(T * n, d * n, [&](int64_t r0, int64_t r1) { hc_post_rows(xp, yp, pp, cp, n, d, r0, r1, op); });
   return out;
 }
 
