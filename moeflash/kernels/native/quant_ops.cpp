@@ -196,60 +196,124 @@ AVX512_TARGET inline void e4m3x32_avx512(const uint8_t* p, __m512& lo, __m512& h
   hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(t, 1));
 }
 
-// Four partial sums per row inside a block (64 weights a step) so that FMA latency does not bound one
-// row; the same for every R, so a row's arithmetic never depends on the other rows.
-template <int R>
-AVX512_TARGET inline void fp8_row_avx512(const float* x, int64_t K, const uint8_t* wr, const float* sr, float* y,
-                                         int64_t N) {
-  const float* lut = tables().e4m3;
-  __m512 acc[R];
-  float tail[R];
-  for (int i = 0; i < R; ++i) { acc[i] = _mm512_setzero_ps(); tail[i] = 0.0f; }
-  for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
-    const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 16) * 16;
-    __m512 p0[R], p1[R], p2[R], p3[R];
-    for (int i = 0; i < R; ++i) p0[i] = p1[i] = p2[i] = p3[i] = _mm512_setzero_ps();
-    int64_t k = k0;
-    for (; k + 64 <= kv; k += 64) {
-      __m512 a, b, c, d;
-      e4m3x32_avx512(wr + k, a, b);
-      e4m3x32_avx512(wr + k + 32, c, d);
-      for (int i = 0; i < R; ++i) {
-        const float* xr = x + i * K + k;
-        p0[i] = _mm512_fmadd_ps(a, _mm512_loadu_ps(xr), p0[i]);
-        p1[i] = _mm512_fmadd_ps(b, _mm512_loadu_ps(xr + 16), p1[i]);
-        p2[i] = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 32), p2[i]);
-        p3[i] = _mm512_fmadd_ps(d, _mm512_loadu_ps(xr + 48), p3[i]);
-      }
+// The AVX-512 FP8 arithmetic of one (output, row) pair: inside each 128-input block one chain of FMAs over
+// the inputs in order, 16 at a time; then acc = block sum * block scale + acc, block after block; then the
+// lanes' sum plus the scalar tail (inputs past the last multiple of 16 in a block). Every kernel below keeps
+// exactly this order, so a row's result never depends on the other rows of the call (batch invariance).
+
+// One block's chain for RN outputs x RM rows (register blocking: each weight vector decoded once for the RM
+// rows, each x vector loaded once for the RN outputs). w points at output n's row.
+template <int RN, int RM>
+AVX512_TARGET inline void fp8_chain_avx512(const float* x, int64_t K, const uint8_t* w, int64_t k0, int64_t kv,
+                                           __m512 (&p)[RN][RM]) {
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < RM; ++m) p[r][m] = _mm512_setzero_ps();
+  int64_t k = k0;
+  for (; k + 32 <= kv; k += 32) {  // two 16-input steps of the chain, their weights decoded at once
+    __m512 xlo[RM], xhi[RM];
+    for (int m = 0; m < RM; ++m) {
+      xlo[m] = _mm512_loadu_ps(x + m * K + k);
+      xhi[m] = _mm512_loadu_ps(x + m * K + k + 16);
     }
-    for (; k < kv; k += 16) {
-      const __m512 wv = e4m3x16_avx512(wr + k);
-      for (int i = 0; i < R; ++i) p0[i] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + i * K + k), p0[i]);
-    }
-    const float sc = sr[k0 / FP8_BLOCK];
-    const __m512 scv = _mm512_set1_ps(sc * 256.0f);
-    for (int i = 0; i < R; ++i) {
-      const __m512 part = _mm512_add_ps(_mm512_add_ps(p0[i], p1[i]), _mm512_add_ps(p2[i], p3[i]));
-      acc[i] = _mm512_fmadd_ps(part, scv, acc[i]);
-      for (int64_t kk = kv; kk < k1; ++kk) tail[i] = std::fma(lut[wr[kk]] * sc, x[i * K + kk], tail[i]);
+    for (int r = 0; r < RN; ++r) {
+      __m512 lo, hi;
+      e4m3x32_avx512(w + r * K + k, lo, hi);
+      for (int m = 0; m < RM; ++m) p[r][m] = _mm512_fmadd_ps(hi, xhi[m], _mm512_fmadd_ps(lo, xlo[m], p[r][m]));
     }
   }
-  for (int i = 0; i < R; ++i) y[i * N] = _mm512_reduce_add_ps(acc[i]) + tail[i];
+  for (; k < kv; k += 16) {
+    __m512 xv[RM];
+    for (int m = 0; m < RM; ++m) xv[m] = _mm512_loadu_ps(x + m * K + k);
+    for (int r = 0; r < RN; ++r) {
+      const __m512 wv = e4m3x16_avx512(w + r * K + k);
+      for (int m = 0; m < RM; ++m) p[r][m] = _mm512_fmadd_ps(wv, xv[m], p[r][m]);
+    }
+  }
+}
+
+// RN outputs (n ..) x RM rows, whole rows.
+template <int RN, int RM>
+AVX512_TARGET inline void fp8_tile_avx512(const float* x, int64_t K, const uint8_t* w, const float* s, int64_t kb,
+                                          int64_t n, float* y, int64_t N) {
+  const float* lut = tables().e4m3;
+  __m512 acc[RN][RM], p[RN][RM];
+  float tail[RN][RM];
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < RM; ++m) { acc[r][m] = _mm512_setzero_ps(); tail[r][m] = 0.0f; }
+  for (int64_t k0 = 0; k0 < K; k0 += FP8_BLOCK) {
+    const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 16) * 16;
+    fp8_chain_avx512<RN, RM>(x, K, w + n * K, k0, kv, p);
+    for (int r = 0; r < RN; ++r) {
+      const uint8_t* wr = w + (n + r) * K;
+      const float sc = s[((n + r) / FP8_BLOCK) * kb + k0 / FP8_BLOCK];
+      const __m512 scv = _mm512_set1_ps(sc * 256.0f);
+      for (int m = 0; m < RM; ++m) {
+        acc[r][m] = _mm512_fmadd_ps(p[r][m], scv, acc[r][m]);
+        for (int64_t kk = kv; kk < k1; ++kk) tail[r][m] = std::fma(lut[wr[kk]] * sc, x[m * K + kk], tail[r][m]);
+      }
+    }
+  }
+  for (int r = 0; r < RN; ++r)
+    for (int m = 0; m < RM; ++m) y[m * N + n + r] = _mm512_reduce_add_ps(acc[r][m]) + tail[r][m];
+}
+
+// One row, one output: four blocks' chains at a time (independent, so the FMA latency is hidden while the
+// weight row streams in order), added into acc in block order: the same arithmetic as fp8_tile_avx512.
+AVX512_TARGET inline void fp8_row1_avx512(const float* x, int64_t K, const uint8_t* wr, const float* sr, float* y) {
+  const float* lut = tables().e4m3;
+  __m512 acc = _mm512_setzero_ps();
+  float tail = 0.0f;
+  int64_t k0 = 0;
+  for (; k0 + 4 * FP8_BLOCK <= K; k0 += 4 * FP8_BLOCK) {  // four whole blocks
+    __m512 p[4];
+    for (int b = 0; b < 4; ++b) p[b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < FP8_BLOCK; k += 32) {
+      for (int b = 0; b < 4; ++b) {
+        const int64_t kk = k0 + b * FP8_BLOCK + k;
+        __m512 lo, hi;
+        e4m3x32_avx512(wr + kk, lo, hi);
+        p[b] = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + kk + 16), _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + kk), p[b]));
+      }
+    }
+    for (int b = 0; b < 4; ++b) acc = _mm512_fmadd_ps(p[b], _mm512_set1_ps(sr[k0 / FP8_BLOCK + b] * 256.0f), acc);
+  }
+  for (; k0 < K; k0 += FP8_BLOCK) {  // the rest, block by block
+    const int64_t k1 = std::min<int64_t>(K, k0 + FP8_BLOCK), kv = k0 + ((k1 - k0) / 16) * 16;
+    __m512 p[1][1];
+    fp8_chain_avx512<1, 1>(x, K, wr, k0, kv, p);
+    const float sc = sr[k0 / FP8_BLOCK];
+    acc = _mm512_fmadd_ps(p[0][0], _mm512_set1_ps(sc * 256.0f), acc);
+    for (int64_t kk = kv; kk < k1; ++kk) tail = std::fma(lut[wr[kk]] * sc, x[kk], tail);
+  }
+  *y = _mm512_reduce_add_ps(acc) + tail;
+}
+
+template <int RN>
+AVX512_TARGET inline void fp8_rows_tile_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s,
+                                               int64_t kb, int64_t n, float* y, int64_t N) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) fp8_tile_avx512<RN, 4>(x + m * K, K, w, s, kb, n, y + m * N, N);
+  switch (M - m) {
+    case 3: fp8_tile_avx512<RN, 3>(x + m * K, K, w, s, kb, n, y + m * N, N); break;
+    case 2: fp8_tile_avx512<RN, 2>(x + m * K, K, w, s, kb, n, y + m * N, N); break;
+    case 1: fp8_tile_avx512<RN, 1>(x + m * K, K, w, s, kb, n, y + m * N, N); break;
+    default: break;
+  }
 }
 
 AVX512_TARGET void fp8_rows_avx512(const float* x, int64_t M, int64_t K, const uint8_t* w, const float* s,
                                    int64_t kb, float* y, int64_t N, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * K;
-    const float* sr = s + (n / FP8_BLOCK) * kb;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) fp8_row_avx512<4>(x + m * K, K, wr, sr, y + m * N + n, N);
-    switch (M - m) {
-      case 3: fp8_row_avx512<3>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      case 2: fp8_row_avx512<2>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      case 1: fp8_row_avx512<1>(x + m * K, K, wr, sr, y + m * N + n, N); break;
-      default: break;
-    }
+  if (M == 1) {
+    for (int64_t n = n0; n < n1; ++n) fp8_row1_avx512(x, K, w + n * K, s + (n / FP8_BLOCK) * kb, y + n);
+    return;
+  }
+  int64_t n = n0;
+  for (; n + 4 <= n1; n += 4) fp8_rows_tile_avx512<4>(x, M, K, w, s, kb, n, y, N);
+  switch (n1 - n) {
+    case 3: fp8_rows_tile_avx512<3>(x, M, K, w, s, kb, n, y, N); break;
+    case 2: fp8_rows_tile_avx512<2>(x, M, K, w, s, kb, n, y, N); break;
+    case 1: fp8_rows_tile_avx512<1>(x, M, K, w, s, kb, n, y, N); break;
+    default: break;
   }
 }
 
