@@ -208,23 +208,20 @@ void sinkhorn_inplace(float* p, int64_t B, int64_t n, int64_t iters, float eps) 
       for (int64_t j = 0; j < n; ++j) { m[i * n + j] = std::exp(m[i * n + j] - mx); sum += m[i * n + j]; }
       for (int64_t j = 0; j < n; ++j) m[i * n + j] = m[i * n + j] / sum + eps;
     }
-    auto cols = [&]() {
-      for (int64_t j = 0; j < n; ++j) {
+    // divide each line by its sum + eps: the columns (line stride 1, element stride n) or the rows (n, 1)
+    auto lines = [&](int64_t line_stride, int64_t elem_stride) {
+      for (int64_t a = 0; a < n; ++a) {
+        float* l = m + a * line_stride;
         float sum = 0.0f;
-        for (int64_t i = 0; i < n; ++i) sum += m[i * n + j];
+        for (int64_t b = 0; b < n; ++b) sum += l[b * elem_stride];
         sum += eps;
-        for (int64_t i = 0; i < n; ++i) m[i * n + j] /= sum;
+        for (int64_t b = 0; b < n; ++b) l[b * elem_stride] /= sum;
       }
     };
-    cols();
+    lines(1, n);
     for (int64_t it = 1; it < iters; ++it) {
-      for (int64_t i = 0; i < n; ++i) {
-        float sum = 0.0f;
-        for (int64_t j = 0; j < n; ++j) sum += m[i * n + j];
-        sum += eps;
-        for (int64_t j = 0; j < n; ++j) m[i * n + j] /= sum;
-      }
-      cols();
+      lines(n, 1);
+      lines(1, n);
     }
   }
 }
