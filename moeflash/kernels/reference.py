@@ -358,11 +358,14 @@ def moe_gate(logits: torch.Tensor, bias: torch.Tensor | None, hash_ids: torch.Te
     return w * scale, idx
 
 
-def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
-    """Clamped SwiGLU of a fused w1|w3 product h [..., 2I]: silu(min(g, limit)) * clamp(u, -limit, limit)
-    (limit <= 0: no clamp) -> [..., I]."""
-    gate, up = h.chunk(2, dim=-1)
+def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
+    """SiLU(min(gate, limit)) * clamp(up, -limit, limit); limit <= 0 disables the clamp."""
     if limit and limit > 0:
         gate = gate.clamp(max=limit)
         up = up.clamp(min=-limit, max=limit)
     return F.silu(gate) * up
+
+
+def swiglu(h: torch.Tensor, limit: float) -> torch.Tensor:
+    """Clamped SwiGLU of a fused w1|w3 product h [..., 2I] -> [..., I]."""
+    return clamped_swiglu(*h.chunk(2, dim=-1), limit)

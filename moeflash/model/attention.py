@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import CSA, SLIDING, ModelConfig
 from .compressor import Compressor, Indexer
-from ..kernels import attn_decode, attn_decode_batch, fp8_grouped_linear, norm_rope, rope_rows
+from ..kernels import attn_decode_batch, fp8_grouped_linear, norm_rope, rope_rows
 from ..kernels.linear import FP8_BLOCK, Fp8Linear
 from .layers import FusedLinears, Rederived, RMSNorm
 from .state import LayerState
@@ -157,8 +157,8 @@ class Attention(Rederived, nn.Module):
     def _attend(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
         """Attention for one sequence's consecutive query rows; returns [S, H, D]."""
         q, kv, pos = r["q"], r["kv"], r["pos"]
-        if q.shape[0] == 1:
-            return self._attend_one(r, st, start, inv_freq)
+        if q.shape[0] == 1:  # a single row: the decode path
+            return self._attend_rows(r, [Segment(0, 1, start)], [st], inv_freq)
         w = self.window
         slot = torch.arange(w, device=q.device)
         ring_pos = start - 1 - ((start - 1 - slot) % w)  # newest position held by each ring slot
@@ -204,7 +204,7 @@ class Attention(Rederived, nn.Module):
         return out
 
     def _attend_static(self, r: dict, st: LayerState, inv_freq: torch.Tensor) -> torch.Tensor:
-        """`_attend_one` for B sequences at once over a batched state (state.batched_layer_states): row b
+        """`_attend_rows` over a batched state (state.batched_layer_states): row b
         is sequence b at position pos[b]. Fixed shapes, no branch on the positions and no host
         synchronisation, so a CUDA graph can replay it (engine/graphs.py): visibility is masks, entry
         buffers are read to their capacity with the rows past a sequence's count masked. Returns [B, H, D]."""
@@ -257,31 +257,20 @@ class Attention(Rederived, nn.Module):
                 ent, valid = entries, torch.arange(t, device=q.device) < (start + 1) // self.ratio
         return ent, valid
 
-    def _attend_one(self, r: dict, st: LayerState, start: int, inv_freq: torch.Tensor) -> torch.Tensor:
-        """A single query row (a decode step): the same attention as `_attend`, its core in one call
-        (kernels.attn_decode: window ring, new key, entries and sink); returns [1, H, D]."""
-        q, kv = r["q"], r["kv"]
-        ent, valid = self._entries_one(r, st, start, inv_freq)
-        out = attn_decode(q[0], st.window, start, kv[0], ent, valid, self.attn_sink, self.scale)
-        st.window[start % self.window] = kv[0]  # (index_put casts to the ring's dtype)
-        return (out if out.dtype == q.dtype else out.to(q.dtype))[None]
-
     def _attend_rows(self, rows: dict, segs: list[Segment], states: list[LayerState],
                      inv_freq: torch.Tensor) -> torch.Tensor:
         """One decode row per sequence (every segment of length 1, rows in segment order): each sequence's
-        compressed side as `_attend_one` does it, then every sequence's attention and ring write in one call
+        compressed side (`_entries_one`), then every sequence's attention and ring write in one call
         (kernels.attn_decode_batch) instead of a call, a ring write and row slicing per sequence. [B, H, D]."""
         q = rows["q"]
         if self.compressor is None:  # sliding layers: the rings alone, nothing to slice
             empty, none = _no_entries(rows["kv"])
             ents, valids = [empty] * len(segs), [none] * len(segs)
-        elif len(segs) == 1:
-            ent, valid = self._entries_one(rows, states[0], segs[0].start, inv_freq)
-            ents, valids = [ent], [valid]
         else:
             ents, valids = [], []
             for b, (seg, st) in enumerate(zip(segs, states)):
-                ent, valid = self._entries_one({k: v[b:b + 1] for k, v in rows.items()}, st, seg.start, inv_freq)
+                r = rows if len(segs) == 1 else {k: v[b:b + 1] for k, v in rows.items()}
+                ent, valid = self._entries_one(r, st, seg.start, inv_freq)
                 ents.append(ent)
                 valids.append(valid)
         out = attn_decode_batch(q, [st.window for st in states], [seg.start for seg in segs], rows["kv"], ents,

@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import kernels
 from ..kernels.linear import Bf16Linear, Fp8Linear, GgufLinear
+from ..kernels.reference import clamped_swiglu  # (also imported from here by moe and engine.experts)
 
 
 class Rederived:
@@ -89,14 +90,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     (V4 undoes the query-position rotation on the attention output).
     """
     return kernels.apply_rope(x, cos, sin, inverse)
-
-
-def clamped_swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float) -> torch.Tensor:
-    """SiLU(min(gate, limit)) * clamp(up, -limit, limit); limit <= 0 disables the clamp."""
-    if limit and limit > 0:
-        gate = gate.clamp(max=limit)
-        up = up.clamp(min=-limit, max=limit)
-    return F.silu(gate) * up
 
 
 class SwiGLU(Rederived, nn.Module):

@@ -48,6 +48,19 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum_avx2(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// a . b over n floats in sixteen lanes (the tail into lane d mod 16), combined pairwise in a fixed order:
+// the dot product of every attention kernel here (inlined into each instruction set's build).
+__attribute__((always_inline)) inline float lane_dot(const float* a, const float* b, int64_t n) {
+  float acc[16] = {};
+  int64_t d = 0;
+  for (; d + 16 <= n; d += 16)
+    for (int l = 0; l < 16; ++l) acc[l] += a[d + l] * b[d + l];
+  for (; d < n; ++d) acc[d & 15] += a[d] * b[d];
+  for (int w2 = 8; w2 >= 1; w2 /= 2)
+    for (int l = 0; l < w2; ++l) acc[l] += acc[l + w2];
+  return acc[0];
+}
+
 // ---- V4 decode attention -------------------------------------------------------------------------
 // One query row's sources: its window ring win [W, D] (before this step's write; slot j holds position
 // p - 1 - ((p - 1 - j) mod W), visible when that is >= 0 and > p - W), the new key kv [D] at position p, and
@@ -70,16 +83,7 @@ template <typename K>
 __attribute__((always_inline)) inline void attn_head_impl(const DecodeRow<K>& r, int64_t h, const float* sp, float sc,
                                                          int64_t D, float* scratch_kf, float* lg) {
   const float* qh = r.q + h * D;
-  auto dot = [&](const float* row) {
-    float a[16] = {};
-    int64_t d = 0;
-    for (; d + 16 <= D; d += 16)
-      for (int l = 0; l < 16; ++l) a[l] += qh[d + l] * row[d + l];
-    for (; d < D; ++d) a[d & 15] += qh[d] * row[d];
-    for (int w2 = 8; w2 >= 1; w2 /= 2)
-      for (int l = 0; l < w2; ++l) a[l] += a[l + w2];
-    return a[0];
-  };
+  auto dot = [&](const float* row) { return lane_dot(qh, row, D); };
   // a record row as fp32: itself, or widened into scratch (exact for bf16)
   auto row_f = [&](const K* row) -> const float* {
     if constexpr (std::is_same_v<K, float>) {
@@ -267,15 +271,7 @@ __attribute__((always_inline)) inline void gqa_logits_impl(int64_t h, const floa
   const float* qh = qp + h * d;
   const int64_t g = h / group, stride = KV * d;
   for (int64_t t = 0; t < T; ++t) {
-    const float* r = kp + t * stride + g * d;
-    float a[16] = {};
-    int64_t i = 0;
-    for (; i + 16 <= d; i += 16)
-      for (int l = 0; l < 16; ++l) a[l] += qh[i + l] * r[i + l];
-    for (; i < d; ++i) a[i & 15] += qh[i] * r[i];
-    for (int w2 = 8; w2 >= 1; w2 /= 2)
-      for (int l = 0; l < w2; ++l) a[l] += a[l + w2];
-    lg[t] = a[0] * sc;
+    lg[t] = lane_dot(qh, kp + t * stride + g * d, d) * sc;
   }
 }
 

@@ -19,8 +19,13 @@
 // HC_ROW_MAX rows for hc_weights, past which its projection is torch's GEMM). Rows are spread over threads
 // only when a call is large (prefill).
 
-// no contraction of a * b + c into an FMA: the same bits on every instruction-set path
+// no contraction of a * b + c into an FMA: the same bits on every instruction-set path (g++ contracts by
+// default in C++ mode, clang within expressions)
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#else
 #pragma GCC optimize("fp-contract=off")
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -158,7 +163,7 @@ void check_rope(const at::Tensor& x, const at::Tensor& c, const at::Tensor& s, c
 at::Tensor rope(const at::Tensor& x_in, const at::Tensor& cos_in, const at::Tensor& sin_in, bool inverse) {
   check_rope(x_in, cos_in, sin_in, "rope");
   const int64_t M = x_in.size(1), D = x_in.size(2), half = cos_in.size(1), lead = D - 2 * half;
-  at::Tensor out = x_in.contiguous().clone(), c = cos_in.contiguous(), sn = sin_in.contiguous();
+  at::Tensor out = x_in.clone(at::MemoryFormat::Contiguous), c = cos_in.contiguous(), sn = sin_in.contiguous();
   const float* cp = c.data_ptr<float>();
   const float* sp = sn.data_ptr<float>();
   float* op = out.data_ptr<float>();
@@ -231,7 +236,7 @@ at::Tensor sinkhorn(const at::Tensor& logits_in, int64_t iters, double eps) {
   TORCH_CHECK(logits_in.dim() >= 2 && logits_in.size(-1) == logits_in.size(-2) && logits_in.scalar_type() == at::kFloat,
               "sinkhorn: logits must be float32 [..., n, n]");
   TORCH_CHECK(iters >= 1, "sinkhorn: iters must be >= 1");
-  at::Tensor c = logits_in.contiguous().clone();
+  at::Tensor c = logits_in.clone(at::MemoryFormat::Contiguous);
   const int64_t n = c.size(-1);
   sinkhorn_inplace(c.data_ptr<float>(), n ? c.numel() / (n * n) : 0, n, iters, static_cast<float>(eps));
   return c;
